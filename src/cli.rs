@@ -1,0 +1,364 @@
+//! The command line (clap derive). Every flag also reads an `AUDIENCES_*` environment variable.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::error::{Error, Result};
+use crate::events::{IngestOptions, Input};
+use crate::store::{S3Options, Space, Store};
+
+/// Segment-style audiences over Parquet, on Apache DataFusion.
+#[derive(Debug, Parser)]
+#[command(name = "audiences", version, about)]
+pub struct Cli {
+    /// Global options.
+    #[command(flatten)]
+    pub global: Global,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options accepted before or after the subcommand.
+#[derive(Debug, Clone, Args)]
+pub struct Global {
+    /// Store URL: a path, file://, memory:// or s3://bucket/prefix.
+    #[arg(
+        long,
+        global = true,
+        env = "AUDIENCES_STORE",
+        default_value = "data/store"
+    )]
+    pub store: String,
+    /// Space (tenant).
+    #[arg(
+        long,
+        global = true,
+        env = "AUDIENCES_SPACE",
+        default_value = "default"
+    )]
+    pub space: String,
+    /// Configuration file (TOML).
+    #[arg(long, global = true, env = "AUDIENCES_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true, env = "AUDIENCES_JSON")]
+    pub json: bool,
+    /// Endpoint of an S3-compatible server (also AWS_ENDPOINT_URL).
+    #[arg(long, global = true, env = "AUDIENCES_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// Allow plain HTTP to the S3 endpoint (also AWS_ALLOW_HTTP=true).
+    #[arg(long, global = true, env = "AUDIENCES_S3_ALLOW_HTTP")]
+    pub s3_allow_http: bool,
+}
+
+/// Commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show the whole product on generated data in the embedded store.
+    Demo(DemoArgs),
+    /// Write synthetic Segment-spec events (seeded, deterministic).
+    Generate(GenerateArgs),
+    /// Load events: NDJSON, a JSON array or {"batch": [...]}, optionally gzipped; '-' for stdin.
+    Ingest(IngestArgs),
+    /// Run DataFusion SQL over the store's committed tables.
+    Sql(SqlArgs),
+    /// Delete data files that no committed version names (after a grace period).
+    Vacuum(VacuumArgs),
+}
+
+/// `demo` options.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Events to generate.
+    #[arg(long, env = "AUDIENCES_DEMO_EVENTS", default_value_t = 200_000)]
+    pub events: u64,
+    /// Keep existing data in the store instead of starting from an empty demo space.
+    #[arg(long, env = "AUDIENCES_DEMO_KEEP")]
+    pub keep: bool,
+}
+
+/// `generate` options.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Number of events.
+    #[arg(long, env = "AUDIENCES_EVENTS", default_value_t = 1_000_000)]
+    pub events: u64,
+    /// Seed.
+    #[arg(long, env = "AUDIENCES_SEED", default_value_t = 42)]
+    pub seed: u64,
+    /// End of the 180-day range (RFC 3339).
+    #[arg(long, env = "AUDIENCES_END", default_value = "2026-01-01T00:00:00Z")]
+    pub end: String,
+    /// Write only a further batch of FRACTION × events after the end (refresh benchmarks).
+    #[arg(long, env = "AUDIENCES_DELTA")]
+    pub delta: Option<f64>,
+    /// Output file ('-' or absent: stdout).
+    #[arg(short = 'o', long, env = "AUDIENCES_OUTPUT")]
+    pub output: Option<PathBuf>,
+    /// Ingest the generated events straight into the store instead of printing them.
+    #[arg(long, env = "AUDIENCES_INGEST")]
+    pub ingest: bool,
+}
+
+/// `ingest` options.
+#[derive(Debug, Args)]
+pub struct IngestArgs {
+    /// Input files ('-' or none: stdin).
+    pub files: Vec<PathBuf>,
+    /// Dead-letter file for rejected messages.
+    #[arg(long, env = "AUDIENCES_DEAD_LETTER")]
+    pub dead_letter: Option<PathBuf>,
+    /// Exit 1 when any message is rejected.
+    #[arg(long, env = "AUDIENCES_STRICT")]
+    pub strict: bool,
+    /// Accepted events per commit.
+    #[arg(long, env = "AUDIENCES_CHUNK_ROWS", default_value_t = 1_000_000)]
+    pub chunk_rows: usize,
+}
+
+/// `sql` options.
+#[derive(Debug, Args)]
+pub struct SqlArgs {
+    /// The query.
+    pub query: String,
+}
+
+/// `vacuum` options.
+#[derive(Debug, Args)]
+pub struct VacuumArgs {
+    /// Only files older than this many seconds are deleted (protects writers in flight).
+    #[arg(long, env = "AUDIENCES_VACUUM_GRACE_SECS", default_value_t = 3600)]
+    pub grace_secs: u64,
+}
+
+impl Global {
+    /// Open the store named by the flags.
+    pub fn open_store(&self) -> Result<Store> {
+        let endpoint = self
+            .s3_endpoint
+            .clone()
+            .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok());
+        let allow_http = self.s3_allow_http
+            || std::env::var("AWS_ALLOW_HTTP")
+                .is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
+        Store::open(
+            &self.store,
+            &S3Options {
+                endpoint,
+                allow_http,
+            },
+        )
+    }
+
+    /// The selected space.
+    pub fn space(&self) -> Result<Space> {
+        Space::new(&self.space)
+    }
+}
+
+/// Run a parsed command line; returns the exit code.
+pub fn run(cli: Cli) -> Result<i32> {
+    if let Some(path) = &cli.global.config {
+        crate::config::Config::load(path)?;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("tokio runtime", e))?;
+    rt.block_on(dispatch(cli))
+}
+
+async fn dispatch(cli: Cli) -> Result<i32> {
+    let g = cli.global;
+    match cli.command {
+        Command::Demo(a) => crate::demo::run(&g, &a).await.map(|_| 0),
+        Command::Generate(a) => generate(&g, &a).await.map(|_| 0),
+        Command::Ingest(a) => ingest(&g, &a).await,
+        Command::Sql(a) => sql(&g, &a).await.map(|_| 0),
+        Command::Vacuum(a) => vacuum(&g, &a).await.map(|_| 0),
+    }
+}
+
+/// Parse an RFC 3339 time argument.
+pub fn parse_time_arg(s: &str, flag: &str) -> Result<i64> {
+    crate::events::message::parse_timestamp(s).ok_or_else(|| {
+        Error::Usage(format!(
+            "{flag}: '{s}' is not an RFC 3339 timestamp (e.g. 2026-01-01T00:00:00Z)"
+        ))
+    })
+}
+
+async fn generate(g: &Global, a: &GenerateArgs) -> Result<()> {
+    let cfg = crate::generate::GenConfig {
+        events: a.events,
+        seed: a.seed,
+        end: parse_time_arg(&a.end, "--end")?,
+        delta: a.delta,
+    };
+    if let Some(d) = a.delta
+        && !(d > 0.0 && d <= 1.0)
+    {
+        return Err(Error::Usage(format!(
+            "--delta {d}: expected a fraction in (0, 1]"
+        )));
+    }
+    if a.ingest {
+        let dir = tempfile_dir()?;
+        let path = dir.join("generated.ndjson");
+        write_generated(&cfg, Some(&path))?;
+        let store = g.open_store()?;
+        let report = crate::events::ingest(
+            &store,
+            &g.space()?,
+            vec![Input::File(path.clone())],
+            IngestOptions {
+                progress: true,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let _ = std::fs::remove_dir_all(&dir);
+        print_ingest(g, &report)?;
+        return Ok(());
+    }
+    let stats = write_generated(&cfg, a.output.as_deref().filter(|p| p.as_os_str() != "-"))?;
+    if a.output.as_deref().is_some_and(|p| p.as_os_str() != "-") {
+        if g.json {
+            println!("{}", serde_json::to_string(&stats)?);
+        } else {
+            eprintln!(
+                "generated {} events for {} profiles",
+                stats.events, stats.profiles
+            );
+        }
+    }
+    Ok(())
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("audiences-gen-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    Ok(dir)
+}
+
+/// Write generated events to a file (or stdout).
+pub fn write_generated(
+    cfg: &crate::generate::GenConfig,
+    path: Option<&std::path::Path>,
+) -> Result<crate::generate::GenStats> {
+    match path {
+        Some(p) => {
+            let mut f = std::fs::File::create(p).map_err(|e| Error::io(p, e))?;
+            crate::generate::generate(cfg, &mut f)
+        }
+        None => {
+            let stdout = std::io::stdout();
+            let mut lock = stdout.lock();
+            crate::generate::generate(cfg, &mut lock)
+        }
+    }
+}
+
+async fn ingest(g: &Global, a: &IngestArgs) -> Result<i32> {
+    let store = g.open_store()?;
+    let inputs: Vec<Input> = if a.files.is_empty() {
+        vec![Input::Stdin]
+    } else {
+        a.files
+            .iter()
+            .map(|p| {
+                if p.as_os_str() == "-" {
+                    Input::Stdin
+                } else {
+                    Input::File(p.clone())
+                }
+            })
+            .collect()
+    };
+    for i in &inputs {
+        if let Input::File(p) = i
+            && !p.exists()
+        {
+            return Err(Error::Usage(format!("{}: no such file", p.display())));
+        }
+    }
+    if a.chunk_rows == 0 {
+        return Err(Error::Usage("--chunk-rows must be at least 1".into()));
+    }
+    let opts = IngestOptions {
+        chunk_rows: a.chunk_rows,
+        dead_letter: a.dead_letter.clone(),
+        received_now: None,
+        progress: true,
+    };
+    let report = crate::events::ingest(&store, &g.space()?, inputs, opts).await?;
+    print_ingest(g, &report)?;
+    if a.strict && report.rejected > 0 {
+        return Err(Error::StrictRejections(report.rejected));
+    }
+    Ok(0)
+}
+
+fn print_ingest(g: &Global, r: &crate::events::IngestReport) -> Result<()> {
+    if g.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "accepted": r.accepted, "rejected": r.rejected, "duplicates": r.duplicates,
+                "dead_letter": r.dead_letter, "submitted": r.submitted, "versions": r.versions,
+            })
+        );
+    } else {
+        println!(
+            "submitted {}  accepted {}  rejected {}  duplicates {}",
+            r.submitted, r.accepted, r.rejected, r.duplicates
+        );
+        if let Some(p) = &r.dead_letter {
+            println!("rejected messages and their reasons: {}", p.display());
+        }
+    }
+    Ok(())
+}
+
+async fn sql(g: &Global, a: &SqlArgs) -> Result<()> {
+    let store = g.open_store()?;
+    let batches = crate::tables::query(&store, &g.space()?, &a.query).await?;
+    print_batches(g.json, &batches)
+}
+
+/// Print batches as a table, or as a JSON array of row objects.
+pub fn print_batches(json: bool, batches: &[arrow::array::RecordBatch]) -> Result<()> {
+    if json {
+        let mut w = arrow::json::ArrayWriter::new(Vec::new());
+        for b in batches {
+            w.write(b)?;
+        }
+        w.finish()?;
+        let out = w.into_inner();
+        if out.is_empty() {
+            println!("[]");
+        } else {
+            println!("{}", String::from_utf8_lossy(&out));
+        }
+    } else {
+        println!("{}", arrow::util::pretty::pretty_format_batches(batches)?);
+    }
+    Ok(())
+}
+
+async fn vacuum(g: &Global, a: &VacuumArgs) -> Result<()> {
+    let store = g.open_store()?;
+    let space = g.space()?;
+    let log = crate::store::CommitLog::new(&store, &space, crate::store::TableName::Events);
+    let deleted = log
+        .vacuum(std::time::Duration::from_secs(a.grace_secs))
+        .await?;
+    if g.json {
+        println!("{}", serde_json::json!({ "deleted": deleted }));
+    } else {
+        println!("deleted {} unreferenced file(s)", deleted.len());
+    }
+    Ok(())
+}

@@ -1,0 +1,114 @@
+//! `audiences demo`: the product end to end on generated data in the embedded store.
+
+use crate::cli::{DemoArgs, Global};
+use crate::error::{Error, Result};
+use crate::events::{IngestOptions, Input};
+use crate::generate::GenConfig;
+
+/// Run the demo: generate, ingest, and summarize what landed.
+pub async fn run(g: &Global, a: &DemoArgs) -> Result<()> {
+    let store = g.open_store()?;
+    let space = if g.space == "default" && !a.keep {
+        crate::store::Space::new("demo")?
+    } else {
+        g.space()?
+    };
+    if !a.keep {
+        clear_space(&store, &space).await?;
+    }
+    println!("audiences demo: store {} / space {}", store.url(), space);
+    let end = crate::cli::parse_time_arg("2026-01-01T00:00:00Z", "end")?;
+    let dir =
+        std::env::temp_dir().join(format!("audiences-demo-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let path = dir.join("events.ndjson");
+    let t = std::time::Instant::now();
+    let stats = crate::cli::write_generated(
+        &GenConfig {
+            events: a.events,
+            seed: 42,
+            end,
+            delta: None,
+        },
+        Some(&path),
+    )?;
+    println!(
+        "1. generated {} events for {} profiles in {:.2?}",
+        stats.events,
+        stats.profiles,
+        t.elapsed()
+    );
+    // A few malformed messages, to show that rejections are kept with their reasons.
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        let bad = b"{\"type\":\"track\",\"userId\":\"u1\"}\n{not json\n{\"type\":\"page\",\"timestamp\":\"yesterday\",\"userId\":\"u2\"}\n";
+        f.write_all(bad).map_err(|e| Error::io(&path, e))?;
+    }
+    let t = std::time::Instant::now();
+    let report = crate::events::ingest(
+        &store,
+        &space,
+        vec![Input::File(path.clone()), Input::File(path.clone())],
+        IngestOptions {
+            progress: true,
+            dead_letter: Some(dir.join("rejected.ndjson")),
+            ..Default::default()
+        },
+    )
+    .await?;
+    println!(
+        "2. ingested the file twice in {:.2?}: submitted {}, accepted {}, rejected {}, duplicates {} (the second copy is deduplicated by messageId)",
+        t.elapsed(),
+        report.submitted,
+        report.accepted,
+        report.rejected,
+        report.duplicates
+    );
+    if let Some(p) = &report.dead_letter {
+        let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+        for line in text.lines().take(3) {
+            let v: serde_json::Value = serde_json::from_str(line)?;
+            println!(
+                "   rejected line {}: {} ({})",
+                v["line"],
+                v["reason"].as_str().unwrap_or(""),
+                v["message"].as_str().unwrap_or("")
+            );
+        }
+    }
+    let q = |sql: &'static str| crate::tables::query(&store, &space, sql);
+    println!("3. events per type and day range (SQL over the committed Parquet):");
+    let batches = q("SELECT type, count(*) AS events, min(date) AS first_day, max(date) AS last_day FROM events GROUP BY type ORDER BY events DESC").await?;
+    crate::cli::print_batches(g.json, &batches)?;
+    println!(
+        "4. top track events, and orders over 100 in the last 30 days (shredded property columns):"
+    );
+    let batches = q("SELECT event, count(*) AS n FROM events WHERE type = 'track' GROUP BY event ORDER BY n DESC LIMIT 6").await?;
+    crate::cli::print_batches(g.json, &batches)?;
+    let batches = q("SELECT count(*) AS orders_over_100, count(DISTINCT identity_key) AS users FROM events WHERE event = 'Order Completed' AND \"properties.price:num\" > 100 AND timestamp >= TIMESTAMP '2025-12-02T00:00:00Z'").await?;
+    crate::cli::print_batches(g.json, &batches)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    println!(
+        "Try: audiences --store {} --space {} sql \"SELECT * FROM events LIMIT 5\"",
+        store.url(),
+        space
+    );
+    Ok(())
+}
+
+/// Remove everything of a space (the demo starts from scratch each run).
+async fn clear_space(store: &crate::store::Store, space: &crate::store::Space) -> Result<()> {
+    use futures::TryStreamExt;
+    use object_store::ObjectStoreExt;
+    let prefix = crate::store::keys::space_dir(space);
+    let os = store.object_store();
+    let metas: Vec<_> = os.list(Some(prefix.path())).try_collect().await?;
+    for m in metas {
+        os.delete(&m.location).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,681 @@
+//! `audiences ingest`: streams NDJSON, JSON arrays or `{"batch": [...]}` envelopes (optionally
+//! gzipped), validates and deduplicates every message, writes accepted events as partitioned
+//! Parquet and commits them; rejected messages go to a dead-letter NDJSON file with their reason.
+//!
+//! Invariant: accepted + rejected + duplicates = submitted. An event is counted as accepted only
+//! once the commit naming its file exists, so a kill -9 after the report cannot lose it.
+//!
+//! Dedup window: a message is a duplicate when its `messageId` was accepted earlier in the same
+//! run, or is in a committed file of the space whose newest `receivedAt` is no more than
+//! [`DEDUP_WINDOW_DAYS`] days before the oldest `receivedAt` of the chunk being committed.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{AsArray, BooleanArray, RecordBatch};
+use futures::StreamExt;
+use object_store::ObjectStoreExt;
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use rayon::prelude::*;
+use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+
+use super::message::{Event, Rejection, parse_message};
+use super::schema::EventBatchBuilder;
+use super::writer::{utc_date, write_events_file};
+use crate::error::{Error, Result};
+use crate::store::Store;
+use crate::store::keys::{Key, Space, TableName};
+use crate::store::log::{ColumnSpec, CommitDraft, CommitLog, FileAdd};
+
+/// Days of received time over which committed messageIds are checked for duplicates.
+pub const DEDUP_WINDOW_DAYS: i64 = 7;
+const BLOCK: usize = 8192;
+
+/// A message waiting to be parsed: its position and raw bytes, or a rejection already decided.
+type Pending = (u64, std::result::Result<Vec<u8>, Rejection>);
+
+/// Where messages come from.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// Standard input.
+    Stdin,
+    /// A file (gzip detected by its magic bytes).
+    File(PathBuf),
+}
+
+impl Input {
+    fn label(&self) -> String {
+        match self {
+            Input::Stdin => "-".into(),
+            Input::File(p) => p.display().to_string(),
+        }
+    }
+}
+
+/// Ingest settings.
+#[derive(Debug, Clone)]
+pub struct IngestOptions {
+    /// Accepted events per commit (bounds memory).
+    pub chunk_rows: usize,
+    /// Dead-letter file (default: `audiences-rejected-<time>.ndjson` in the working directory).
+    pub dead_letter: Option<PathBuf>,
+    /// Receive time for messages without `receivedAt` (UTC microseconds; default now).
+    pub received_now: Option<i64>,
+    /// Show progress on stderr.
+    pub progress: bool,
+}
+
+impl Default for IngestOptions {
+    fn default() -> Self {
+        IngestOptions {
+            chunk_rows: 1_000_000,
+            dead_letter: None,
+            received_now: None,
+            progress: false,
+        }
+    }
+}
+
+/// What an ingest did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct IngestReport {
+    /// Messages read.
+    pub submitted: u64,
+    /// Messages committed.
+    pub accepted: u64,
+    /// Messages rejected (in the dead-letter file).
+    pub rejected: u64,
+    /// Messages dropped as duplicates.
+    pub duplicates: u64,
+    /// Path of the dead-letter file, when something was rejected.
+    pub dead_letter: Option<PathBuf>,
+    /// Versions of the events table committed.
+    pub versions: Vec<u64>,
+}
+
+/// One message read from an input, parsed or rejected.
+pub struct Item {
+    source: Arc<str>,
+    /// 1-based line (NDJSON) or item index (arrays, envelopes).
+    position: u64,
+    positional: &'static str,
+    outcome: std::result::Result<Event, (Rejection, Vec<u8>)>,
+}
+
+fn hash_id(id: &str) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(id.as_bytes())
+}
+
+/// Ingest `inputs` into `space`.
+pub async fn ingest(
+    store: &Store,
+    space: &Space,
+    inputs: Vec<Input>,
+    opts: IngestOptions,
+) -> Result<IngestReport> {
+    let received_now = opts
+        .received_now
+        .unwrap_or_else(|| chrono::Utc::now().timestamp_micros());
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<Item>>>(4);
+    let reader_inputs = inputs.clone();
+    let reader = std::thread::spawn(move || {
+        for input in reader_inputs {
+            let res = read_input(&input, received_now, &mut |block| {
+                tx.blocking_send(Ok(block)).is_ok()
+            });
+            if let Err(e) = res {
+                let _ = tx.blocking_send(Err(e));
+                return;
+            }
+        }
+    });
+    let progress = crate::progress::counter(opts.progress, "messages");
+    let mut sink = EventSink::new(store, space, opts.chunk_rows);
+    let mut dead = DeadLetter::new(opts.dead_letter.clone());
+    let mut report = IngestReport::default();
+    while let Some(block) = rx.recv().await {
+        let block = block?;
+        progress.inc(block.len() as u64);
+        for item in block {
+            report.submitted += 1;
+            match item.outcome {
+                Ok(event) => {
+                    if !sink.push(event) {
+                        report.duplicates += 1;
+                    }
+                }
+                Err((rej, raw)) => {
+                    report.rejected += 1;
+                    dead.write(&item.source, item.positional, item.position, &rej, &raw)?;
+                }
+            }
+        }
+        if sink.pending() >= opts.chunk_rows {
+            dead.flush()?;
+            sink.flush(&mut report).await?;
+        }
+    }
+    let _ = reader.join();
+    dead.flush()?;
+    sink.flush(&mut report).await?;
+    progress.finish_and_clear();
+    report.dead_letter = dead.path_if_used();
+    debug_assert_eq!(
+        report.submitted,
+        report.accepted + report.rejected + report.duplicates
+    );
+    Ok(report)
+}
+
+/// Dead-letter NDJSON writer, created on the first rejection.
+struct DeadLetter {
+    path: Option<PathBuf>,
+    file: Option<std::io::BufWriter<std::fs::File>>,
+}
+
+impl DeadLetter {
+    fn new(path: Option<PathBuf>) -> Self {
+        DeadLetter { path, file: None }
+    }
+
+    fn write(
+        &mut self,
+        source: &str,
+        positional: &str,
+        position: u64,
+        rej: &Rejection,
+        raw: &[u8],
+    ) -> Result<()> {
+        if self.file.is_none() {
+            let path = self.path.clone().unwrap_or_else(|| {
+                PathBuf::from(format!(
+                    "audiences-rejected-{}.ndjson",
+                    chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ")
+                ))
+            });
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| Error::io(&path, e))?;
+            self.path = Some(path);
+            self.file = Some(std::io::BufWriter::new(f));
+        }
+        let mut obj = serde_json::Map::new();
+        obj.insert("source".into(), source.into());
+        obj.insert(positional.into(), position.into());
+        obj.insert("reason".into(), rej.code.into());
+        obj.insert("message".into(), rej.message.clone().into());
+        obj.insert(
+            "raw".into(),
+            String::from_utf8_lossy(raw).into_owned().into(),
+        );
+        let path = self.path.clone().unwrap_or_default();
+        if let Some(f) = self.file.as_mut() {
+            serde_json::to_writer(&mut *f, &obj)?;
+            f.write_all(b"\n").map_err(|e| Error::io(&path, e))?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if let (Some(f), Some(p)) = (self.file.as_mut(), &self.path) {
+            f.flush().map_err(|e| Error::io(p, e))?;
+            f.get_ref().sync_data().map_err(|e| Error::io(p, e))?;
+        }
+        Ok(())
+    }
+
+    fn path_if_used(&self) -> Option<PathBuf> {
+        self.file.as_ref().and(self.path.clone())
+    }
+}
+
+/// Open an input, transparently gunzipping.
+fn open(input: &Input) -> Result<Box<dyn BufRead + Send>> {
+    let raw: Box<dyn Read + Send> = match input {
+        Input::Stdin => Box::new(std::io::stdin()),
+        Input::File(p) => Box::new(std::fs::File::open(p).map_err(|e| Error::io(p, e))?),
+    };
+    let mut br = BufReader::with_capacity(1 << 20, raw);
+    let head = br.fill_buf().map_err(|e| Error::io(input.label(), e))?;
+    if head.starts_with(&[0x1f, 0x8b]) {
+        Ok(Box::new(BufReader::with_capacity(
+            1 << 20,
+            flate2::bufread::MultiGzDecoder::new(br),
+        )))
+    } else {
+        Ok(Box::new(br))
+    }
+}
+
+/// Read one input, sending parsed blocks to `emit` (which returns false to stop).
+pub fn read_input(
+    input: &Input,
+    received_now: i64,
+    emit: &mut dyn FnMut(Vec<Item>) -> bool,
+) -> Result<()> {
+    let label: Arc<str> = input.label().into();
+    let mut r = open(input)?;
+    // Skip leading whitespace and a UTF-8 BOM to find the shape of the document.
+    let first = loop {
+        let buf = r.fill_buf().map_err(|e| Error::io(&*label, e))?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let skip = buf
+            .iter()
+            .take_while(|b| b.is_ascii_whitespace() || **b == 0xEF || **b == 0xBB || **b == 0xBF)
+            .count();
+        if skip == 0 {
+            break buf[0];
+        }
+        r.consume(skip);
+    };
+    let mut pending: Vec<Pending> = Vec::with_capacity(BLOCK);
+    let mut parse_block = |pending: &mut Vec<Pending>, positional: &'static str| -> bool {
+        let items: Vec<Item> = std::mem::take(pending)
+            .into_par_iter()
+            .map(|(pos, raw)| {
+                let outcome = match raw {
+                    Ok(raw) => parse_message(&raw, received_now).map_err(|rej| (rej, raw)),
+                    Err(rej) => Err((rej, Vec::new())),
+                };
+                Item {
+                    source: Arc::clone(&label),
+                    position: pos,
+                    positional,
+                    outcome,
+                }
+            })
+            .collect();
+        emit(items)
+    };
+    if first == b'[' {
+        return read_document(r, &mut pending, &mut parse_block, &label);
+    }
+    // NDJSON, or a one-line envelope, or a pretty-printed envelope / object.
+    let mut line = Vec::new();
+    let mut line_no = 0u64;
+    let n = r
+        .read_until(b'\n', &mut line)
+        .map_err(|e| Error::io(&*label, e))?;
+    if n == 0 {
+        return Ok(());
+    }
+    line_no += 1;
+    let trimmed = trim(&line);
+    match serde_json::from_slice::<serde_json::Value>(trimmed) {
+        Ok(serde_json::Value::Object(m))
+            if matches!(m.get("batch"), Some(serde_json::Value::Array(_))) =>
+        {
+            // A single-line envelope, possibly followed by more lines.
+            let rest = std::io::Cursor::new(line.clone()).chain(r);
+            return read_document(
+                Box::new(BufReader::new(rest)),
+                &mut pending,
+                &mut parse_block,
+                &label,
+            );
+        }
+        Ok(_) => {}
+        Err(_) if trimmed.starts_with(b"{") && !trimmed.ends_with(b"}") => {
+            // A pretty-printed document: parse it as one.
+            let rest = std::io::Cursor::new(line.clone()).chain(r);
+            return read_document(
+                Box::new(BufReader::new(rest)),
+                &mut pending,
+                &mut parse_block,
+                &label,
+            );
+        }
+        Err(_) => {}
+    }
+    if !trimmed.is_empty() {
+        pending.push((line_no, Ok(trimmed.to_vec())));
+    }
+    loop {
+        line.clear();
+        let n = r
+            .read_until(b'\n', &mut line)
+            .map_err(|e| Error::io(&*label, e))?;
+        if n == 0 {
+            break;
+        }
+        line_no += 1;
+        let t = trim(&line);
+        if t.is_empty() {
+            continue;
+        }
+        pending.push((line_no, Ok(t.to_vec())));
+        if pending.len() >= BLOCK && !parse_block(&mut pending, "line") {
+            return Ok(());
+        }
+    }
+    if !pending.is_empty() {
+        parse_block(&mut pending, "line");
+    }
+    Ok(())
+}
+
+fn trim(line: &[u8]) -> &[u8] {
+    let end = line
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(0, |i| i + 1);
+    let start = line[..end]
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(end);
+    &line[start..end]
+}
+
+/// Stream the elements of a JSON array or of an envelope's `batch` array.
+fn read_document(
+    r: Box<dyn BufRead + Send + '_>,
+    pending: &mut Vec<Pending>,
+    parse_block: &mut dyn FnMut(&mut Vec<Pending>, &'static str) -> bool,
+    label: &Arc<str>,
+) -> Result<()> {
+    struct Elements<'a> {
+        pending: &'a mut Vec<Pending>,
+        parse_block: &'a mut dyn FnMut(&mut Vec<Pending>, &'static str) -> bool,
+        count: u64,
+        stopped: bool,
+    }
+    impl<'de> Visitor<'de> for &mut Elements<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON array of messages or an object with a \"batch\" array")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<(), A::Error> {
+            while let Some(raw) = seq.next_element::<Box<RawValue>>()? {
+                self.count += 1;
+                if !self.stopped {
+                    self.pending
+                        .push((self.count, Ok(raw.get().as_bytes().to_vec())));
+                    if self.pending.len() >= BLOCK && !(self.parse_block)(self.pending, "item") {
+                        self.stopped = true;
+                    }
+                }
+            }
+            Ok(())
+        }
+        fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> std::result::Result<(), M::Error> {
+            let mut saw_batch = false;
+            while let Some(key) = map.next_key::<String>()? {
+                if key == "batch" {
+                    map.next_value_seed(&mut *self)?;
+                    saw_batch = true;
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            if !saw_batch {
+                return Err(serde::de::Error::custom("object has no \"batch\" array"));
+            }
+            Ok(())
+        }
+    }
+    impl<'de> DeserializeSeed<'de> for &mut Elements<'_> {
+        type Value = ();
+        fn deserialize<D: serde::Deserializer<'de>>(
+            self,
+            d: D,
+        ) -> std::result::Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    let mut el = Elements {
+        pending,
+        parse_block,
+        count: 0,
+        stopped: false,
+    };
+    let mut de = serde_json::Deserializer::from_reader(r);
+    let res = (&mut el).deserialize(&mut de).and_then(|_| de.end());
+    if !el.pending.is_empty() && !el.stopped {
+        (el.parse_block)(el.pending, "item");
+    }
+    if let Err(e) = res {
+        // The rest of the document cannot be read: count it as one rejected item.
+        let _ = label;
+        let rej = Rejection::new(
+            "malformed_json",
+            format!("document unreadable after item {}: {e}", el.count),
+        );
+        el.pending.push((el.count + 1, Err(rej)));
+        (el.parse_block)(el.pending, "item");
+    }
+    Ok(())
+}
+
+/// Accumulates accepted events per date partition and commits them in chunks.
+pub struct EventSink {
+    store: Store,
+    space: Space,
+    log: CommitLog,
+    partitions: BTreeMap<String, EventBatchBuilder>,
+    pending: usize,
+    run_ids: HashSet<u128>,
+    committed: CommittedIds,
+    last_seen_version: Option<u64>,
+    /// Smallest receivedAt in the pending chunk.
+    min_received: i64,
+}
+
+impl EventSink {
+    /// A sink writing to the events table of `space`.
+    pub fn new(store: &Store, space: &Space, _chunk_rows: usize) -> Self {
+        EventSink {
+            store: store.clone(),
+            space: space.clone(),
+            log: CommitLog::new(store, space, TableName::Events),
+            partitions: BTreeMap::new(),
+            pending: 0,
+            run_ids: HashSet::new(),
+            committed: CommittedIds::default(),
+            last_seen_version: None,
+            min_received: i64::MAX,
+        }
+    }
+
+    /// Events waiting to be committed.
+    pub fn pending(&self) -> usize {
+        self.pending
+    }
+
+    /// Add an event; false when it duplicates one seen earlier in this run or already loaded
+    /// from committed files.
+    pub fn push(&mut self, e: Event) -> bool {
+        let h = hash_id(&e.message_id);
+        if self.committed.ids.contains(&h) || !self.run_ids.insert(h) {
+            return false;
+        }
+        self.min_received = self.min_received.min(e.received_at);
+        self.partitions
+            .entry(utc_date(e.timestamp))
+            .or_default()
+            .append(&e);
+        self.pending += 1;
+        true
+    }
+
+    /// Write and commit the pending chunk, updating the report's counts.
+    pub async fn flush(&mut self, report: &mut IngestReport) -> Result<()> {
+        if self.pending == 0 {
+            return Ok(());
+        }
+        let mut batches: Vec<(String, RecordBatch, Vec<ColumnSpec>)> = Vec::new();
+        for (date, b) in std::mem::take(&mut self.partitions) {
+            let (batch, cols) = b.finish()?;
+            batches.push((date, batch, cols));
+        }
+        let chunk_rows = self.pending as u64;
+        self.pending = 0;
+        let min_received = std::mem::replace(&mut self.min_received, i64::MAX);
+        // Load committed ids that fall into the dedup window of this chunk.
+        let snapshot = self.log.snapshot().await?;
+        self.committed
+            .load(&self.store, &snapshot.files, min_received)
+            .await?;
+        self.last_seen_version = Some(snapshot.version);
+        let mut dropped = drop_committed(&mut batches, &self.committed.ids)?;
+        let mut files = self.write_all(&batches).await?;
+        crate::fault::hit("after_data_files");
+        let log = self.log.clone();
+        let store = self.store.clone();
+        let space = self.space.clone();
+        let committed = &mut self.committed;
+        let last_seen = &mut self.last_seen_version;
+        let info_rows = chunk_rows;
+        let entry = log
+            .commit(async |snap| {
+                if Some(snap.version) != *last_seen {
+                    // Another writer committed: check its files for our messageIds and rebase.
+                    committed.load(&store, &snap.files, min_received).await?;
+                    *last_seen = Some(snap.version);
+                    let more = drop_committed(&mut batches, &committed.ids)?;
+                    if more > 0 {
+                        dropped += more;
+                        for f in &files {
+                            let _ = store.object_store().delete(Key::from_committed(&f.path).path()).await;
+                        }
+                        files = write_batches(&store, &space, &batches).await?;
+                    }
+                }
+                let accepted: u64 = files.iter().map(|f| f.rows).sum();
+                Ok(CommitDraft {
+                    operation: "ingest".into(),
+                    adds: files.clone(),
+                    removes: vec![],
+                    info: serde_json::json!({ "accepted": accepted, "duplicates_dropped_at_commit": dropped, "chunk_rows": info_rows }),
+                })
+            })
+            .await?;
+        let accepted: u64 = entry.adds.iter().map(|f| f.rows).sum();
+        // Our own files are already in run_ids; never reload them.
+        for f in &entry.adds {
+            self.committed.loaded.insert(f.path.clone());
+        }
+        self.last_seen_version = Some(entry.version);
+        report.accepted += accepted;
+        report.duplicates += chunk_rows - accepted;
+        report.versions.push(entry.version);
+        Ok(())
+    }
+
+    async fn write_all(
+        &self,
+        batches: &[(String, RecordBatch, Vec<ColumnSpec>)],
+    ) -> Result<Vec<FileAdd>> {
+        write_batches(&self.store, &self.space, batches).await
+    }
+}
+
+async fn write_batches(
+    store: &Store,
+    space: &Space,
+    batches: &[(String, RecordBatch, Vec<ColumnSpec>)],
+) -> Result<Vec<FileAdd>> {
+    let futs = batches
+        .iter()
+        .filter(|(_, b, _)| b.num_rows() > 0)
+        .map(|(date, batch, cols)| write_events_file(store, space, date, batch, cols));
+    let mut out = Vec::new();
+    let mut stream = futures::stream::iter(futs).buffered(4);
+    while let Some(f) = stream.next().await {
+        out.push(f?);
+    }
+    Ok(out)
+}
+
+/// Remove rows whose messageId is in `ids`; returns how many were removed.
+fn drop_committed(
+    batches: &mut [(String, RecordBatch, Vec<ColumnSpec>)],
+    ids: &HashSet<u128>,
+) -> Result<u64> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let mut dropped = 0u64;
+    for (_, batch, _) in batches.iter_mut() {
+        let col = batch.column(0).as_string::<i32>();
+        let keep: BooleanArray = col
+            .iter()
+            .map(|v| Some(!v.is_some_and(|s| ids.contains(&hash_id(s)))))
+            .collect();
+        let kept = keep.true_count();
+        if kept < batch.num_rows() {
+            dropped += (batch.num_rows() - kept) as u64;
+            *batch = arrow::compute::filter_record_batch(batch, &keep)?;
+        }
+    }
+    Ok(dropped)
+}
+
+/// messageIds loaded from committed files, for dedup across runs and writers.
+#[derive(Default)]
+struct CommittedIds {
+    loaded: HashSet<String>,
+    ids: HashSet<u128>,
+}
+
+impl CommittedIds {
+    async fn load(&mut self, store: &Store, files: &[FileAdd], min_received: i64) -> Result<()> {
+        let horizon = min_received.saturating_sub(DEDUP_WINDOW_DAYS * 86_400_000_000);
+        for f in files {
+            if self.loaded.contains(&f.path) {
+                continue;
+            }
+            if f.received_range.is_some_and(|(_, max)| max < horizon) {
+                continue;
+            }
+            self.loaded.insert(f.path.clone());
+            let bytes = store.get(&Key::from_committed(&f.path)).await?;
+            let ids = &mut self.ids;
+            tokio::task::block_in_place(|| -> Result<()> {
+                let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)?;
+                let mask = ProjectionMask::roots(builder.parquet_schema(), [0]);
+                for batch in builder.with_projection(mask).build()? {
+                    let batch = batch?;
+                    for id in batch.column(0).as_string::<i32>().iter().flatten() {
+                        ids.insert(hash_id(id));
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Convenience for tests and the HTTP API: ingest already-validated events in one commit.
+pub async fn commit_events(
+    store: &Store,
+    space: &Space,
+    events: Vec<Event>,
+) -> Result<IngestReport> {
+    let mut sink = EventSink::new(store, space, usize::MAX);
+    let mut report = IngestReport::default();
+    for e in events {
+        report.submitted += 1;
+        if !sink.push(e) {
+            report.duplicates += 1;
+        }
+    }
+    sink.flush(&mut report).await?;
+    Ok(report)
+}
+
+/// The path of a file input, if any (for messages).
+pub fn input_path(i: &Input) -> Option<&Path> {
+    match i {
+        Input::File(p) => Some(p),
+        Input::Stdin => None,
+    }
+}

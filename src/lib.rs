@@ -1,0 +1,23 @@
+//! `audiences`: a self-hosted engine that turns Segment-spec events into profiles, traits and
+//! audiences over partitioned Parquet in object storage, with Apache DataFusion.
+//!
+//! The pipeline, one folder per step:
+//! - [`events`]: Segment messages in: validation, dedup, shredded Arrow schema, Parquet writer.
+//! - [`store`]: the object store, its key layout and the atomic commit log of every table.
+//! - [`tables`]: committed tables as DataFusion tables; the SQL session.
+//! - [`generate`]: the deterministic synthetic data generator.
+//! - [`cli`] and [`demo`]: the command line.
+#![warn(missing_docs)]
+
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod events;
+pub mod fault;
+pub mod generate;
+pub mod progress;
+pub mod store;
+pub mod tables;
+
+pub use error::{Error, Result};

@@ -1,0 +1,118 @@
+//! The store: one object store per deployment (local directory, memory, or S3), its key layout
+//! ([`keys`]) and the per-table atomic commit log ([`log`]).
+
+pub mod keys;
+pub mod log;
+
+use std::sync::Arc;
+
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::prefix::PrefixStore;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use url::Url;
+
+use crate::error::{Error, Result};
+
+pub use keys::{Space, TableName};
+pub use log::{CommitEntry, CommitLog, FileAdd, Snapshot};
+
+/// Options for S3-compatible endpoints (on top of the standard AWS environment variables).
+#[derive(Debug, Clone, Default)]
+pub struct S3Options {
+    /// Endpoint URL of an S3-compatible server (`AWS_ENDPOINT_URL` / `--s3-endpoint`).
+    pub endpoint: Option<String>,
+    /// Allow plain HTTP (`AWS_ALLOW_HTTP`).
+    pub allow_http: bool,
+}
+
+/// An opened store: the object store rooted at the store URL's prefix.
+#[derive(Debug, Clone)]
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    url: String,
+}
+
+/// The URL under which the store is registered with DataFusion's object store registry.
+pub const DATAFUSION_URL: &str = "audiences://store/";
+
+impl Store {
+    /// Open a store from a URL: a local path or `file://` URL, `memory://`, or `s3://bucket/prefix`.
+    pub fn open(url: &str, s3: &S3Options) -> Result<Self> {
+        let bad = |reason: &str| Error::StoreUrl {
+            url: url.to_string(),
+            reason: reason.to_string(),
+        };
+        let inner: Arc<dyn ObjectStore> = if url == "memory://" || url.starts_with("memory://") {
+            Arc::new(InMemory::new())
+        } else if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(bad("missing bucket name (expected s3://bucket/prefix)"));
+            }
+            let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+            if let Some(endpoint) = &s3.endpoint {
+                builder = builder.with_endpoint(endpoint);
+            }
+            if s3.allow_http {
+                builder = builder.with_allow_http(true);
+            }
+            let s3_store = builder.build().map_err(|e| bad(&e.to_string()))?;
+            let prefix = prefix.trim_matches('/');
+            if prefix.is_empty() {
+                Arc::new(s3_store)
+            } else {
+                Arc::new(PrefixStore::new(s3_store, prefix))
+            }
+        } else {
+            let path = if url.starts_with("file://") {
+                Url::parse(url)
+                    .ok()
+                    .and_then(|u| u.to_file_path().ok())
+                    .ok_or_else(|| bad("not a valid file:// URL"))?
+            } else if url.contains("://") {
+                return Err(bad(
+                    "unsupported scheme (use a path, file://, memory:// or s3://)",
+                ));
+            } else {
+                std::path::PathBuf::from(url)
+            };
+            std::fs::create_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+            Arc::new(LocalFileSystem::new_with_prefix(&path)?)
+        };
+        Ok(Store {
+            inner,
+            url: url.to_string(),
+        })
+    }
+
+    /// A fresh in-memory store (tests).
+    pub fn memory() -> Self {
+        Store {
+            inner: Arc::new(InMemory::new()),
+            url: "memory://".into(),
+        }
+    }
+
+    /// The object store, rooted at the store prefix.
+    pub fn object_store(&self) -> Arc<dyn ObjectStore> {
+        Arc::clone(&self.inner)
+    }
+
+    /// The URL this store was opened from.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Read a whole object.
+    pub async fn get(&self, key: &keys::Key) -> Result<bytes::Bytes> {
+        Ok(self.inner.get(key.path()).await?.bytes().await?)
+    }
+
+    /// Write a whole object (overwriting).
+    pub async fn put(&self, key: &keys::Key, data: bytes::Bytes) -> Result<()> {
+        self.inner.put(key.path(), PutPayload::from(data)).await?;
+        Ok(())
+    }
+}

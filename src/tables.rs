@@ -1,0 +1,270 @@
+//! The store's committed tables as DataFusion tables, and the SQL session over them.
+//!
+//! [`EventsTable`] scans exactly the Parquet files named by one snapshot of the commit log
+//! (never a directory listing, so uncommitted files are invisible), adds the `date` partition
+//! column, fills columns a file lacks with nulls (schema evolution of shredded properties), and
+//! prunes files by their committed timestamp ranges before any file is opened.
+
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use async_trait::async_trait;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::ScalarValue;
+use datafusion::datasource::TableType;
+use datafusion::datasource::file_format::FileFormat;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::PartitionedFile;
+use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder};
+use datafusion::datasource::table_schema::TableSchema;
+use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::logical_expr::{BinaryExpr, Expr, Operator, TableProviderFilterPushDown};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::empty::EmptyExec;
+use datafusion::prelude::{SessionConfig, SessionContext};
+
+use crate::error::Result;
+use crate::events::schema::schema_with;
+use crate::store::keys::{Space, TableName};
+use crate::store::log::{ColumnSpec, CommitLog, FileAdd, Snapshot};
+use crate::store::{DATAFUSION_URL, Store};
+
+/// The committed events of one snapshot, as a DataFusion table.
+#[derive(Debug)]
+pub struct EventsTable {
+    file_schema: SchemaRef,
+    schema: SchemaRef,
+    files: Vec<FileAdd>,
+}
+
+impl EventsTable {
+    /// The table for one snapshot of the events log.
+    pub fn new(snapshot: &Snapshot) -> Self {
+        let columns: Vec<ColumnSpec> = snapshot
+            .files
+            .iter()
+            .flat_map(|f| f.columns.iter().cloned())
+            .collect();
+        let file_schema = schema_with(&columns);
+        let mut fields: Vec<Field> = file_schema
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        fields.push(date_field());
+        EventsTable {
+            file_schema,
+            schema: Arc::new(Schema::new(fields)),
+            files: snapshot.files.clone(),
+        }
+    }
+
+    /// Files that may hold rows satisfying `filters` (by committed timestamp ranges and dates).
+    pub fn prune(&self, filters: &[Expr]) -> Vec<&FileAdd> {
+        let mut b = Bounds::default();
+        for f in filters {
+            b.collect(f);
+        }
+        self.files.iter().filter(|f| b.admits(f)).collect()
+    }
+}
+
+fn date_field() -> Field {
+    Field::new("date", DataType::Utf8, false)
+}
+
+/// Time bounds implied by a conjunction of filters.
+#[derive(Default, Debug)]
+struct Bounds {
+    ts_lo: Option<i64>,
+    ts_hi: Option<i64>,
+    date_lo: Option<String>,
+    date_hi: Option<String>,
+}
+
+fn ts_micros(v: &ScalarValue) -> Option<i64> {
+    match v {
+        ScalarValue::TimestampMicrosecond(Some(x), _) => Some(*x),
+        ScalarValue::TimestampNanosecond(Some(x), _) => Some(x.div_euclid(1000)),
+        ScalarValue::TimestampMillisecond(Some(x), _) => x.checked_mul(1000),
+        ScalarValue::TimestampSecond(Some(x), _) => x.checked_mul(1_000_000),
+        _ => None,
+    }
+}
+
+impl Bounds {
+    fn collect(&mut self, e: &Expr) {
+        match e {
+            Expr::BinaryExpr(BinaryExpr {
+                left,
+                op: Operator::And,
+                right,
+            }) => {
+                self.collect(left);
+                self.collect(right);
+            }
+            Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
+                let (col, op, lit) = match (left.as_ref(), right.as_ref()) {
+                    (Expr::Column(c), Expr::Literal(v, _)) => (c, *op, v),
+                    (Expr::Literal(v, _), Expr::Column(c)) => match op.swap() {
+                        Some(o) => (c, o, v),
+                        None => return,
+                    },
+                    _ => return,
+                };
+                match col.name.as_str() {
+                    "timestamp" => {
+                        let Some(t) = ts_micros(lit) else { return };
+                        match op {
+                            Operator::Gt | Operator::GtEq => {
+                                self.ts_lo = Some(self.ts_lo.map_or(t, |x| x.max(t)))
+                            }
+                            Operator::Lt | Operator::LtEq => {
+                                self.ts_hi = Some(self.ts_hi.map_or(t, |x| x.min(t)))
+                            }
+                            Operator::Eq => {
+                                self.ts_lo = Some(self.ts_lo.map_or(t, |x| x.max(t)));
+                                self.ts_hi = Some(self.ts_hi.map_or(t, |x| x.min(t)));
+                            }
+                            _ => {}
+                        }
+                    }
+                    "date" => {
+                        let ScalarValue::Utf8(Some(d)) = lit else {
+                            return;
+                        };
+                        match op {
+                            Operator::Gt | Operator::GtEq => self.date_lo = Some(d.clone()),
+                            Operator::Lt | Operator::LtEq => self.date_hi = Some(d.clone()),
+                            Operator::Eq => {
+                                self.date_lo = Some(d.clone());
+                                self.date_hi = Some(d.clone());
+                            }
+                            _ => {}
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Expr::Between(b) if !b.negated => {
+                if let (Expr::Column(c), Expr::Literal(lo, _), Expr::Literal(hi, _)) =
+                    (b.expr.as_ref(), b.low.as_ref(), b.high.as_ref())
+                    && c.name == "timestamp"
+                {
+                    if let Some(t) = ts_micros(lo) {
+                        self.ts_lo = Some(self.ts_lo.map_or(t, |x| x.max(t)));
+                    }
+                    if let Some(t) = ts_micros(hi) {
+                        self.ts_hi = Some(self.ts_hi.map_or(t, |x| x.min(t)));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn admits(&self, f: &FileAdd) -> bool {
+        if let Some((min, max)) = f.ts_range {
+            if self.ts_lo.is_some_and(|lo| max < lo) || self.ts_hi.is_some_and(|hi| min > hi) {
+                return false;
+            }
+        }
+        if let Some(d) = &f.date {
+            // Exclusive/inclusive differences only widen the set: pruning stays conservative.
+            if self.date_lo.as_ref().is_some_and(|lo| d < lo)
+                || self.date_hi.as_ref().is_some_and(|hi| d > hi)
+            {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+#[async_trait]
+impl TableProvider for EventsTable {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> datafusion::error::Result<Vec<TableProviderFilterPushDown>> {
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        let files = self.prune(filters);
+        if files.is_empty() {
+            let schema = match projection {
+                Some(p) => Arc::new(self.schema.project(p)?),
+                None => Arc::clone(&self.schema),
+            };
+            return Ok(Arc::new(EmptyExec::new(schema)));
+        }
+        let n_groups = state.config().target_partitions().max(1);
+        let mut groups: Vec<Vec<PartitionedFile>> = vec![Vec::new(); n_groups.min(files.len())];
+        let mut sizes = vec![0u64; groups.len()];
+        let mut by_size = files.clone();
+        by_size.sort_by_key(|f| std::cmp::Reverse(f.size));
+        for f in by_size {
+            let i = (0..sizes.len()).min_by_key(|i| sizes[*i]).unwrap_or(0);
+            sizes[i] += f.size;
+            groups[i].push(
+                PartitionedFile::new(f.path.clone(), f.size)
+                    .with_partition_values(vec![ScalarValue::Utf8(f.date.clone())]),
+            );
+        }
+        let table_schema = TableSchema::builder(Arc::clone(&self.file_schema))
+            .with_table_partition_cols(vec![Arc::new(date_field())])
+            .build();
+        let format = ParquetFormat::default().with_options(state.table_options().parquet.clone());
+        let source = format.file_source(table_schema);
+        let conf = FileScanConfigBuilder::new(ObjectStoreUrl::parse(DATAFUSION_URL)?, source)
+            .with_file_groups(groups.into_iter().map(FileGroup::new).collect())
+            .with_projection_indices(projection.cloned())?
+            .with_limit(limit)
+            .build();
+        format.create_physical_plan(state, conf).await
+    }
+}
+
+/// A DataFusion session over one space of the store, with every committed table registered and
+/// our UDFs available.
+pub async fn session(store: &Store, space: &Space) -> Result<SessionContext> {
+    let config = SessionConfig::new()
+        .with_information_schema(true)
+        .with_target_partitions(std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let ctx = SessionContext::new_with_config(config);
+    let url =
+        url::Url::parse(DATAFUSION_URL).map_err(|e| crate::error::Error::Usage(e.to_string()))?;
+    ctx.register_object_store(&url, store.object_store());
+    audiences_udfs::register_all(&ctx)?;
+    let events = CommitLog::new(store, space, TableName::Events)
+        .snapshot()
+        .await?;
+    ctx.register_table("events", Arc::new(EventsTable::new(&events)))?;
+    Ok(ctx)
+}
+
+/// Run a SQL query against a space and collect the result.
+pub async fn query(
+    store: &Store,
+    space: &Space,
+    sql: &str,
+) -> Result<Vec<arrow::array::RecordBatch>> {
+    let ctx = session(store, space).await?;
+    let df = ctx.sql(sql).await?;
+    Ok(df.collect().await?)
+}

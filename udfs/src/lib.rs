@@ -1,0 +1,53 @@
+//! DataFusion UDFs and UDAFs for audience evaluation: one file per function, registered by
+//! [`register_all`]. The funnel and dynamic-reference functions arrive with the funnels issue;
+//! the registry contract (no name registered twice) is pinned by the test below already.
+
+use datafusion::error::Result;
+use datafusion::logical_expr::{AggregateUDF, ScalarUDF};
+use datafusion::prelude::SessionContext;
+
+/// Every scalar function of this crate.
+pub fn scalar_functions() -> Vec<ScalarUDF> {
+    Vec::new()
+}
+
+/// Every aggregate function of this crate.
+pub fn aggregate_functions() -> Vec<AggregateUDF> {
+    Vec::new()
+}
+
+/// Register every function of this crate with `ctx`.
+pub fn register_all(ctx: &SessionContext) -> Result<()> {
+    for f in scalar_functions() {
+        ctx.register_udf(f);
+    }
+    for f in aggregate_functions() {
+        ctx.register_udaf(f);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_name_is_registered_twice() {
+        let mut names: Vec<String> = scalar_functions()
+            .iter()
+            .map(|f| f.name().to_string())
+            .collect();
+        names.extend(aggregate_functions().iter().map(|f| f.name().to_string()));
+        let n = names.len();
+        names.sort();
+        names.dedup();
+        assert_eq!(n, names.len());
+        let ctx = SessionContext::new();
+        for n in &names {
+            assert!(
+                ctx.udf(n).is_err() && ctx.udaf(n).is_err(),
+                "{n} shadows a built-in"
+            );
+        }
+    }
+}
