@@ -148,6 +148,7 @@ impl Global {
             &S3Options {
                 endpoint,
                 allow_http,
+                ..Default::default()
             },
         )
     }

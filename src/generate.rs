@@ -272,7 +272,7 @@ fn profile_events(cfg: &GenConfig, d: &Dists, i: u64, budget: u64, delta: Option
     let country = COUNTRIES[rng.random_range(0..COUNTRIES.len())];
     // Heavy-tailed event count with mean ≈ 20 (Pareto, alpha 1.5), capped.
     let u: f64 = rng.random_range(f64::EPSILON..1.0);
-    let n = ((20.0 / 3.0) / u.powf(1.0 / 1.5)).min(5000.0).max(1.0) as u64;
+    let n = ((20.0 / 3.0) / u.powf(1.0 / 1.5)).clamp(1.0, 5000.0) as u64;
     let n = n.min(budget);
     let (start, span) = match delta {
         None => {
@@ -321,7 +321,7 @@ fn profile_events(cfg: &GenConfig, d: &Dists, i: u64, budget: u64, delta: Option
             "identify"
         } else if r >= 0.955 && account.is_some() && uid.is_some() && r < 0.985 {
             "group"
-        } else if r < 0.70 || r >= 0.95 {
+        } else if !(0.70..0.95).contains(&r) {
             "track"
         } else if r < 0.90 {
             "page"

@@ -164,10 +164,10 @@ impl Bounds {
     }
 
     fn admits(&self, f: &FileAdd) -> bool {
-        if let Some((min, max)) = f.ts_range {
-            if self.ts_lo.is_some_and(|lo| max < lo) || self.ts_hi.is_some_and(|hi| min > hi) {
-                return false;
-            }
+        if let Some((min, max)) = f.ts_range
+            && (self.ts_lo.is_some_and(|lo| max < lo) || self.ts_hi.is_some_and(|hi| min > hi))
+        {
+            return false;
         }
         if let Some(d) = &f.date {
             // Exclusive/inclusive differences only widen the set: pruning stays conservative.

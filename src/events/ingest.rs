@@ -146,6 +146,9 @@ pub async fn ingest(
                 Ok(event) => {
                     if !sink.push(event) {
                         report.duplicates += 1;
+                    } else if sink.pending() >= opts.chunk_rows {
+                        dead.flush()?;
+                        sink.flush(&mut report).await?;
                     }
                 }
                 Err((rej, raw)) => {
@@ -153,10 +156,6 @@ pub async fn ingest(
                     dead.write(&item.source, item.positional, item.position, &rej, &raw)?;
                 }
             }
-        }
-        if sink.pending() >= opts.chunk_rows {
-            dead.flush()?;
-            sink.flush(&mut report).await?;
         }
     }
     let _ = reader.join();
@@ -463,7 +462,6 @@ pub struct EventSink {
     pending: usize,
     run_ids: HashSet<u128>,
     committed: CommittedIds,
-    last_seen_version: Option<u64>,
     /// Smallest receivedAt in the pending chunk.
     min_received: i64,
 }
@@ -479,7 +477,6 @@ impl EventSink {
             pending: 0,
             run_ids: HashSet::new(),
             committed: CommittedIds::default(),
-            last_seen_version: None,
             min_received: i64::MAX,
         }
     }
@@ -523,46 +520,52 @@ impl EventSink {
         self.committed
             .load(&self.store, &snapshot.files, min_received)
             .await?;
-        self.last_seen_version = Some(snapshot.version);
         let mut dropped = drop_committed(&mut batches, &self.committed.ids)?;
         let mut files = self.write_all(&batches).await?;
         crate::fault::hit("after_data_files");
-        let log = self.log.clone();
-        let store = self.store.clone();
-        let space = self.space.clone();
-        let committed = &mut self.committed;
-        let last_seen = &mut self.last_seen_version;
-        let info_rows = chunk_rows;
-        let entry = log
-            .commit(async |snap| {
-                if Some(snap.version) != *last_seen {
-                    // Another writer committed: check its files for our messageIds and rebase.
-                    committed.load(&store, &snap.files, min_received).await?;
-                    *last_seen = Some(snap.version);
-                    let more = drop_committed(&mut batches, &committed.ids)?;
-                    if more > 0 {
-                        dropped += more;
-                        for f in &files {
-                            let _ = store.object_store().delete(Key::from_committed(&f.path).path()).await;
-                        }
-                        files = write_batches(&store, &space, &batches).await?;
-                    }
+        let mut base = snapshot.version;
+        let mut entry = None;
+        for _ in 0..crate::store::log::MAX_COMMIT_ATTEMPTS {
+            let accepted: u64 = files.iter().map(|f| f.rows).sum();
+            let draft = CommitDraft {
+                operation: "ingest".into(),
+                adds: files.clone(),
+                removes: vec![],
+                info: serde_json::json!({
+                    "accepted": accepted,
+                    "duplicates_dropped_at_commit": dropped,
+                    "chunk_rows": chunk_rows,
+                }),
+            };
+            if let Some(e) = self.log.try_commit(base, draft).await? {
+                entry = Some(e);
+                break;
+            }
+            // Another writer committed first: check its files for our messageIds and rebase.
+            let snap = self.log.snapshot().await?;
+            base = snap.version;
+            self.committed
+                .load(&self.store, &snap.files, min_received)
+                .await?;
+            let more = drop_committed(&mut batches, &self.committed.ids)?;
+            if more > 0 {
+                dropped += more;
+                for f in &files {
+                    let _ = self
+                        .store
+                        .object_store()
+                        .delete(Key::from_committed(&f.path).path())
+                        .await;
                 }
-                let accepted: u64 = files.iter().map(|f| f.rows).sum();
-                Ok(CommitDraft {
-                    operation: "ingest".into(),
-                    adds: files.clone(),
-                    removes: vec![],
-                    info: serde_json::json!({ "accepted": accepted, "duplicates_dropped_at_commit": dropped, "chunk_rows": info_rows }),
-                })
-            })
-            .await?;
+                files = write_batches(&self.store, &self.space, &batches).await?;
+            }
+        }
+        let entry = entry.ok_or_else(|| self.log.conflict_error())?;
         let accepted: u64 = entry.adds.iter().map(|f| f.rows).sum();
         // Our own files are already in run_ids; never reload them.
         for f in &entry.adds {
             self.committed.loaded.insert(f.path.clone());
         }
-        self.last_seen_version = Some(entry.version);
         report.accepted += accepted;
         report.duplicates += chunk_rows - accepted;
         report.versions.push(entry.version);
@@ -637,18 +640,26 @@ impl CommittedIds {
             }
             self.loaded.insert(f.path.clone());
             let bytes = store.get(&Key::from_committed(&f.path)).await?;
-            let ids = &mut self.ids;
-            tokio::task::block_in_place(|| -> Result<()> {
+            let hashes = tokio::task::spawn_blocking(move || -> Result<Vec<u128>> {
                 let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)?;
                 let mask = ProjectionMask::roots(builder.parquet_schema(), [0]);
+                let mut out = Vec::new();
                 for batch in builder.with_projection(mask).build()? {
                     let batch = batch?;
-                    for id in batch.column(0).as_string::<i32>().iter().flatten() {
-                        ids.insert(hash_id(id));
-                    }
+                    out.extend(
+                        batch
+                            .column(0)
+                            .as_string::<i32>()
+                            .iter()
+                            .flatten()
+                            .map(hash_id),
+                    );
                 }
-                Ok(())
-            })?;
+                Ok(out)
+            })
+            .await
+            .map_err(|e| Error::Usage(format!("dedup loader task failed: {e}")))??;
+            self.ids.extend(hashes);
         }
         Ok(())
     }

@@ -4,6 +4,7 @@
 
 pub mod ingest;
 pub mod message;
+pub mod read;
 pub mod schema;
 pub mod writer;
 

@@ -88,8 +88,12 @@ pub async fn write_events_file(
             nulls_first: false,
         },
     ];
-    let bytes =
-        tokio::task::block_in_place(|| encode_parquet(&sorted, writer_properties(Some(sorting))))?;
+    let to_encode = sorted.clone();
+    let bytes = tokio::task::spawn_blocking(move || {
+        encode_parquet(&to_encode, writer_properties(Some(sorting)))
+    })
+    .await
+    .map_err(|e| crate::error::Error::Usage(format!("parquet encoder task failed: {e}")))??;
     let key = keys::data_file(space, TableName::Events, Some(date), "parquet");
     let size = bytes.len() as u64;
     store.put(&key, bytes).await?;

@@ -225,38 +225,54 @@ impl CommitLog {
     ///
     /// `build` is called with the latest snapshot; when another writer commits first, it is
     /// called again with the new snapshot so the caller can rebase (or give up with an error).
-    /// Returns the committed entry.
+    /// Writers whose rebase needs async work loop over [`CommitLog::try_commit`] themselves.
     pub async fn commit(
         &self,
-        mut build: impl AsyncFnMut(&Snapshot) -> Result<CommitDraft>,
+        mut build: impl FnMut(&Snapshot) -> Result<CommitDraft>,
     ) -> Result<CommitEntry> {
         let mut snapshot = self.snapshot().await?;
         for _ in 0..MAX_COMMIT_ATTEMPTS {
-            let draft = build(&snapshot).await?;
-            let entry = CommitEntry {
-                version: snapshot.version + 1,
-                attempt_id: uuid::Uuid::new_v4().to_string(),
-                committed_at: chrono::Utc::now().timestamp_micros(),
-                operation: draft.operation,
-                adds: draft.adds,
-                removes: draft.removes,
-                info: draft.info,
-            };
-            crate::fault::hit("before_commit");
-            match self.try_put(&entry).await? {
-                PutOutcome::Committed => {
-                    crate::fault::hit("after_commit");
-                    return Ok(entry);
-                }
-                PutOutcome::Lost => {
-                    snapshot = self.snapshot().await?;
-                }
+            let draft = build(&snapshot)?;
+            if let Some(entry) = self.try_commit(snapshot.version, draft).await? {
+                return Ok(entry);
             }
+            snapshot = self.snapshot().await?;
         }
-        Err(Error::CommitConflict {
+        Err(self.conflict_error())
+    }
+
+    /// The error for a commit that kept losing races.
+    pub fn conflict_error(&self) -> Error {
+        Error::CommitConflict {
             table: format!("{}/{}", self.space, self.table),
             attempts: MAX_COMMIT_ATTEMPTS,
-        })
+        }
+    }
+
+    /// Try to commit `draft` as version `base_version + 1`. Returns `None` when another writer
+    /// took that version first (re-read, rebase and try again).
+    pub async fn try_commit(
+        &self,
+        base_version: u64,
+        draft: CommitDraft,
+    ) -> Result<Option<CommitEntry>> {
+        let entry = CommitEntry {
+            version: base_version + 1,
+            attempt_id: uuid::Uuid::new_v4().to_string(),
+            committed_at: chrono::Utc::now().timestamp_micros(),
+            operation: draft.operation,
+            adds: draft.adds,
+            removes: draft.removes,
+            info: draft.info,
+        };
+        crate::fault::hit("before_commit");
+        match self.try_put(&entry).await? {
+            PutOutcome::Committed => {
+                crate::fault::hit("after_commit");
+                Ok(Some(entry))
+            }
+            PutOutcome::Lost => Ok(None),
+        }
     }
 
     /// Create the entry with put-if-absent. An error whose outcome is unknown is resolved by
@@ -355,7 +371,7 @@ mod tests {
     async fn replay_applies_adds_and_removes() {
         let store = Store::memory();
         let log = CommitLog::new(&store, &Space::default(), TableName::Named("t"));
-        log.commit(async |_| {
+        log.commit(|_| {
             Ok(CommitDraft {
                 operation: "a".into(),
                 adds: vec![add("x"), add("y")],
@@ -364,7 +380,7 @@ mod tests {
         })
         .await
         .unwrap();
-        log.commit(async |_| {
+        log.commit(|_| {
             Ok(CommitDraft {
                 operation: "b".into(),
                 adds: vec![add("z")],

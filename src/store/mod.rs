@@ -25,6 +25,10 @@ pub struct S3Options {
     pub endpoint: Option<String>,
     /// Allow plain HTTP (`AWS_ALLOW_HTTP`).
     pub allow_http: bool,
+    /// Explicit credentials `(access key id, secret)`; otherwise the AWS environment is used.
+    pub credentials: Option<(String, String)>,
+    /// Explicit region; otherwise `AWS_REGION` / `AWS_DEFAULT_REGION`.
+    pub region: Option<String>,
 }
 
 /// An opened store: the object store rooted at the store URL's prefix.
@@ -57,6 +61,14 @@ impl Store {
             }
             if s3.allow_http {
                 builder = builder.with_allow_http(true);
+            }
+            if let Some((key, secret)) = &s3.credentials {
+                builder = builder
+                    .with_access_key_id(key)
+                    .with_secret_access_key(secret);
+            }
+            if let Some(region) = &s3.region {
+                builder = builder.with_region(region);
             }
             let s3_store = builder.build().map_err(|e| bad(&e.to_string()))?;
             let prefix = prefix.trim_matches('/');

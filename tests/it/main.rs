@@ -1,1 +1,10 @@
+//! Integration tests, one binary (one link). Real parts: Parquet files through object_store on
+//! the local filesystem, in memory and on a loopback S3 server (moto_server), the real binary
+//! for crash tests, DuckDB (Python) as the independent reader.
 
+mod commit_log;
+mod common;
+mod crash;
+mod duckdb;
+mod ingest;
+mod s3;

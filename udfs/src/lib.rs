@@ -30,6 +30,7 @@ pub fn register_all(ctx: &SessionContext) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use datafusion::execution::FunctionRegistry;
 
     #[test]
     fn no_name_is_registered_twice() {
