@@ -66,6 +66,25 @@ pub enum Command {
     Sql(SqlArgs),
     /// Delete data files that no committed version names (after a grace period).
     Vacuum(VacuumArgs),
+    /// Resolve identities of the events committed since the last run (profiles, traits, accounts).
+    Identity(IdentityArgs),
+    /// Show one profile: its ids, traits and accounts. ID is ID_TYPE:VALUE (e.g. email:a@b.c).
+    Profile(ProfileArgs),
+}
+
+/// `identity` options.
+#[derive(Debug, Args)]
+pub struct IdentityArgs {
+    /// Recompute from all events in timestamp order instead of continuing incrementally.
+    #[arg(long, env = "AUDIENCES_IDENTITY_FULL")]
+    pub full: bool,
+}
+
+/// `profile` options.
+#[derive(Debug, Args)]
+pub struct ProfileArgs {
+    /// ID_TYPE:VALUE, for example user_id:u1 or email:jane@example.com (or profile_id:p-...).
+    pub id: String,
 }
 
 /// `demo` options.
@@ -157,6 +176,18 @@ impl Global {
     pub fn space(&self) -> Result<Space> {
         Space::new(&self.space)
     }
+
+    /// The identity rules of the selected space (config file, else defaults).
+    pub fn identity_rules(&self) -> Result<crate::identity::IdentityRules> {
+        let cfg = match &self.config {
+            Some(p) => crate::config::Config::load(p)?,
+            None => crate::config::Config::default(),
+        };
+        match cfg.spaces.get(&self.space) {
+            Some(s) => crate::identity::IdentityRules::from_config(&s.identity),
+            None => Ok(crate::identity::IdentityRules::default()),
+        }
+    }
 }
 
 /// Run a parsed command line; returns the exit code.
@@ -179,6 +210,8 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         Command::Ingest(a) => ingest(&g, &a).await,
         Command::Sql(a) => sql(&g, &a).await.map(|_| 0),
         Command::Vacuum(a) => vacuum(&g, &a).await.map(|_| 0),
+        Command::Identity(a) => identity(&g, &a).await.map(|_| 0),
+        Command::Profile(a) => profile(&g, &a).await,
     }
 }
 
@@ -362,4 +395,70 @@ async fn vacuum(g: &Global, a: &VacuumArgs) -> Result<()> {
         println!("deleted {} unreferenced file(s)", deleted.len());
     }
     Ok(())
+}
+
+async fn identity(g: &Global, a: &IdentityArgs) -> Result<()> {
+    let store = g.open_store()?;
+    let t = std::time::Instant::now();
+    let r = crate::identity::resolve(&store, &g.space()?, &g.identity_rules()?, a.full).await?;
+    if g.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "resolved {} new events in {:.2?}: {} profiles ({} known), {} ids, {} merges, {} accounts (identity version {})",
+            r.events_read,
+            t.elapsed(),
+            r.profiles,
+            r.known,
+            r.ids,
+            r.merges,
+            r.accounts,
+            r.version
+        );
+    }
+    Ok(())
+}
+
+async fn profile(g: &Global, a: &ProfileArgs) -> Result<i32> {
+    let store = g.open_store()?;
+    let Some((id_type, value)) = a.id.split_once(':') else {
+        return Err(Error::Usage(format!(
+            "'{}': expected ID_TYPE:VALUE, e.g. user_id:u1",
+            a.id
+        )));
+    };
+    match crate::identity::lookup::profile(&store, &g.space()?, id_type, value).await? {
+        None => {
+            if g.json {
+                println!("null");
+            } else {
+                eprintln!("no profile has {id_type} '{value}'");
+            }
+            Ok(1)
+        }
+        Some(p) => {
+            if g.json {
+                println!("{}", serde_json::to_string_pretty(&p)?);
+            } else {
+                println!(
+                    "profile {} ({})",
+                    p.profile_id,
+                    if p.known { "known" } else { "anonymous" }
+                );
+                for (t, vs) in &p.external_ids {
+                    println!("  {t}: {}", vs.join(", "));
+                }
+                if !p.traits.is_empty() {
+                    println!("traits:");
+                    for (k, v) in &p.traits {
+                        println!("  {k} = {v}");
+                    }
+                }
+                if !p.accounts.is_empty() {
+                    println!("accounts: {}", p.accounts.join(", "));
+                }
+            }
+            Ok(0)
+        }
+    }
 }

@@ -91,6 +91,35 @@ pub async fn run(g: &Global, a: &DemoArgs) -> Result<()> {
     crate::cli::print_batches(g.json, &batches)?;
     let batches = q("SELECT count(*) AS orders_over_100, count(DISTINCT identity_key) AS users FROM events WHERE event = 'Order Completed' AND \"properties.price:num\" > 100 AND timestamp >= TIMESTAMP '2025-12-02T00:00:00Z'").await?;
     crate::cli::print_batches(g.json, &batches)?;
+    let t = std::time::Instant::now();
+    let r = crate::identity::resolve(&store, &space, &g.identity_rules()?, false).await?;
+    println!(
+        "5. resolved identities in {:.2?}: {} profiles ({} known, {} anonymous), {} linked ids, {} merges, {} accounts",
+        t.elapsed(),
+        r.profiles,
+        r.known,
+        r.profiles - r.known,
+        r.ids,
+        r.merges,
+        r.accounts
+    );
+    let batches = q("SELECT p.profile_id, count(*) AS ids FROM identities i JOIN profiles p ON i.profile_id = p.profile_id WHERE p.known GROUP BY p.profile_id ORDER BY ids DESC, p.profile_id LIMIT 1").await?;
+    let example = batches.first().filter(|b| b.num_rows() > 0).map(|b| {
+        use arrow::array::AsArray;
+        b.column(0).as_string::<i32>().value(0).to_string()
+    });
+    if let Some(pid) = example
+        && let Some(p) =
+            crate::identity::lookup::profile(&store, &space, "profile_id", &pid).await?
+    {
+        println!("   an example profile, merged from several devices and emails:");
+        println!("{}", serde_json::to_string_pretty(&p)?);
+    }
+    let batches = q("SELECT count(*) AS events, count(DISTINCT profile_id) AS profiles FROM events WHERE event = 'Order Completed'").await?;
+    println!(
+        "6. events attributed to their current profile (SQL over the events table with profile_id):"
+    );
+    crate::cli::print_batches(g.json, &batches)?;
     let _ = std::fs::remove_dir_all(&dir);
     println!(
         "Try: audiences --store {} --space {} sql \"SELECT * FROM events LIMIT 5\"",

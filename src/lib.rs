@@ -4,6 +4,7 @@
 //! The pipeline, one folder per step:
 //! - [`events`]: Segment messages in: validation, dedup, shredded Arrow schema, Parquet writer.
 //! - [`store`]: the object store, its key layout and the atomic commit log of every table.
+//! - [`identity`]: identity resolution into profiles, custom traits and account links.
 //! - [`tables`]: committed tables as DataFusion tables; the SQL session.
 //! - [`generate`]: the deterministic synthetic data generator.
 //! - [`cli`] and [`demo`]: the command line.
@@ -16,6 +17,7 @@ pub mod error;
 pub mod events;
 pub mod fault;
 pub mod generate;
+pub mod identity;
 pub mod progress;
 pub mod store;
 pub mod tables;

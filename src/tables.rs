@@ -10,6 +10,7 @@ use std::sync::Arc;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::JoinType;
 use datafusion::common::ScalarValue;
 use datafusion::datasource::TableType;
 use datafusion::datasource::file_format::FileFormat;
@@ -21,7 +22,7 @@ use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::logical_expr::{BinaryExpr, Expr, Operator, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::empty::EmptyExec;
-use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::prelude::{SessionConfig, SessionContext, col, lit};
 
 use crate::error::Result;
 use crate::events::schema::schema_with;
@@ -29,19 +30,27 @@ use crate::store::keys::{Space, TableName};
 use crate::store::log::{ColumnSpec, CommitLog, FileAdd, Snapshot};
 use crate::store::{DATAFUSION_URL, Store};
 
-/// The committed events of one snapshot, as a DataFusion table.
+/// Committed Parquet files of one snapshot, as a DataFusion table.
 #[derive(Debug)]
-pub struct EventsTable {
+pub struct CommittedTable {
     file_schema: SchemaRef,
     schema: SchemaRef,
     files: Vec<FileAdd>,
+    date_partitioned: bool,
 }
 
-impl EventsTable {
-    /// The table for one snapshot of the events log.
+/// The events table (kept under its domain name).
+pub type EventsTable = CommittedTable;
+
+impl CommittedTable {
+    /// The events table for one snapshot of the events log.
     pub fn new(snapshot: &Snapshot) -> Self {
-        let columns: Vec<ColumnSpec> = snapshot
-            .files
+        Self::events(&snapshot.files)
+    }
+
+    /// The events table over some committed events files.
+    pub fn events(files: &[FileAdd]) -> Self {
+        let columns: Vec<ColumnSpec> = files
             .iter()
             .flat_map(|f| f.columns.iter().cloned())
             .collect();
@@ -52,10 +61,21 @@ impl EventsTable {
             .map(|f| f.as_ref().clone())
             .collect();
         fields.push(date_field());
-        EventsTable {
+        CommittedTable {
             file_schema,
             schema: Arc::new(Schema::new(fields)),
-            files: snapshot.files.clone(),
+            files: files.to_vec(),
+            date_partitioned: true,
+        }
+    }
+
+    /// A table of files with a fixed schema (no partition column).
+    pub fn plain(schema: SchemaRef, files: Vec<FileAdd>) -> Self {
+        CommittedTable {
+            file_schema: Arc::clone(&schema),
+            schema,
+            files,
+            date_partitioned: false,
         }
     }
 
@@ -182,7 +202,7 @@ impl Bounds {
 }
 
 #[async_trait]
-impl TableProvider for EventsTable {
+impl TableProvider for CommittedTable {
     fn schema(&self) -> SchemaRef {
         Arc::clone(&self.schema)
     }
@@ -221,13 +241,20 @@ impl TableProvider for EventsTable {
         for f in by_size {
             let i = (0..sizes.len()).min_by_key(|i| sizes[*i]).unwrap_or(0);
             sizes[i] += f.size;
-            groups[i].push(
-                PartitionedFile::new(f.path.clone(), f.size)
-                    .with_partition_values(vec![ScalarValue::Utf8(f.date.clone())]),
-            );
+            let file = PartitionedFile::new(f.path.clone(), f.size);
+            groups[i].push(if self.date_partitioned {
+                file.with_partition_values(vec![ScalarValue::Utf8(f.date.clone())])
+            } else {
+                file
+            });
         }
+        let partition_cols = if self.date_partitioned {
+            vec![Arc::new(date_field())]
+        } else {
+            vec![]
+        };
         let table_schema = TableSchema::builder(Arc::clone(&self.file_schema))
-            .with_table_partition_cols(vec![Arc::new(date_field())])
+            .with_table_partition_cols(partition_cols)
             .build();
         let format = ParquetFormat::default().with_options(state.table_options().parquet.clone());
         let source = format.file_source(table_schema);
@@ -254,7 +281,53 @@ pub async fn session(store: &Store, space: &Space) -> Result<SessionContext> {
     let events = CommitLog::new(store, space, TableName::Events)
         .snapshot()
         .await?;
-    ctx.register_table("events", Arc::new(EventsTable::new(&events)))?;
+    ctx.register_table("events_raw", Arc::new(EventsTable::new(&events)))?;
+    let identity = CommitLog::new(store, space, crate::identity::persist::IDENTITY)
+        .snapshot()
+        .await?;
+    for kind in crate::identity::persist::KINDS {
+        let files = identity
+            .files
+            .iter()
+            .filter(|f| f.kind.as_deref() == Some(kind))
+            .cloned()
+            .collect();
+        let name = if kind == "profiles" {
+            "profile_index"
+        } else {
+            kind
+        };
+        ctx.register_table(
+            name,
+            Arc::new(CommittedTable::plain(
+                crate::identity::persist::schema(kind),
+                files,
+            )),
+        )?;
+    }
+    // `profiles`: the canonical profiles only.
+    let profiles = ctx
+        .table("profile_index")
+        .await?
+        .filter(col("merged_into").is_null())?
+        .drop_columns(&["merged_into", "canonical_idx"])?;
+    ctx.register_table("profiles", profiles.into_view())?;
+    // `events`: every event with its current canonical profile, through its identity key.
+    let keys = ctx
+        .table("identities")
+        .await?
+        .filter(col("id_type").in_list(vec![lit("user_id"), lit("anonymous_id")], false))?
+        .select(vec![
+            col("identity_key").alias("__key"),
+            col("profile_id"),
+            col("profile_idx"),
+        ])?;
+    let events = ctx
+        .table("events_raw")
+        .await?
+        .join(keys, JoinType::Left, &["identity_key"], &["__key"], None)?
+        .drop_columns(&["__key"])?;
+    ctx.register_table("events", events.into_view())?;
     Ok(ctx)
 }
 

@@ -418,12 +418,25 @@ pub fn format_timestamp(micros: i64) -> String {
 }
 
 impl Event {
-    /// The event's primary identity: `userId` when present, else `anonymousId`, with its type.
+    /// The event's primary identity, which attributes it to a profile: `userId` when present
+    /// and not blocked by the default rules, else `anonymousId` (same condition), else whichever
+    /// is present. Returns the id type and value.
     pub fn primary_identity(&self) -> (&'static str, &str) {
-        match (&self.user_id, &self.anonymous_id) {
+        let rules = crate::identity::rules::default_rules();
+        fn ok<'a>(
+            v: &'a Option<String>,
+            rules: &crate::identity::IdentityRules,
+        ) -> Option<&'a str> {
+            v.as_deref().filter(|v| !rules.is_blocked(v))
+        }
+        match (ok(&self.user_id, rules), ok(&self.anonymous_id, rules)) {
             (Some(u), _) => ("user_id", u),
             (None, Some(a)) => ("anonymous_id", a),
-            (None, None) => ("user_id", ""),
+            (None, None) => match (&self.user_id, &self.anonymous_id) {
+                (Some(u), _) => ("user_id", u),
+                (None, Some(a)) => ("anonymous_id", a),
+                (None, None) => ("user_id", ""),
+            },
         }
     }
 

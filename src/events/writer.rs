@@ -115,6 +115,7 @@ pub async fn write_events_file(
         ts_range: min_max_ts(&sorted, "timestamp"),
         received_range: min_max_ts(&sorted, "received_at"),
         columns,
+        kind: None,
     })
 }
 

@@ -30,7 +30,7 @@ pub struct ColumnSpec {
 }
 
 /// One data file added by a commit.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct FileAdd {
     /// Object key relative to the store root.
     pub path: String,
@@ -50,6 +50,9 @@ pub struct FileAdd {
     /// Dynamic columns present in the file.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub columns: Vec<ColumnSpec>,
+    /// Which table of a multi-table log the file belongs to (e.g. `identities`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
 }
 
 /// A committed log entry.
@@ -362,8 +365,7 @@ mod tests {
             rows: 1,
             date: None,
             ts_range: None,
-            received_range: None,
-            columns: vec![],
+            ..Default::default()
         }
     }
 

@@ -21,10 +21,7 @@ pub async fn concurrent_commits(open: impl Fn() -> Store, writers: u64, per_writ
                             path: format!("w{w}-n{n}"),
                             size: 1,
                             rows: 1,
-                            date: None,
-                            ts_range: None,
-                            received_range: None,
-                            columns: vec![],
+                            ..Default::default()
                         }],
                         removes: vec![],
                         info: json!({"writer": w, "n": n}),

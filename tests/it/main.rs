@@ -6,5 +6,6 @@ mod commit_log;
 mod common;
 mod crash;
 mod duckdb;
+mod identity;
 mod ingest;
 mod s3;

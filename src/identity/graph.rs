@@ -1,0 +1,487 @@
+//! The identity graph: flat matching of each event's external ids, in processing order, with
+//! blocked values, per-type limits and priority-ordered demotion (SPEC §3); plus the custom
+//! traits and account links that ride along with identify and group calls.
+//!
+//! Profiles get dense indexes in creation order; a merge points the younger profile at the
+//! older one (which keeps its id) and records the merge. Profile ids are derived from the
+//! highest-priority id of the event that created the profile, so they are stable across runs.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::rules::IdentityRules;
+
+/// Dense profile index.
+pub type ProfileIdx = u32;
+
+/// One external id: (type, value).
+pub type ExternalId = (String, String);
+
+/// A profile of the graph.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Profile {
+    /// Stable id (`p-` and 16 hex digits).
+    pub id: String,
+    /// The profile this one was merged into (itself when canonical).
+    pub parent: ProfileIdx,
+    /// Creation time (event timestamp, UTC microseconds).
+    pub created_at: i64,
+    /// The message that created it.
+    pub first_message_id: String,
+    /// Ids by type (only meaningful on canonical profiles), in the order they joined.
+    pub ids: BTreeMap<String, Vec<String>>,
+}
+
+/// Where an id was first seen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IdInfo {
+    /// Owning profile (possibly merged away; resolve with [`Graph::canonical`]).
+    pub profile: ProfileIdx,
+    /// First time seen.
+    pub first_seen: i64,
+    /// The message it was first seen in.
+    pub first_message_id: String,
+}
+
+/// A recorded merge.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Merge {
+    /// The merged-away profile id.
+    pub from: String,
+    /// The surviving profile id.
+    pub into: String,
+    /// When (event timestamp).
+    pub at: i64,
+    /// The triggering message.
+    pub message_id: String,
+}
+
+/// A trait value with the time that set it (latest wins; ties by message id).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraitValue {
+    /// JSON text of the value.
+    pub value: String,
+    /// Event timestamp.
+    pub updated_at: i64,
+    /// The message that set it.
+    pub message_id: String,
+}
+
+impl TraitValue {
+    fn newer_than(&self, other: &TraitValue) -> bool {
+        (self.updated_at, &self.message_id) > (other.updated_at, &other.message_id)
+    }
+}
+
+/// The whole identity state of a space.
+#[derive(Debug, Clone, Default)]
+pub struct Graph {
+    /// Profiles by dense index.
+    pub profiles: Vec<Profile>,
+    /// Every linked id.
+    pub ids: HashMap<ExternalId, IdInfo>,
+    /// Merges in the order they happened.
+    pub merges: Vec<Merge>,
+    /// Custom traits per profile (keyed by the profile that received them; fold through
+    /// [`Graph::canonical`]).
+    pub profile_traits: HashMap<ProfileIdx, BTreeMap<String, TraitValue>>,
+    /// Account traits by group id.
+    pub account_traits: BTreeMap<String, BTreeMap<String, TraitValue>>,
+    /// Account links: profile → group id → first linked time.
+    pub account_links: HashMap<ProfileIdx, BTreeMap<String, i64>>,
+}
+
+/// What one event brings to the graph.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IdentityEvent {
+    /// Message id.
+    pub message_id: String,
+    /// Event timestamp.
+    pub timestamp: i64,
+    /// External ids (blocked values are ignored by the graph).
+    pub ids: Vec<ExternalId>,
+    /// Profile traits (identify): key → JSON text.
+    pub traits: Vec<(String, String)>,
+    /// Group call: the account id and its traits.
+    pub group: Option<(String, Vec<(String, String)>)>,
+    /// Alias call: the previous id (a known `user_id`, else treated as an `anonymous_id`).
+    pub alias_previous: Option<String>,
+}
+
+fn profile_id_for(id_type: &str, value: &str) -> String {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(id_type.as_bytes());
+    h.update(&[0]);
+    h.update(value.as_bytes());
+    format!("p-{:016x}", h.digest())
+}
+
+impl Graph {
+    /// The canonical profile of `p`.
+    pub fn canonical(&self, mut p: ProfileIdx) -> ProfileIdx {
+        while self.profiles[p as usize].parent != p {
+            p = self.profiles[p as usize].parent;
+        }
+        p
+    }
+
+    /// The canonical profile owning an id.
+    pub fn lookup(&self, id_type: &str, value: &str) -> Option<ProfileIdx> {
+        self.ids
+            .get(&(id_type.to_string(), value.to_string()))
+            .map(|i| self.canonical(i.profile))
+    }
+
+    /// Process one event; returns the canonical profile it resolved to (None without ids).
+    pub fn process(&mut self, rules: &IdentityRules, ev: &IdentityEvent) -> Option<ProfileIdx> {
+        let mut ids: Vec<ExternalId> = ev
+            .ids
+            .iter()
+            .filter(|(_, v)| !rules.is_blocked(v))
+            .cloned()
+            .collect();
+        if let Some(prev) = &ev.alias_previous
+            && !rules.is_blocked(prev)
+        {
+            let t = if self.lookup("user_id", prev).is_some() {
+                "user_id"
+            } else {
+                "anonymous_id"
+            };
+            ids.push((t.to_string(), prev.clone()));
+        }
+        ids.sort_by(|a, b| {
+            rules
+                .rank(&a.0)
+                .cmp(&rules.rank(&b.0))
+                .then_with(|| a.1.cmp(&b.1))
+        });
+        ids.dedup();
+        let resolved = loop {
+            if ids.is_empty() {
+                break None;
+            }
+            let mut matched: Vec<ProfileIdx> =
+                ids.iter().filter_map(|(t, v)| self.lookup(t, v)).collect();
+            matched.sort_unstable();
+            matched.dedup();
+            if self.fits(rules, &matched, &ids) {
+                break Some(self.apply(&matched, &ids, ev));
+            }
+            // Demote: drop the event's lowest-priority id and retry.
+            ids.pop();
+        };
+        if let Some(p) = resolved {
+            for (k, v) in &ev.traits {
+                let tv = TraitValue {
+                    value: v.clone(),
+                    updated_at: ev.timestamp,
+                    message_id: ev.message_id.clone(),
+                };
+                let slot = self.profile_traits.entry(p).or_default();
+                match slot.get(k) {
+                    Some(old) if !tv.newer_than(old) => {}
+                    _ => {
+                        slot.insert(k.clone(), tv);
+                    }
+                }
+            }
+            if let Some((group, _)) = &ev.group {
+                let links = self.account_links.entry(p).or_default();
+                let t = links.entry(group.clone()).or_insert(ev.timestamp);
+                *t = (*t).min(ev.timestamp);
+            }
+        }
+        if let Some((group, traits)) = &ev.group {
+            let slot = self.account_traits.entry(group.clone()).or_default();
+            for (k, v) in traits {
+                let tv = TraitValue {
+                    value: v.clone(),
+                    updated_at: ev.timestamp,
+                    message_id: ev.message_id.clone(),
+                };
+                match slot.get(k) {
+                    Some(old) if !tv.newer_than(old) => {}
+                    _ => {
+                        slot.insert(k.clone(), tv);
+                    }
+                }
+            }
+        }
+        resolved
+    }
+
+    /// Would the union of `matched` plus the new ids respect every per-type limit?
+    fn fits(&self, rules: &IdentityRules, matched: &[ProfileIdx], ids: &[ExternalId]) -> bool {
+        let mut counts: BTreeMap<&str, u32> = BTreeMap::new();
+        for p in matched {
+            for (t, vs) in &self.profiles[*p as usize].ids {
+                *counts.entry(t.as_str()).or_default() += vs.len() as u32;
+            }
+        }
+        for (t, v) in ids {
+            if self.lookup(t, v).is_none() {
+                *counts.entry(t.as_str()).or_default() += 1;
+            }
+        }
+        counts.iter().all(|(t, n)| *n <= rules.limit(t))
+    }
+
+    fn apply(
+        &mut self,
+        matched: &[ProfileIdx],
+        ids: &[ExternalId],
+        ev: &IdentityEvent,
+    ) -> ProfileIdx {
+        let survivor = match matched.first() {
+            Some(p) => *p,
+            None => {
+                let idx = self.profiles.len() as ProfileIdx;
+                let (t, v) = &ids[0];
+                self.profiles.push(Profile {
+                    id: profile_id_for(t, v),
+                    parent: idx,
+                    created_at: ev.timestamp,
+                    first_message_id: ev.message_id.clone(),
+                    ids: BTreeMap::new(),
+                });
+                idx
+            }
+        };
+        for &other in matched.iter().skip(1) {
+            self.merge(other, survivor, ev);
+        }
+        for (t, v) in ids {
+            if let std::collections::hash_map::Entry::Vacant(slot) =
+                self.ids.entry((t.clone(), v.clone()))
+            {
+                slot.insert(IdInfo {
+                    profile: survivor,
+                    first_seen: ev.timestamp,
+                    first_message_id: ev.message_id.clone(),
+                });
+                self.profiles[survivor as usize]
+                    .ids
+                    .entry(t.clone())
+                    .or_default()
+                    .push(v.clone());
+            }
+        }
+        survivor
+    }
+
+    fn merge(&mut self, from: ProfileIdx, into: ProfileIdx, ev: &IdentityEvent) {
+        let moved = std::mem::take(&mut self.profiles[from as usize].ids);
+        for (t, vs) in moved {
+            self.profiles[into as usize]
+                .ids
+                .entry(t)
+                .or_default()
+                .extend(vs);
+        }
+        self.profiles[from as usize].parent = into;
+        if let Some(traits) = self.profile_traits.remove(&from) {
+            let slot = self.profile_traits.entry(into).or_default();
+            for (k, tv) in traits {
+                match slot.get(&k) {
+                    Some(old) if !tv.newer_than(old) => {}
+                    _ => {
+                        slot.insert(k, tv);
+                    }
+                }
+            }
+        }
+        if let Some(links) = self.account_links.remove(&from) {
+            let slot = self.account_links.entry(into).or_default();
+            for (g, t) in links {
+                let e = slot.entry(g).or_insert(t);
+                *e = (*e).min(t);
+            }
+        }
+        self.merges.push(Merge {
+            from: self.profiles[from as usize].id.clone(),
+            into: self.profiles[into as usize].id.clone(),
+            at: ev.timestamp,
+            message_id: ev.message_id.clone(),
+        });
+    }
+
+    /// True when the canonical profile has a `user_id` or an `email`.
+    pub fn is_known(&self, p: ProfileIdx) -> bool {
+        let ids = &self.profiles[self.canonical(p) as usize].ids;
+        ids.get("user_id").is_some_and(|v| !v.is_empty())
+            || ids.get("email").is_some_and(|v| !v.is_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(msg: &str, ts: i64, ids: &[(&str, &str)]) -> IdentityEvent {
+        IdentityEvent {
+            message_id: msg.into(),
+            timestamp: ts,
+            ids: ids
+                .iter()
+                .map(|(t, v)| (t.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn anonymous_then_identified_is_one_profile() {
+        let r = IdentityRules::default();
+        let mut g = Graph::default();
+        let a = g
+            .process(&r, &ev("1", 1, &[("anonymous_id", "a1")]))
+            .unwrap();
+        let b = g
+            .process(
+                &r,
+                &ev("2", 2, &[("user_id", "u1"), ("anonymous_id", "a1")]),
+            )
+            .unwrap();
+        assert_eq!(a, b);
+        assert_eq!(g.profiles.len(), 1);
+        assert!(g.is_known(a));
+    }
+
+    #[test]
+    fn two_devices_then_login_merge_and_the_older_survives() {
+        let r = IdentityRules::default();
+        let mut g = Graph::default();
+        let p1 = g
+            .process(&r, &ev("1", 1, &[("anonymous_id", "a1")]))
+            .unwrap();
+        let p2 = g
+            .process(&r, &ev("2", 2, &[("anonymous_id", "a2")]))
+            .unwrap();
+        assert_ne!(p1, p2);
+        g.process(
+            &r,
+            &ev("3", 3, &[("user_id", "u1"), ("anonymous_id", "a1")]),
+        );
+        let p = g
+            .process(
+                &r,
+                &ev("4", 4, &[("user_id", "u1"), ("anonymous_id", "a2")]),
+            )
+            .unwrap();
+        assert_eq!(p, p1);
+        assert_eq!(g.lookup("anonymous_id", "a2"), Some(p1));
+        assert_eq!(g.merges.len(), 1);
+        assert_eq!(g.merges[0].into, g.profiles[p1 as usize].id);
+    }
+
+    #[test]
+    fn shared_device_with_user_id_limit_demotes_the_anonymous_id() {
+        let r = IdentityRules::default();
+        let mut g = Graph::default();
+        let p1 = g
+            .process(
+                &r,
+                &ev("1", 1, &[("user_id", "u1"), ("anonymous_id", "a1")]),
+            )
+            .unwrap();
+        let p2 = g
+            .process(
+                &r,
+                &ev("2", 2, &[("user_id", "u2"), ("anonymous_id", "a1")]),
+            )
+            .unwrap();
+        assert_ne!(p1, p2);
+        assert_eq!(g.lookup("anonymous_id", "a1"), Some(p1));
+        assert_eq!(g.lookup("user_id", "u2"), Some(p2));
+        assert!(g.merges.is_empty());
+    }
+
+    #[test]
+    fn blocked_values_link_nothing() {
+        let r = IdentityRules::default();
+        let mut g = Graph::default();
+        let p1 = g
+            .process(&r, &ev("1", 1, &[("user_id", "u1"), ("email", "null")]))
+            .unwrap();
+        let p2 = g
+            .process(&r, &ev("2", 2, &[("user_id", "u2"), ("email", "null")]))
+            .unwrap();
+        assert_ne!(p1, p2);
+        assert_eq!(
+            g.process(
+                &r,
+                &ev(
+                    "3",
+                    3,
+                    &[("anonymous_id", "anonymous"), ("user_id", "0000")]
+                )
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn the_sixth_anonymous_id_starts_a_new_profile() {
+        let r = IdentityRules::default();
+        let mut g = Graph::default();
+        let p = g.process(&r, &ev("0", 0, &[("user_id", "u1")])).unwrap();
+        for i in 1..=5 {
+            assert_eq!(
+                g.process(
+                    &r,
+                    &ev(
+                        &i.to_string(),
+                        i,
+                        &[("user_id", "u1"), ("anonymous_id", &format!("a{i}"))]
+                    )
+                ),
+                Some(p)
+            );
+        }
+        assert_eq!(g.profiles[p as usize].ids["anonymous_id"].len(), 5);
+        // a6 cannot join: demoted, the event stays with u1's profile, a6 unlinked.
+        assert_eq!(
+            g.process(
+                &r,
+                &ev("6", 6, &[("user_id", "u1"), ("anonymous_id", "a6")])
+            ),
+            Some(p)
+        );
+        assert_eq!(g.lookup("anonymous_id", "a6"), None);
+        let q = g
+            .process(&r, &ev("7", 7, &[("anonymous_id", "a6")]))
+            .unwrap();
+        assert_ne!(p, q);
+    }
+
+    #[test]
+    fn alias_links_previous_id_and_user_id() {
+        let r = IdentityRules::default();
+        let mut g = Graph::default();
+        let p = g
+            .process(&r, &ev("1", 1, &[("anonymous_id", "a1")]))
+            .unwrap();
+        let mut e = ev("2", 2, &[("user_id", "u1")]);
+        e.alias_previous = Some("a1".into());
+        assert_eq!(g.process(&r, &e), Some(p));
+        assert_eq!(g.lookup("user_id", "u1"), Some(p));
+    }
+
+    #[test]
+    fn traits_latest_wins_whatever_the_order() {
+        let r = IdentityRules::default();
+        let mut g = Graph::default();
+        let mut e = ev("b", 20, &[("user_id", "u1")]);
+        e.traits = vec![("plan".into(), "\"pro\"".into())];
+        g.process(&r, &e);
+        let mut e = ev("a", 10, &[("user_id", "u1")]);
+        e.traits = vec![
+            ("plan".into(), "\"free\"".into()),
+            ("age".into(), "30".into()),
+        ];
+        let p = g.process(&r, &e).unwrap();
+        let t = &g.profile_traits[&p];
+        assert_eq!(t["plan"].value, "\"pro\"");
+        assert_eq!(t["age"].value, "30");
+    }
+}

@@ -1,0 +1,142 @@
+//! One profile by any of its ids: what `audiences profile` and the Profile API show.
+
+use std::collections::BTreeMap;
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::prelude::{col, lit};
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::store::{Space, Store};
+
+/// A profile with its external ids, custom traits and accounts.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProfileView {
+    /// Canonical profile id.
+    pub profile_id: String,
+    /// Has a user_id or an email.
+    pub known: bool,
+    /// External ids by type, sorted.
+    pub external_ids: BTreeMap<String, Vec<String>>,
+    /// Custom traits (JSON values).
+    pub traits: BTreeMap<String, serde_json::Value>,
+    /// Audience keys the profile belongs to (filled once audiences exist).
+    pub audiences: Vec<String>,
+    /// Account (group) ids.
+    pub accounts: Vec<String>,
+}
+
+fn strings(batches: &[RecordBatch], idx: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for b in batches {
+        let a = b.column(idx).as_string::<i32>();
+        out.extend(
+            (0..a.len())
+                .filter(|i| a.is_valid(*i))
+                .map(|i| a.value(i).to_string()),
+        );
+    }
+    out
+}
+
+/// Look up the profile owning `id_type:value` (`profile_id:p-…` looks up by profile id,
+/// following merges).
+pub async fn profile(
+    store: &Store,
+    space: &Space,
+    id_type: &str,
+    value: &str,
+) -> Result<Option<ProfileView>> {
+    let ctx = crate::tables::session(store, space).await?;
+    let profile_id = if id_type == "profile_id" {
+        let b = ctx
+            .table("profile_index")
+            .await?
+            .filter(col("profile_id").eq(lit(value)))?
+            .select(vec![col("canonical_idx")])?;
+        let idx = b.collect().await?;
+        let Some(first) = idx.iter().find(|b| b.num_rows() > 0) else {
+            return Ok(None);
+        };
+        let c = first
+            .column(0)
+            .as_primitive::<arrow::datatypes::Int64Type>()
+            .value(0);
+        let ids = ctx
+            .table("profile_index")
+            .await?
+            .filter(col("profile_idx").eq(lit(c)))?
+            .select(vec![col("profile_id")])?
+            .collect()
+            .await?;
+        strings(&ids, 0).into_iter().next()
+    } else {
+        let b = ctx
+            .table("identities")
+            .await?
+            .filter(
+                col("id_type")
+                    .eq(lit(id_type))
+                    .and(col("id_value").eq(lit(value))),
+            )?
+            .select(vec![col("profile_id")])?
+            .collect()
+            .await?;
+        strings(&b, 0).into_iter().next()
+    };
+    let Some(pid) = profile_id else {
+        return Ok(None);
+    };
+    let ids = ctx
+        .table("identities")
+        .await?
+        .filter(col("profile_id").eq(lit(pid.clone())))?
+        .select(vec![col("id_type"), col("id_value")])?
+        .collect()
+        .await?;
+    let mut external_ids: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (t, v) in strings(&ids, 0).into_iter().zip(strings(&ids, 1)) {
+        external_ids.entry(t).or_default().push(v);
+    }
+    for v in external_ids.values_mut() {
+        v.sort();
+    }
+    let tr = ctx
+        .table("traits")
+        .await?
+        .filter(
+            col("entity")
+                .eq(lit("profile"))
+                .and(col("profile_id").eq(lit(pid.clone()))),
+        )?
+        .select(vec![col("key"), col("value")])?
+        .collect()
+        .await?;
+    let traits = strings(&tr, 0)
+        .into_iter()
+        .zip(strings(&tr, 1))
+        .map(|(k, v)| {
+            let parsed = serde_json::from_str(&v).unwrap_or(serde_json::Value::String(v));
+            (k, parsed)
+        })
+        .collect();
+    let acc = ctx
+        .table("account_links")
+        .await?
+        .filter(col("profile_id").eq(lit(pid.clone())))?
+        .select(vec![col("account_id")])?
+        .collect()
+        .await?;
+    let mut accounts = strings(&acc, 0);
+    accounts.sort();
+    accounts.dedup();
+    let known = external_ids.contains_key("user_id") || external_ids.contains_key("email");
+    Ok(Some(ProfileView {
+        profile_id: pid,
+        known,
+        external_ids,
+        traits,
+        audiences: vec![],
+        accounts,
+    }))
+}

@@ -1,0 +1,641 @@
+//! Loading, updating and committing the identity state.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch, StringArray,
+    TimestampMicrosecondArray,
+};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, TimestampMicrosecondType};
+use datafusion::prelude::{SessionContext, col, ident};
+use serde_json::Value;
+
+use super::graph::{Graph, IdInfo, IdentityEvent, Merge, Profile, ProfileIdx, TraitValue};
+use super::rules::IdentityRules;
+use crate::error::{Error, Result};
+use crate::events::schema::{identity_key, ts_type};
+use crate::events::writer::{encode_parquet, writer_properties};
+use crate::store::Store;
+use crate::store::keys::{self, Key, Space, TableName};
+use crate::store::log::{CommitDraft, CommitLog, FileAdd, Snapshot};
+use crate::tables::CommittedTable;
+
+/// The identity log's table name.
+pub const IDENTITY: TableName = TableName::Named("identity");
+
+/// What a resolution run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct IdentityReport {
+    /// Events read (new since the last run, or all with `full`).
+    pub events_read: u64,
+    /// Canonical profiles.
+    pub profiles: u64,
+    /// Known canonical profiles.
+    pub known: u64,
+    /// Linked ids.
+    pub ids: u64,
+    /// Merges so far.
+    pub merges: u64,
+    /// Accounts with traits or links.
+    pub accounts: u64,
+    /// Committed identity version.
+    pub version: u64,
+    /// Events version processed up to.
+    pub events_version: u64,
+}
+
+/// Schemas of the identity tables.
+pub fn schema(kind: &str) -> SchemaRef {
+    let s = |n: &str, null: bool| Field::new(n, DataType::Utf8, null);
+    let i = |n: &str, null: bool| Field::new(n, DataType::Int64, null);
+    let t = |n: &str, null: bool| Field::new(n, ts_type(), null);
+    Arc::new(Schema::new(match kind {
+        "identities" => vec![
+            s("id_type", false),
+            s("id_value", false),
+            s("profile_id", false),
+            i("profile_idx", false),
+            i("identity_key", false),
+            t("first_seen", false),
+            s("first_message_id", false),
+        ],
+        "profiles" => vec![
+            i("profile_idx", false),
+            s("profile_id", false),
+            s("merged_into", true),
+            i("canonical_idx", false),
+            Field::new("known", DataType::Boolean, false),
+            t("created_at", false),
+            s("first_message_id", false),
+        ],
+        "profile_merges" => vec![
+            s("from_profile_id", false),
+            s("into_profile_id", false),
+            t("at", false),
+            s("message_id", false),
+        ],
+        "traits" => vec![
+            s("entity", false),
+            s("profile_id", true),
+            i("profile_idx", true),
+            s("account_id", true),
+            s("key", false),
+            s("value", false),
+            t("updated_at", false),
+            s("message_id", false),
+        ],
+        "account_links" => vec![
+            s("profile_id", false),
+            i("profile_idx", false),
+            s("account_id", false),
+            t("linked_at", false),
+        ],
+        _ => vec![],
+    }))
+}
+
+/// Every identity table kind.
+pub const KINDS: [&str; 5] = [
+    "identities",
+    "profiles",
+    "profile_merges",
+    "traits",
+    "account_links",
+];
+
+fn ts_array(v: Vec<i64>) -> ArrayRef {
+    Arc::new(TimestampMicrosecondArray::from(v).with_timezone("UTC"))
+}
+
+fn batches(g: &Graph) -> Result<Vec<(&'static str, RecordBatch)>> {
+    let canon = |p: ProfileIdx| g.canonical(p);
+    let pid = |p: ProfileIdx| g.profiles[canon(p) as usize].id.clone();
+    // identities, in a stable order
+    let mut ids: Vec<(&(String, String), &IdInfo)> = g.ids.iter().collect();
+    ids.sort_by(|a, b| a.0.cmp(b.0));
+    let identities = RecordBatch::try_new(
+        schema("identities"),
+        vec![
+            Arc::new(StringArray::from_iter_values(
+                ids.iter().map(|(k, _)| k.0.as_str()),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                ids.iter().map(|(k, _)| k.1.as_str()),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                ids.iter().map(|(_, i)| pid(i.profile)),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                ids.iter().map(|(_, i)| canon(i.profile) as i64),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                ids.iter().map(|(k, _)| identity_key(&k.0, &k.1)),
+            )),
+            ts_array(ids.iter().map(|(_, i)| i.first_seen).collect()),
+            Arc::new(StringArray::from_iter_values(
+                ids.iter().map(|(_, i)| i.first_message_id.as_str()),
+            )),
+        ],
+    )?;
+    let n = g.profiles.len();
+    let profiles = RecordBatch::try_new(
+        schema("profiles"),
+        vec![
+            Arc::new(Int64Array::from_iter_values(0..n as i64)),
+            Arc::new(StringArray::from_iter_values(
+                g.profiles.iter().map(|p| p.id.as_str()),
+            )),
+            Arc::new(StringArray::from_iter((0..n).map(|i| {
+                let c = canon(i as ProfileIdx);
+                (c as usize != i).then(|| g.profiles[c as usize].id.clone())
+            }))),
+            Arc::new(Int64Array::from_iter_values(
+                (0..n).map(|i| canon(i as ProfileIdx) as i64),
+            )),
+            Arc::new(BooleanArray::from_iter(
+                (0..n).map(|i| Some(g.is_known(i as ProfileIdx))),
+            )),
+            ts_array(g.profiles.iter().map(|p| p.created_at).collect()),
+            Arc::new(StringArray::from_iter_values(
+                g.profiles.iter().map(|p| p.first_message_id.as_str()),
+            )),
+        ],
+    )?;
+    let merges = RecordBatch::try_new(
+        schema("profile_merges"),
+        vec![
+            Arc::new(StringArray::from_iter_values(
+                g.merges.iter().map(|m| m.from.as_str()),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                g.merges.iter().map(|m| m.into.as_str()),
+            )),
+            ts_array(g.merges.iter().map(|m| m.at).collect()),
+            Arc::new(StringArray::from_iter_values(
+                g.merges.iter().map(|m| m.message_id.as_str()),
+            )),
+        ],
+    )?;
+    // traits: profile traits (folded to canonical profiles), then account traits
+    // (is profile trait, profile, account, key, value)
+    type TraitRow<'a> = (
+        bool,
+        Option<ProfileIdx>,
+        Option<&'a str>,
+        &'a str,
+        &'a TraitValue,
+    );
+    let mut rows: Vec<TraitRow> = Vec::new();
+    let mut owners: Vec<&ProfileIdx> = g.profile_traits.keys().collect();
+    owners.sort();
+    for p in owners {
+        for (k, v) in &g.profile_traits[p] {
+            rows.push((true, Some(canon(*p)), None, k, v));
+        }
+    }
+    for (a, t) in &g.account_traits {
+        for (k, v) in t {
+            rows.push((false, None, Some(a.as_str()), k, v));
+        }
+    }
+    let traits = RecordBatch::try_new(
+        schema("traits"),
+        vec![
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| if r.0 { "profile" } else { "account" }),
+            )),
+            Arc::new(StringArray::from_iter(rows.iter().map(|r| r.1.map(pid)))),
+            Arc::new(Int64Array::from_iter(
+                rows.iter().map(|r| r.1.map(|p| p as i64)),
+            )),
+            Arc::new(StringArray::from_iter(rows.iter().map(|r| r.2))),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.3))),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.4.value.as_str()),
+            )),
+            ts_array(rows.iter().map(|r| r.4.updated_at).collect()),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.4.message_id.as_str()),
+            )),
+        ],
+    )?;
+    let mut links: Vec<(ProfileIdx, &str, i64)> = Vec::new();
+    let mut owners: Vec<&ProfileIdx> = g.account_links.keys().collect();
+    owners.sort();
+    for p in owners {
+        for (a, t) in &g.account_links[p] {
+            links.push((canon(*p), a, *t));
+        }
+    }
+    let account_links = RecordBatch::try_new(
+        schema("account_links"),
+        vec![
+            Arc::new(StringArray::from_iter_values(
+                links.iter().map(|l| pid(l.0)),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                links.iter().map(|l| l.0 as i64),
+            )),
+            Arc::new(StringArray::from_iter_values(links.iter().map(|l| l.1))),
+            ts_array(links.iter().map(|l| l.2).collect()),
+        ],
+    )?;
+    Ok(vec![
+        ("identities", identities),
+        ("profiles", profiles),
+        ("profile_merges", merges),
+        ("traits", traits),
+        ("account_links", account_links),
+    ])
+}
+
+async fn read_kind(store: &Store, snap: &Snapshot, kind: &str) -> Result<Vec<RecordBatch>> {
+    let mut out = Vec::new();
+    for f in snap
+        .files
+        .iter()
+        .filter(|f| f.kind.as_deref() == Some(kind))
+    {
+        let bytes = store.get(&Key::from_committed(&f.path)).await?;
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)?
+            .build()?;
+        for b in reader {
+            out.push(b?);
+        }
+    }
+    Ok(out)
+}
+
+fn s<'a>(b: &'a RecordBatch, n: &str) -> Result<&'a StringArray> {
+    b.column_by_name(n)
+        .and_then(|c| c.as_string_opt::<i32>())
+        .ok_or_else(|| Error::Usage(format!("identity table lacks column {n}")))
+}
+fn i64s<'a>(b: &'a RecordBatch, n: &str) -> Result<&'a Int64Array> {
+    b.column_by_name(n)
+        .and_then(|c| c.as_primitive_opt::<Int64Type>())
+        .ok_or_else(|| Error::Usage(format!("identity table lacks column {n}")))
+}
+fn tss<'a>(b: &'a RecordBatch, n: &str) -> Result<&'a TimestampMicrosecondArray> {
+    b.column_by_name(n)
+        .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>())
+        .ok_or_else(|| Error::Usage(format!("identity table lacks column {n}")))
+}
+
+/// Load the committed identity state.
+pub async fn load(store: &Store, snap: &Snapshot) -> Result<Graph> {
+    let mut g = Graph::default();
+    for b in read_kind(store, snap, "profiles").await? {
+        let (id, canon, created, first) = (
+            s(&b, "profile_id")?,
+            i64s(&b, "canonical_idx")?,
+            tss(&b, "created_at")?,
+            s(&b, "first_message_id")?,
+        );
+        for r in 0..b.num_rows() {
+            g.profiles.push(Profile {
+                id: id.value(r).to_string(),
+                parent: canon.value(r) as ProfileIdx,
+                created_at: created.value(r),
+                first_message_id: first.value(r).to_string(),
+                ids: BTreeMap::new(),
+            });
+        }
+    }
+    let mut ids: Vec<(String, String, ProfileIdx, i64, String)> = Vec::new();
+    for b in read_kind(store, snap, "identities").await? {
+        let (t, v, p, fs, fm) = (
+            s(&b, "id_type")?,
+            s(&b, "id_value")?,
+            i64s(&b, "profile_idx")?,
+            tss(&b, "first_seen")?,
+            s(&b, "first_message_id")?,
+        );
+        for r in 0..b.num_rows() {
+            ids.push((
+                t.value(r).into(),
+                v.value(r).into(),
+                p.value(r) as ProfileIdx,
+                fs.value(r),
+                fm.value(r).into(),
+            ));
+        }
+    }
+    ids.sort_by(|a, b| (a.3, &a.4, &a.0, &a.1).cmp(&(b.3, &b.4, &b.0, &b.1)));
+    for (t, v, p, fs, fm) in ids {
+        let Some(profile) = g.profiles.get_mut(p as usize) else {
+            return Err(Error::Usage(format!(
+                "identity state corrupt: id {t}:{v} points at missing profile {p}"
+            )));
+        };
+        profile.ids.entry(t.clone()).or_default().push(v.clone());
+        g.ids.insert(
+            (t, v),
+            IdInfo {
+                profile: p,
+                first_seen: fs,
+                first_message_id: fm,
+            },
+        );
+    }
+    for b in read_kind(store, snap, "profile_merges").await? {
+        let (f, i, at, m) = (
+            s(&b, "from_profile_id")?,
+            s(&b, "into_profile_id")?,
+            tss(&b, "at")?,
+            s(&b, "message_id")?,
+        );
+        for r in 0..b.num_rows() {
+            g.merges.push(Merge {
+                from: f.value(r).into(),
+                into: i.value(r).into(),
+                at: at.value(r),
+                message_id: m.value(r).into(),
+            });
+        }
+    }
+    for b in read_kind(store, snap, "traits").await? {
+        let (e, pidx, acc, k, v, at, m) = (
+            s(&b, "entity")?,
+            i64s(&b, "profile_idx")?,
+            s(&b, "account_id")?,
+            s(&b, "key")?,
+            s(&b, "value")?,
+            tss(&b, "updated_at")?,
+            s(&b, "message_id")?,
+        );
+        for r in 0..b.num_rows() {
+            let tv = TraitValue {
+                value: v.value(r).into(),
+                updated_at: at.value(r),
+                message_id: m.value(r).into(),
+            };
+            if e.value(r) == "profile" && pidx.is_valid(r) {
+                g.profile_traits
+                    .entry(pidx.value(r) as ProfileIdx)
+                    .or_default()
+                    .insert(k.value(r).into(), tv);
+            } else if acc.is_valid(r) {
+                g.account_traits
+                    .entry(acc.value(r).into())
+                    .or_default()
+                    .insert(k.value(r).into(), tv);
+            }
+        }
+    }
+    for b in read_kind(store, snap, "account_links").await? {
+        let (p, a, at) = (
+            i64s(&b, "profile_idx")?,
+            s(&b, "account_id")?,
+            tss(&b, "linked_at")?,
+        );
+        for r in 0..b.num_rows() {
+            g.account_links
+                .entry(p.value(r) as ProfileIdx)
+                .or_default()
+                .insert(a.value(r).into(), at.value(r));
+        }
+    }
+    Ok(g)
+}
+
+/// Read what identity resolution needs from events files, in processing order.
+pub async fn read_identity_events(
+    store: &Store,
+    files: &[FileAdd],
+    rules: &IdentityRules,
+) -> Result<Vec<IdentityEvent>> {
+    if files.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ctx = SessionContext::new();
+    let url =
+        url::Url::parse(crate::store::DATAFUSION_URL).map_err(|e| Error::Usage(e.to_string()))?;
+    ctx.register_object_store(&url, store.object_store());
+    let table = CommittedTable::events(files);
+    let schema = datafusion::catalog::TableProvider::schema(&table);
+    ctx.register_table("ev", Arc::new(table))?;
+    let mut cols = vec![
+        col("message_id"),
+        col("type"),
+        col("user_id"),
+        col("anonymous_id"),
+        col("previous_id"),
+        col("group_id"),
+        col("timestamp"),
+        col("traits"),
+    ];
+    let mut optional = vec![
+        "context.traits.email:str".to_string(),
+        "context.externalIds:json".to_string(),
+    ];
+    for t in &rules.custom_id_types {
+        optional.push(format!("context.traits.{t}:str"));
+    }
+    let present: Vec<String> = optional
+        .into_iter()
+        .filter(|c| schema.field_with_name(c).is_ok())
+        .collect();
+    cols.extend(present.iter().map(ident));
+    let df = ctx.table("ev").await?.select(cols)?;
+    let batches = df.collect().await?;
+    let mut out = Vec::new();
+    for b in &batches {
+        let (mid, ty, uid, aid, prev, gid, traits) = (
+            s(b, "message_id")?,
+            s(b, "type")?,
+            s(b, "user_id")?,
+            s(b, "anonymous_id")?,
+            s(b, "previous_id")?,
+            s(b, "group_id")?,
+            s(b, "traits")?,
+        );
+        let ts = tss(b, "timestamp")?;
+        let ctx_email = present
+            .iter()
+            .any(|c| c == "context.traits.email:str")
+            .then(|| s(b, "context.traits.email:str"))
+            .transpose()?;
+        let ext = present
+            .iter()
+            .any(|c| c == "context.externalIds:json")
+            .then(|| s(b, "context.externalIds:json"))
+            .transpose()?;
+        let customs: Vec<(&str, &StringArray)> = rules
+            .custom_id_types
+            .iter()
+            .filter_map(|t| {
+                let name = format!("context.traits.{t}:str");
+                present
+                    .contains(&name)
+                    .then(|| s(b, &name).ok().map(|a| (t.as_str(), a)))
+                    .flatten()
+            })
+            .collect();
+        for r in 0..b.num_rows() {
+            let mut e = IdentityEvent {
+                message_id: mid.value(r).into(),
+                timestamp: ts.value(r),
+                ..Default::default()
+            };
+            if uid.is_valid(r) {
+                e.ids.push(("user_id".into(), uid.value(r).into()));
+            }
+            if aid.is_valid(r) {
+                e.ids.push(("anonymous_id".into(), aid.value(r).into()));
+            }
+            let kind = ty.value(r);
+            let trait_obj: Option<serde_json::Map<String, Value>> = if traits.is_valid(r) {
+                match serde_json::from_str(traits.value(r)) {
+                    Ok(Value::Object(m)) => Some(m),
+                    _ => None,
+                }
+            } else {
+                None
+            };
+            if let Some(c) = ctx_email
+                && c.is_valid(r)
+            {
+                e.ids.push(("email".into(), c.value(r).trim().into()));
+            }
+            for (t, a) in &customs {
+                if a.is_valid(r) {
+                    e.ids.push((t.to_string(), a.value(r).trim().into()));
+                }
+            }
+            if let Some(x) = ext
+                && x.is_valid(r)
+                && let Ok(Value::Array(items)) = serde_json::from_str::<Value>(x.value(r))
+            {
+                for it in items {
+                    let coll = it
+                        .get("collection")
+                        .and_then(Value::as_str)
+                        .unwrap_or("users");
+                    if let (Some(id), Some(t), "users") = (
+                        it.get("id").and_then(Value::as_str),
+                        it.get("type").and_then(Value::as_str),
+                        coll,
+                    ) {
+                        e.ids.push((t.to_string(), id.trim().to_string()));
+                    }
+                }
+            }
+            match kind {
+                "identify" => {
+                    if let Some(m) = &trait_obj {
+                        if let Some(Value::String(em)) = m.get("email") {
+                            e.ids.push(("email".into(), em.trim().into()));
+                        }
+                        for t in &rules.custom_id_types {
+                            if let Some(Value::String(v)) = m.get(t) {
+                                e.ids.push((t.clone(), v.trim().into()));
+                            }
+                        }
+                        e.traits = m.iter().map(|(k, v)| (k.clone(), v.to_string())).collect();
+                    }
+                }
+                "group" if gid.is_valid(r) => {
+                    let t = trait_obj
+                        .as_ref()
+                        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.to_string())).collect())
+                        .unwrap_or_default();
+                    e.group = Some((gid.value(r).to_string(), t));
+                }
+                "alias" if prev.is_valid(r) => {
+                    e.alias_previous = Some(prev.value(r).to_string());
+                }
+                _ => {}
+            }
+            out.push(e);
+        }
+    }
+    out.sort_by(|a, b| (a.timestamp, &a.message_id).cmp(&(b.timestamp, &b.message_id)));
+    Ok(out)
+}
+
+/// Resolve identities for the events committed since the last run (or all, with `full`), and
+/// commit the new state.
+pub async fn resolve(
+    store: &Store,
+    space: &Space,
+    rules: &IdentityRules,
+    full: bool,
+) -> Result<IdentityReport> {
+    let log = CommitLog::new(store, space, IDENTITY);
+    let snap = log.snapshot().await?;
+    let watermark = if full { 0 } else { last_events_version(&snap) };
+    let mut graph = if full || snap.version == 0 {
+        Graph::default()
+    } else {
+        load(store, &snap).await?
+    };
+    let events = CommitLog::new(store, space, TableName::Events)
+        .snapshot()
+        .await?;
+    let new_files: Vec<FileAdd> = if watermark == 0 {
+        events.files.clone()
+    } else {
+        events
+            .entries
+            .iter()
+            .filter(|e| e.version > watermark)
+            .flat_map(|e| e.adds.iter().cloned())
+            .collect()
+    };
+    let evs = read_identity_events(store, &new_files, rules).await?;
+    for e in &evs {
+        graph.process(rules, e);
+    }
+    let mut adds = Vec::new();
+    for (kind, batch) in batches(&graph)? {
+        let bytes = encode_parquet(&batch, writer_properties(None))?;
+        let key = keys::data_file(space, IDENTITY, None, "parquet");
+        let size = bytes.len() as u64;
+        store.put(&key, bytes).await?;
+        adds.push(FileAdd {
+            path: key.to_string(),
+            size,
+            rows: batch.num_rows() as u64,
+            kind: Some(kind.to_string()),
+            ..Default::default()
+        });
+    }
+    let draft = CommitDraft {
+        operation: if full { "identity-full" } else { "identity" }.into(),
+        adds,
+        removes: snap.files.iter().map(|f| f.path.clone()).collect(),
+        info: serde_json::json!({ "events_version": events.version, "events_read": evs.len() }),
+    };
+    let entry = log.try_commit(snap.version, draft).await?.ok_or_else(|| {
+        Error::Usage("another identity resolution committed first; run it again".into())
+    })?;
+    let canonical: Vec<ProfileIdx> = (0..graph.profiles.len() as ProfileIdx)
+        .filter(|p| graph.canonical(*p) == *p)
+        .collect();
+    let mut accounts: std::collections::BTreeSet<&str> =
+        graph.account_traits.keys().map(String::as_str).collect();
+    for l in graph.account_links.values() {
+        accounts.extend(l.keys().map(String::as_str));
+    }
+    Ok(IdentityReport {
+        events_read: evs.len() as u64,
+        profiles: canonical.len() as u64,
+        known: canonical.iter().filter(|p| graph.is_known(**p)).count() as u64,
+        ids: graph.ids.len() as u64,
+        merges: graph.merges.len() as u64,
+        accounts: accounts.len() as u64,
+        version: entry.version,
+        events_version: events.version,
+    })
+}
+
+/// The events version the committed identity state covers.
+pub fn last_events_version(snap: &Snapshot) -> u64 {
+    snap.entries
+        .last()
+        .and_then(|e| e.info.get("events_version"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0)
+}
