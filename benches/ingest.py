@@ -65,15 +65,23 @@ def main():
             cnt = duckdb.sql(f"SELECT count(*) FROM read_parquet('{glob}', union_by_name = true)").fetchone()[0]
             assert cnt == n, (name, cnt, n)
             results[name] = (statistics.median(times), max(rss))
+            if name == "audiences":
+                # Identity resolution over the committed events, from scratch each run.
+                its = []
+                for i in range(max(1, a.runs // 2) + 1):
+                    dt, kb, _ = timed([a.bin, "--store", out, "--json", "identity", "--full"], env)
+                    if i > 0:
+                        its.append(dt)
+                results["identity"] = (statistics.median(its), kb)
         ours, duck = results["audiences"], results["duckdb"]
-        rows.append((n, size_mb, gen_s, ours, duck))
+        rows.append((n, size_mb, gen_s, ours, duck, results["identity"]))
         print(f"{n:>11,} events {size_mb:8.0f} MB  generate {gen_s:6.2f}s | audiences {ours[0]:7.2f}s "
               f"({n/ours[0]:>10,.0f} ev/s, {ours[1]/1024:6.0f} MiB) | duckdb {duck[0]:7.2f}s "
-              f"({n/duck[0]:>10,.0f} ev/s, {duck[1]/1024:6.0f} MiB) | ratio {duck[0]/ours[0]:.2f}x", flush=True)
-    print("\n| events | NDJSON MB | generate s | audiences s (ev/s) | DuckDB s (ev/s) | speed-up vs DuckDB | peak RSS ours / DuckDB |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for n, mb, g, o, d in rows:
-        print(f"| {n:,} | {mb:.0f} | {g:.2f} | {o[0]:.2f} ({n/o[0]:,.0f}) | {d[0]:.2f} ({n/d[0]:,.0f}) | {d[0]/o[0]:.2f}x | {o[1]/1024:.0f} / {d[1]/1024:.0f} MiB |")
+              f"({n/duck[0]:>10,.0f} ev/s, {duck[1]/1024:6.0f} MiB) | ratio {duck[0]/ours[0]:.2f}x | identity {results['identity'][0]:.2f}s", flush=True)
+    print("\n| events | NDJSON MB | generate s | audiences ingest s (ev/s) | DuckDB s (ev/s) | speed-up vs DuckDB | peak RSS ours / DuckDB | identity --full s (share of ingest) | identity peak RSS |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n, mb, g, o, d, idn in rows:
+        print(f"| {n:,} | {mb:.0f} | {g:.2f} | {o[0]:.2f} ({n/o[0]:,.0f}) | {d[0]:.2f} ({n/d[0]:,.0f}) | {d[0]/o[0]:.2f}x | {o[1]/1024:.0f} / {d[1]/1024:.0f} MiB | {idn[0]:.2f} ({idn[0]/o[0]:.0%}) | {idn[1]/1024:.0f} MiB |")
 
 if __name__ == "__main__":
     main()

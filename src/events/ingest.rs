@@ -24,7 +24,7 @@ use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
 use super::message::{Event, Rejection, parse_message};
-use super::schema::EventBatchBuilder;
+use super::schema::{EventBatchBuilder, Row};
 use super::writer::{utc_date, write_events_file};
 use crate::error::{Error, Result};
 use crate::store::Store;
@@ -103,7 +103,7 @@ pub struct Item {
     /// 1-based line (NDJSON) or item index (arrays, envelopes).
     position: u64,
     positional: &'static str,
-    outcome: std::result::Result<Event, (Rejection, Vec<u8>)>,
+    outcome: std::result::Result<Row, (Rejection, Vec<u8>)>,
 }
 
 fn hash_id(id: &str) -> u128 {
@@ -281,7 +281,9 @@ pub fn read_input(
             .into_par_iter()
             .map(|(pos, raw)| {
                 let outcome = match raw {
-                    Ok(raw) => parse_message(&raw, received_now).map_err(|rej| (rej, raw)),
+                    Ok(raw) => parse_message(&raw, received_now)
+                        .map(Row::from_event)
+                        .map_err(|rej| (rej, raw)),
                     Err(rej) => Err((rej, Vec::new())),
                 };
                 Item {
@@ -488,7 +490,7 @@ impl EventSink {
 
     /// Add an event; false when it duplicates one seen earlier in this run or already loaded
     /// from committed files.
-    pub fn push(&mut self, e: Event) -> bool {
+    pub fn push(&mut self, e: Row) -> bool {
         let h = hash_id(&e.message_id);
         if self.committed.ids.contains(&h) || !self.run_ids.insert(h) {
             return false;
@@ -497,7 +499,7 @@ impl EventSink {
         self.partitions
             .entry(utc_date(e.timestamp))
             .or_default()
-            .append(&e);
+            .append_row(&e);
         self.pending += 1;
         true
     }
@@ -675,7 +677,7 @@ pub async fn commit_events(
     let mut report = IngestReport::default();
     for e in events {
         report.submitted += 1;
-        if !sink.push(e) {
+        if !sink.push(Row::from_event(e)) {
             report.duplicates += 1;
         }
     }

@@ -158,6 +158,140 @@ impl DynBuilder {
     }
 }
 
+/// A shredded leaf value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Leaf {
+    /// String value.
+    Str(String),
+    /// Number.
+    Num(f64),
+    /// Boolean.
+    Bool(bool),
+    /// Array, as JSON text.
+    Json(String),
+}
+
+impl Leaf {
+    fn kind(&self) -> LeafKind {
+        match self {
+            Leaf::Str(_) => LeafKind::Str,
+            Leaf::Num(_) => LeafKind::Num,
+            Leaf::Bool(_) => LeafKind::Bool,
+            Leaf::Json(_) => LeafKind::Json,
+        }
+    }
+}
+
+/// An event prepared for the columnar builder: JSON columns serialized, leaves shredded and
+/// the identity key computed. Preparing is the expensive part of ingest and runs in parallel;
+/// appending a row is a copy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    /// `messageId`.
+    pub message_id: String,
+    /// Message type.
+    pub kind: super::message::MessageType,
+    /// Fixed string columns after message_id and type: event, name, user_id, anonymous_id,
+    /// group_id, previous_id.
+    pub strs: [Option<String>; 6],
+    /// Hash of the primary identity.
+    pub identity_key: i64,
+    /// Event time.
+    pub timestamp: i64,
+    /// `originalTimestamp`.
+    pub original_timestamp: Option<i64>,
+    /// `sentAt`.
+    pub sent_at: Option<i64>,
+    /// `receivedAt`.
+    pub received_at: i64,
+    /// JSON text of properties, traits, context, integrations, extra.
+    pub json: [Option<String>; 5],
+    /// Shredded leaves: (column name, value), first occurrence of a name wins.
+    pub leaves: Vec<(String, Leaf)>,
+}
+
+impl Row {
+    /// Prepare an event.
+    pub fn from_event(e: Event) -> Row {
+        let (id_type, id_value) = e.primary_identity();
+        let identity_key = identity_key(id_type, id_value);
+        let mut leaves = Vec::new();
+        let mut path = String::new();
+        if let Some(p) = &e.properties {
+            shred_into("properties", &mut path, p, &mut leaves);
+        }
+        if let Some(c) = &e.context {
+            path.clear();
+            shred_into("context", &mut path, c, &mut leaves);
+        }
+        let ser = |m: Option<&Map<String, Value>>| m.map(|m| Value::Object(m.clone()).to_string());
+        let json = [
+            e.properties
+                .as_ref()
+                .map(|m| serde_json::to_string(m).unwrap_or_default()),
+            e.traits
+                .as_ref()
+                .map(|m| serde_json::to_string(m).unwrap_or_default()),
+            e.context
+                .as_ref()
+                .map(|m| serde_json::to_string(m).unwrap_or_default()),
+            e.integrations
+                .as_ref()
+                .map(|m| serde_json::to_string(m).unwrap_or_default()),
+            ser((!e.extra.is_empty()).then_some(&e.extra)),
+        ];
+        Row {
+            message_id: e.message_id,
+            kind: e.kind,
+            strs: [
+                e.event,
+                e.name,
+                e.user_id,
+                e.anonymous_id,
+                e.group_id,
+                e.previous_id,
+            ],
+            identity_key,
+            timestamp: e.timestamp,
+            original_timestamp: e.original_timestamp,
+            sent_at: e.sent_at,
+            received_at: e.received_at,
+            json,
+            leaves,
+        }
+    }
+}
+
+fn shred_into(
+    prefix: &str,
+    path: &mut String,
+    obj: &Map<String, Value>,
+    out: &mut Vec<(String, Leaf)>,
+) {
+    for (k, v) in obj {
+        let len = path.len();
+        if !path.is_empty() {
+            path.push('.');
+        }
+        path.push_str(k);
+        let leaf = match v {
+            Value::Object(m) => {
+                shred_into(prefix, path, m, out);
+                None
+            }
+            Value::Null => None,
+            Value::String(s) => Some(Leaf::Str(s.clone())),
+            Value::Number(n) => n.as_f64().map(Leaf::Num),
+            Value::Bool(b) => Some(Leaf::Bool(*b)),
+            Value::Array(_) => Some(Leaf::Json(v.to_string())),
+        };
+        if let Some(leaf) = leaf {
+            out.push((dynamic_column(prefix, path, leaf.kind()), leaf));
+        }
+        path.truncate(len);
+    }
+}
+
 /// Builds a record batch of events, growing shredded columns as new paths appear.
 pub struct EventBatchBuilder {
     rows: usize,
@@ -169,7 +303,6 @@ pub struct EventBatchBuilder {
     received_at: TimestampMicrosecondBuilder,
     json: [StringBuilder; 5],
     dynamic: BTreeMap<String, DynBuilder>,
-    json_buf: Vec<u8>,
 }
 
 impl Default for EventBatchBuilder {
@@ -191,7 +324,6 @@ impl EventBatchBuilder {
             received_at: TimestampMicrosecondBuilder::new(),
             json: Default::default(),
             dynamic: BTreeMap::new(),
-            json_buf: Vec::new(),
         }
     }
 
@@ -207,51 +339,35 @@ impl EventBatchBuilder {
 
     /// Append one event.
     pub fn append(&mut self, e: &Event) {
-        let (id_type, id_value) = e.primary_identity();
-        let fixed = [
-            Some(e.message_id.as_str()),
-            Some(e.kind.as_str()),
-            e.event.as_deref(),
-            e.name.as_deref(),
-            e.user_id.as_deref(),
-            e.anonymous_id.as_deref(),
-            e.group_id.as_deref(),
-            e.previous_id.as_deref(),
-        ];
-        for (b, v) in self.strs.iter_mut().zip(fixed) {
-            b.append_option(v);
+        self.append_row(&Row::from_event(e.clone()));
+    }
+
+    /// Append one prepared row.
+    pub fn append_row(&mut self, r: &Row) {
+        self.strs[0].append_value(&r.message_id);
+        self.strs[1].append_value(r.kind.as_str());
+        for (b, v) in self.strs[2..].iter_mut().zip(&r.strs) {
+            b.append_option(v.as_deref());
         }
-        self.identity_key
-            .append_value(identity_key(id_type, id_value));
-        self.timestamp.append_value(e.timestamp);
-        self.original_timestamp.append_option(e.original_timestamp);
-        self.sent_at.append_option(e.sent_at);
-        self.received_at.append_value(e.received_at);
-        let extra = (!e.extra.is_empty()).then_some(&e.extra);
-        let objs = [
-            &e.properties.as_ref(),
-            &e.traits.as_ref(),
-            &e.context.as_ref(),
-            &e.integrations.as_ref(),
-            &extra,
-        ];
-        for (i, obj) in objs.into_iter().enumerate() {
-            match obj {
-                Some(m) => {
-                    self.json_buf.clear();
-                    // Serializing a Map of Values cannot fail.
-                    let _ = serde_json::to_writer(&mut self.json_buf, m);
-                    self.json[i].append_value(String::from_utf8_lossy(&self.json_buf));
-                }
-                None => self.json[i].append_null(),
-            }
+        self.identity_key.append_value(r.identity_key);
+        self.timestamp.append_value(r.timestamp);
+        self.original_timestamp.append_option(r.original_timestamp);
+        self.sent_at.append_option(r.sent_at);
+        self.received_at.append_value(r.received_at);
+        for (b, v) in self.json.iter_mut().zip(&r.json) {
+            b.append_option(v.as_deref());
         }
         let row = self.rows;
-        if let Some(p) = &e.properties {
-            self.shred("properties", p, row);
-        }
-        if let Some(c) = &e.context {
-            self.shred("context", c, row);
+        for (name, leaf) in &r.leaves {
+            let Some(b) = self.column(name, leaf.kind(), row) else {
+                continue;
+            };
+            match (b, leaf) {
+                (DynBuilder::Str(b), Leaf::Str(s) | Leaf::Json(s)) => b.append_value(s),
+                (DynBuilder::Num(b), Leaf::Num(x)) => b.append_value(*x),
+                (DynBuilder::Bool(b), Leaf::Bool(x)) => b.append_value(*x),
+                _ => {}
+            }
         }
         self.rows += 1;
         for b in self.dynamic.values_mut() {
@@ -261,70 +377,10 @@ impl EventBatchBuilder {
         }
     }
 
-    fn shred(&mut self, prefix: &str, obj: &Map<String, Value>, row: usize) {
-        let mut path = String::new();
-        self.shred_into(prefix, &mut path, obj, row);
-    }
-
-    fn shred_into(
-        &mut self,
-        prefix: &str,
-        path: &mut String,
-        obj: &Map<String, Value>,
-        row: usize,
-    ) {
-        for (k, v) in obj {
-            let len = path.len();
-            if !path.is_empty() {
-                path.push('.');
-            }
-            path.push_str(k);
-            match v {
-                Value::Object(m) => self.shred_into(prefix, path, m, row),
-                Value::Null => {}
-                Value::String(s) => {
-                    if let Some(DynBuilder::Str(b)) = self.column(prefix, path, LeafKind::Str, row)
-                    {
-                        b.append_value(s);
-                    }
-                }
-                Value::Number(n) => {
-                    if let (Some(f), Some(DynBuilder::Num(b))) =
-                        (n.as_f64(), self.column(prefix, path, LeafKind::Num, row))
-                    {
-                        b.append_value(f);
-                    }
-                }
-                Value::Bool(x) => {
-                    if let Some(DynBuilder::Bool(b)) =
-                        self.column(prefix, path, LeafKind::Bool, row)
-                    {
-                        b.append_value(*x);
-                    }
-                }
-                Value::Array(_) => {
-                    let text = v.to_string();
-                    if let Some(DynBuilder::Str(b)) = self.column(prefix, path, LeafKind::Json, row)
-                    {
-                        b.append_value(text);
-                    }
-                }
-            }
-            path.truncate(len);
-        }
-    }
-
     /// The builder of a shredded column, created (null-padded) on first use; None when the
     /// column cap is reached or the row already has a value (first leaf wins on a path clash).
-    fn column(
-        &mut self,
-        prefix: &str,
-        path: &str,
-        kind: LeafKind,
-        row: usize,
-    ) -> Option<&mut DynBuilder> {
-        let name = dynamic_column(prefix, path, kind);
-        if !self.dynamic.contains_key(&name) {
+    fn column(&mut self, name: &str, kind: LeafKind, row: usize) -> Option<&mut DynBuilder> {
+        if !self.dynamic.contains_key(name) {
             if self.dynamic.len() >= MAX_DYNAMIC_COLUMNS {
                 return None;
             }
@@ -336,9 +392,9 @@ impl EventBatchBuilder {
             for _ in 0..row {
                 b.append_null();
             }
-            self.dynamic.insert(name.clone(), b);
+            self.dynamic.insert(name.to_string(), b);
         }
-        let b = self.dynamic.get_mut(&name)?;
+        let b = self.dynamic.get_mut(name)?;
         (b.len() == row).then_some(b)
     }
 
