@@ -70,6 +70,15 @@ pub enum Command {
     Identity(IdentityArgs),
     /// Show one profile: its ids, traits and accounts. ID is ID_TYPE:VALUE (e.g. email:a@b.c).
     Profile(ProfileArgs),
+    /// Validate a definition (a definition JSON file, or bare definition text); print its AST.
+    Check(CheckArgs),
+}
+
+/// `check` options.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Definition file, or '-' for stdin.
+    pub file: PathBuf,
 }
 
 /// `identity` options.
@@ -212,6 +221,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         Command::Vacuum(a) => vacuum(&g, &a).await.map(|_| 0),
         Command::Identity(a) => identity(&g, &a).await.map(|_| 0),
         Command::Profile(a) => profile(&g, &a).await,
+        Command::Check(a) => check(&a),
     }
 }
 
@@ -460,5 +470,38 @@ async fn profile(g: &Global, a: &ProfileArgs) -> Result<i32> {
             }
             Ok(0)
         }
+    }
+}
+
+fn check(a: &CheckArgs) -> Result<i32> {
+    use crate::lang::definition::{Body, DefinitionFile};
+    let text = if a.file.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .map_err(|e| Error::io("stdin", e))?;
+        s
+    } else {
+        std::fs::read_to_string(&a.file).map_err(|e| Error::io(&a.file, e))?
+    };
+    let source = a.file.display().to_string();
+    let out = if text.trim_start().starts_with('{') {
+        let (def, body) =
+            DefinitionFile::parse(&text).map_err(|e| Error::Usage(format!("{source}: {e}")))?;
+        serde_json::json!({ "key": def.key, "kind": def.kind, "level": def.level, "ast": body,
+                            "canonical": canonical(&body) })
+    } else {
+        let c =
+            crate::lang::parse(text.trim()).map_err(|e| Error::Usage(format!("{source}: {e}")))?;
+        let body = Body::Audience(c);
+        serde_json::json!({ "ast": body, "canonical": canonical(&body) })
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(0)
+}
+
+fn canonical(b: &crate::lang::definition::Body) -> String {
+    match b {
+        crate::lang::definition::Body::Audience(c) => crate::lang::printer::condition(c),
+        crate::lang::definition::Body::Trait(v) => crate::lang::printer::value(v),
     }
 }

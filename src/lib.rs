@@ -5,6 +5,7 @@
 //! - [`events`]: Segment messages in: validation, dedup, shredded Arrow schema, Parquet writer.
 //! - [`store`]: the object store, its key layout and the atomic commit log of every table.
 //! - [`identity`]: identity resolution into profiles, custom traits and account links.
+//! - [`lang`]: the audience query language (AST, parser, printer).
 //! - [`tables`]: committed tables as DataFusion tables; the SQL session.
 //! - [`generate`]: the deterministic synthetic data generator.
 //! - [`cli`] and [`demo`]: the command line.
@@ -18,6 +19,7 @@ pub mod events;
 pub mod fault;
 pub mod generate;
 pub mod identity;
+pub mod lang;
 pub mod progress;
 pub mod store;
 pub mod tables;

@@ -184,3 +184,28 @@ fn cli_exit_codes_and_json_report() {
     );
     assert!(out.contains("\"n\":1"));
 }
+
+#[test]
+fn check_prints_the_ast_or_a_positioned_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = env!("CARGO_MANIFEST_DIR");
+    for f in ["cart_abandoners", "repeat_buyers", "revenue_180d"] {
+        let p = format!("{root}/data/definitions/{f}.json");
+        let out = run("memory://", &["check", &p], &[]);
+        assert!(
+            out.status.success(),
+            "{f}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["key"], f);
+        assert!(v["ast"].is_object());
+    }
+    let bad = dir.path().join("bad.txt");
+    std::fs::write(&bad, "event('A').within(30 dayz).count() > 1").unwrap();
+    let out = run("memory://", &["check", bad.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 1, column 22: expected a unit"), "{err}");
+    assert!(err.contains("found 'dayz'"), "{err}");
+}
