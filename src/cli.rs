@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use std::io::Write;
+
 use clap::{Args, Parser, Subcommand};
 
 use crate::error::{Error, Result};
@@ -72,6 +74,70 @@ pub enum Command {
     Profile(ProfileArgs),
     /// Validate a definition (a definition JSON file, or bare definition text); print its AST.
     Check(CheckArgs),
+    /// Full recompute of identities, computed traits and audiences (all, or KEYs and their
+    /// dependencies), each committed as a new version.
+    Compute(ComputeArgs),
+    /// Members of an audience (current version, or --version N).
+    Members(MembersArgs),
+    /// Manage audiences: create FILE | edit FILE | delete KEY | list | show KEY.
+    #[command(subcommand)]
+    Audience(DefinitionCommand),
+    /// Manage computed traits: create FILE | edit FILE | delete KEY | list | show KEY.
+    #[command(subcommand)]
+    Trait(DefinitionCommand),
+}
+
+/// `compute` options.
+#[derive(Debug, Args)]
+pub struct ComputeArgs {
+    /// Evaluation time (RFC 3339; default now).
+    #[arg(long, env = "AUDIENCES_AS_OF")]
+    pub as_of: Option<String>,
+    /// Keys to compute (default: all).
+    pub keys: Vec<String>,
+}
+
+/// `members` options.
+#[derive(Debug, Args)]
+pub struct MembersArgs {
+    /// Audience key.
+    pub key: String,
+    /// Version (default: the current one).
+    #[arg(long, env = "AUDIENCES_VERSION")]
+    pub version: Option<u64>,
+    /// Output format.
+    #[arg(long, env = "AUDIENCES_FORMAT", default_value = "table", value_parser = ["table", "csv", "json", "parquet"])]
+    pub format: String,
+    /// Output file (parquet needs one; others default to stdout).
+    #[arg(short = 'o', long, env = "AUDIENCES_OUTPUT")]
+    pub output: Option<PathBuf>,
+}
+
+/// Definition management.
+#[derive(Debug, Subcommand)]
+pub enum DefinitionCommand {
+    /// Create from a definition file.
+    Create {
+        /// Definition JSON file.
+        file: PathBuf,
+    },
+    /// New version of an existing key from a definition file.
+    Edit {
+        /// Definition JSON file.
+        file: PathBuf,
+    },
+    /// Delete (the key is never reused).
+    Delete {
+        /// Key.
+        key: String,
+    },
+    /// List live definitions.
+    List,
+    /// Show one definition.
+    Show {
+        /// Key.
+        key: String,
+    },
 }
 
 /// `check` options.
@@ -222,6 +288,10 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         Command::Identity(a) => identity(&g, &a).await.map(|_| 0),
         Command::Profile(a) => profile(&g, &a).await,
         Command::Check(a) => check(&a),
+        Command::Compute(a) => compute(&g, &a).await.map(|_| 0),
+        Command::Members(a) => members(&g, &a).await,
+        Command::Audience(c) => definition(&g, crate::lang::definition::Kind::Audience, c).await,
+        Command::Trait(c) => definition(&g, crate::lang::definition::Kind::ComputedTrait, c).await,
     }
 }
 
@@ -504,4 +574,192 @@ fn canonical(b: &crate::lang::definition::Body) -> String {
         crate::lang::definition::Body::Audience(c) => crate::lang::printer::condition(c),
         crate::lang::definition::Body::Trait(v) => crate::lang::printer::value(v),
     }
+}
+
+fn read_definition(
+    path: &std::path::Path,
+    kind: crate::lang::definition::Kind,
+) -> Result<crate::lang::definition::DefinitionFile> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let (def, _) = crate::lang::definition::DefinitionFile::parse(&text)
+        .map_err(|e| Error::Usage(format!("{}: {e}", path.display())))?;
+    if def.kind != kind {
+        return Err(Error::Usage(format!(
+            "{}: kind is {:?}; use `audiences {}` for it",
+            path.display(),
+            def.kind,
+            if def.kind == crate::lang::definition::Kind::Audience {
+                "audience"
+            } else {
+                "trait"
+            }
+        )));
+    }
+    Ok(def)
+}
+
+async fn definition(
+    g: &Global,
+    kind: crate::lang::definition::Kind,
+    c: DefinitionCommand,
+) -> Result<i32> {
+    let store = g.open_store()?;
+    let space = g.space()?;
+    let noun = if kind == crate::lang::definition::Kind::Audience {
+        "audience"
+    } else {
+        "computed trait"
+    };
+    match c {
+        DefinitionCommand::Create { file } => {
+            let def = read_definition(&file, kind)?;
+            crate::definitions::create(&store, &space, &def).await?;
+            println!("created {noun} '{}' (version 1)", def.key);
+        }
+        DefinitionCommand::Edit { file } => {
+            let def = read_definition(&file, kind)?;
+            crate::definitions::edit(&store, &space, &def).await?;
+            let v = crate::definitions::load(&store, &space)
+                .await?
+                .get(&def.key)
+                .map_or(0, |s| s.version);
+            println!("edited {noun} '{}' (version {v})", def.key);
+        }
+        DefinitionCommand::Delete { key } => {
+            let defs = crate::definitions::live(&store, &space).await?;
+            if defs.get(&key).is_some_and(|s| s.file.kind != kind) {
+                return Err(Error::Usage(format!("'{key}' is not a {noun}")));
+            }
+            crate::definitions::delete(&store, &space, &key).await?;
+            println!("deleted {noun} '{key}' (the key stays reserved)");
+        }
+        DefinitionCommand::List => {
+            let defs = crate::definitions::live(&store, &space).await?;
+            let rows: Vec<&crate::definitions::Stored> =
+                defs.values().filter(|s| s.file.kind == kind).collect();
+            if g.json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                for s in rows {
+                    println!(
+                        "{:<32} v{:<3} {:?} {}",
+                        s.file.key, s.version, s.file.level, s.file.definition
+                    );
+                }
+            }
+        }
+        DefinitionCommand::Show { key } => {
+            let defs = crate::definitions::live(&store, &space).await?;
+            match defs.get(&key).filter(|s| s.file.kind == kind) {
+                Some(s) => println!("{}", serde_json::to_string_pretty(s)?),
+                None => {
+                    eprintln!("no {noun} '{key}'");
+                    return Ok(1);
+                }
+            }
+        }
+    }
+    Ok(0)
+}
+
+async fn compute(g: &Global, a: &ComputeArgs) -> Result<()> {
+    let store = g.open_store()?;
+    let as_of = match &a.as_of {
+        Some(t) => parse_time_arg(t, "--as-of")?,
+        None => chrono::Utc::now().timestamp_micros(),
+    };
+    let reports =
+        crate::compute::compute(&store, &g.space()?, &g.identity_rules()?, as_of, &a.keys).await?;
+    if g.json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    } else {
+        for r in &reports {
+            println!(
+                "{:<32} {:<15} v{:<4} size {:<9} +{:<7} -{:<7} {} ms",
+                r.key, r.kind, r.version, r.size, r.entered, r.exited, r.millis
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn members(g: &Global, a: &MembersArgs) -> Result<i32> {
+    let store = g.open_store()?;
+    let Some((v, batches)) =
+        crate::compute::members(&store, &g.space()?, &a.key, a.version).await?
+    else {
+        eprintln!(
+            "no version {} of audience '{}'",
+            a.version.map_or("yet".to_string(), |n| n.to_string()),
+            a.key
+        );
+        return Ok(1);
+    };
+    let batches: Vec<arrow::array::RecordBatch> = batches
+        .iter()
+        .map(|b| b.project(&[1, 2, 3, 4, 5]))
+        .collect::<std::result::Result<_, _>>()?;
+    let fmt = if g.json && a.format == "table" {
+        "json"
+    } else {
+        a.format.as_str()
+    };
+    let mut out: Box<dyn std::io::Write> = match &a.output {
+        Some(p) => Box::new(std::fs::File::create(p).map_err(|e| Error::io(p, e))?),
+        None if fmt == "parquet" => {
+            return Err(Error::Usage("--format parquet needs -o FILE".into()));
+        }
+        None => Box::new(std::io::stdout()),
+    };
+    let io = |e| Error::io("members output", e);
+    match fmt {
+        "csv" => {
+            let mut w = arrow::csv::WriterBuilder::new()
+                .with_header(true)
+                .build(&mut out);
+            for b in &batches {
+                w.write(b)?;
+            }
+        }
+        "json" => {
+            let mut w = arrow::json::ArrayWriter::new(&mut out);
+            for b in &batches {
+                w.write(b)?;
+            }
+            w.finish()?;
+            writeln!(out).map_err(io)?;
+        }
+        "parquet" => {
+            let schema = batches.first().map(|b| b.schema()).unwrap_or_else(|| {
+                std::sync::Arc::new(
+                    crate::compute::schema("members")
+                        .project(&[1, 2, 3, 4, 5])
+                        .unwrap_or_else(|_| arrow::datatypes::Schema::empty()),
+                )
+            });
+            let batch = arrow::compute::concat_batches(&schema, &batches)?;
+            let bytes = crate::events::writer::encode_parquet(
+                &batch,
+                crate::events::writer::writer_properties(None),
+            )?;
+            out.write_all(&bytes).map_err(io)?;
+        }
+        _ => {
+            writeln!(
+                out,
+                "audience {} version {} ({} members)",
+                a.key,
+                v.version,
+                batches.iter().map(|b| b.num_rows()).sum::<usize>()
+            )
+            .map_err(io)?;
+            writeln!(
+                out,
+                "{}",
+                arrow::util::pretty::pretty_format_batches(&batches)?
+            )
+            .map_err(io)?;
+        }
+    }
+    Ok(0)
 }

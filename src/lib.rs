@@ -12,7 +12,9 @@
 #![warn(missing_docs)]
 
 pub mod cli;
+pub mod compute;
 pub mod config;
+pub mod definitions;
 pub mod demo;
 pub mod error;
 pub mod events;
@@ -20,6 +22,7 @@ pub mod fault;
 pub mod generate;
 pub mod identity;
 pub mod lang;
+pub mod plan;
 pub mod progress;
 pub mod store;
 pub mod tables;

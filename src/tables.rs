@@ -305,6 +305,25 @@ pub async fn session(store: &Store, space: &Space) -> Result<SessionContext> {
             )),
         )?;
     }
+    let memberships = CommitLog::new(store, space, crate::compute::MEMBERSHIPS)
+        .snapshot()
+        .await?;
+    for (name, kind) in [
+        ("memberships", "members"),
+        ("membership_changes", "changes"),
+        ("computed_traits", "trait_values"),
+    ] {
+        let files = memberships
+            .files
+            .iter()
+            .filter(|f| f.kind.as_deref() == Some(kind))
+            .cloned()
+            .collect();
+        ctx.register_table(
+            name,
+            Arc::new(CommittedTable::plain(crate::compute::schema(kind), files)),
+        )?;
+    }
     // `profiles`: the canonical profiles only.
     let profiles = ctx
         .table("profile_index")

@@ -82,6 +82,9 @@ pub fn schema(kind: &str) -> SchemaRef {
             s("account_id", true),
             s("key", false),
             s("value", false),
+            s("value_str", true),
+            Field::new("value_num", DataType::Float64, true),
+            Field::new("value_bool", DataType::Boolean, true),
             t("updated_at", false),
             s("message_id", false),
         ],
@@ -104,7 +107,26 @@ pub const KINDS: [&str; 5] = [
     "account_links",
 ];
 
-fn ts_array(v: Vec<i64>) -> ArrayRef {
+/// Typed forms (string, number, boolean) of JSON texts, like shredded event properties.
+pub fn typed_json<'a>(values: impl Iterator<Item = &'a str>) -> (ArrayRef, ArrayRef, ArrayRef) {
+    let mut s = arrow::array::StringBuilder::new();
+    let mut n = arrow::array::Float64Builder::new();
+    let mut b = arrow::array::BooleanBuilder::new();
+    for v in values {
+        let parsed: Value = serde_json::from_str(v).unwrap_or(Value::Null);
+        s.append_option(parsed.as_str());
+        n.append_option(parsed.as_f64());
+        b.append_option(parsed.as_bool());
+    }
+    (
+        Arc::new(s.finish()),
+        Arc::new(n.finish()),
+        Arc::new(b.finish()),
+    )
+}
+
+/// A UTC microsecond timestamp array.
+pub fn ts_array(v: Vec<i64>) -> ArrayRef {
     Arc::new(TimestampMicrosecondArray::from(v).with_timezone("UTC"))
 }
 
@@ -199,6 +221,7 @@ fn batches(g: &Graph) -> Result<Vec<(&'static str, RecordBatch)>> {
             rows.push((false, None, Some(a.as_str()), k, v));
         }
     }
+    let typed = typed_json(rows.iter().map(|r| r.4.value.as_str()));
     let traits = RecordBatch::try_new(
         schema("traits"),
         vec![
@@ -214,6 +237,9 @@ fn batches(g: &Graph) -> Result<Vec<(&'static str, RecordBatch)>> {
             Arc::new(StringArray::from_iter_values(
                 rows.iter().map(|r| r.4.value.as_str()),
             )),
+            typed.0,
+            typed.1,
+            typed.2,
             ts_array(rows.iter().map(|r| r.4.updated_at).collect()),
             Arc::new(StringArray::from_iter_values(
                 rows.iter().map(|r| r.4.message_id.as_str()),

@@ -1,0 +1,563 @@
+//! `audiences compute`: identities, then computed traits, then audiences, in dependency order;
+//! each definition's result committed as a new version in the space's `memberships` log,
+//! with the entered/exited changes against its previous version.
+//!
+//! Files of the `memberships` log are tagged by kind: `members` (the current membership of one
+//! audience version; replaced by the next version), `changes` (entered/exited of one version;
+//! kept), `trait_values` (a computed trait version; replaced by the next).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, TimestampMicrosecondType};
+use datafusion::datasource::MemTable;
+use datafusion::prelude::SessionContext;
+use serde::Serialize;
+
+use crate::definitions::{self, Stored};
+use crate::error::{Error, Result};
+use crate::events::schema::ts_type;
+use crate::events::writer::{encode_parquet, writer_properties};
+use crate::identity::IdentityRules;
+use crate::identity::persist::{ts_array, typed_json};
+use crate::lang::definition::Kind;
+use crate::plan::{Inputs, compile_audience, compile_trait};
+use crate::store::keys::{self, Key};
+use crate::store::log::{CommitDraft, CommitEntry, FileAdd, Snapshot};
+use crate::store::{CommitLog, Space, Store, TableName};
+
+/// The memberships log.
+pub const MEMBERSHIPS: TableName = TableName::Named("memberships");
+
+/// Schema of each kind of file in the memberships log.
+pub fn schema(kind: &str) -> SchemaRef {
+    let s = |n: &str, null: bool| Field::new(n, DataType::Utf8, null);
+    let i = |n: &str| Field::new(n, DataType::Int64, false);
+    let t = |n: &str| Field::new(n, ts_type(), false);
+    Arc::new(Schema::new(match kind {
+        "members" => vec![
+            s("audience_key", false),
+            s("profile_id", false),
+            i("profile_idx"),
+            t("entered_at"),
+            t("as_of"),
+            i("version"),
+        ],
+        "changes" => vec![
+            s("audience_key", false),
+            s("profile_id", false),
+            i("profile_idx"),
+            s("change", false),
+            i("version"),
+            t("as_of"),
+        ],
+        _ => vec![
+            s("key", false),
+            s("profile_id", false),
+            i("profile_idx"),
+            s("value", false),
+            s("value_str", true),
+            Field::new("value_num", DataType::Float64, true),
+            Field::new("value_bool", DataType::Boolean, true),
+            i("version"),
+            t("as_of"),
+        ],
+    }))
+}
+
+/// What happened to one definition.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct KeyReport {
+    /// Key.
+    pub key: String,
+    /// `audience` or `computed_trait`.
+    pub kind: String,
+    /// New version.
+    pub version: u64,
+    /// Members (audiences) or profiles with a value (traits).
+    pub size: u64,
+    /// Profiles that entered (audiences).
+    pub entered: u64,
+    /// Profiles that exited (audiences).
+    pub exited: u64,
+    /// Milliseconds spent.
+    pub millis: u64,
+}
+
+/// A committed audience or trait version, as recorded in the log.
+#[derive(Debug, Clone)]
+pub struct VersionRef {
+    /// Key.
+    pub key: String,
+    /// Per-key version.
+    pub version: u64,
+    /// Evaluation time.
+    pub as_of: i64,
+    /// The members or trait-values file.
+    pub data: FileAdd,
+    /// The changes file (audiences).
+    pub changes: Option<FileAdd>,
+}
+
+/// Every version of every key, in commit order.
+pub fn versions(snap: &Snapshot) -> Vec<VersionRef> {
+    let mut out = Vec::new();
+    for e in &snap.entries {
+        let Some(key) = e.info.get("key").and_then(|v| v.as_str()) else {
+            continue;
+        };
+        let data = e
+            .adds
+            .iter()
+            .find(|f| matches!(f.kind.as_deref(), Some("members") | Some("trait_values")));
+        let Some(data) = data else { continue };
+        out.push(VersionRef {
+            key: key.to_string(),
+            version: e.info.get("version").and_then(|v| v.as_u64()).unwrap_or(0),
+            as_of: e.info.get("as_of").and_then(|v| v.as_i64()).unwrap_or(0),
+            data: data.clone(),
+            changes: e
+                .adds
+                .iter()
+                .find(|f| f.kind.as_deref() == Some("changes"))
+                .cloned(),
+        });
+    }
+    out
+}
+
+/// Read a whole committed file.
+pub async fn read_file(store: &Store, f: &FileAdd) -> Result<Vec<RecordBatch>> {
+    let bytes = store.get(&Key::from_committed(&f.path)).await?;
+    let reader =
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)?.build()?;
+    Ok(reader.collect::<std::result::Result<Vec<_>, _>>()?)
+}
+
+/// Current members of an audience: profile_idx → (profile_id, entered_at).
+async fn current_members(
+    store: &Store,
+    v: Option<&VersionRef>,
+) -> Result<HashMap<i64, (String, i64)>> {
+    let mut out = HashMap::new();
+    let Some(v) = v else { return Ok(out) };
+    for b in read_file(store, &v.data).await? {
+        let idx = b
+            .column_by_name("profile_idx")
+            .and_then(|c| c.as_primitive_opt::<Int64Type>());
+        let pid = b
+            .column_by_name("profile_id")
+            .and_then(|c| c.as_string_opt::<i32>());
+        let ent = b
+            .column_by_name("entered_at")
+            .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>());
+        let (Some(idx), Some(pid), Some(ent)) = (idx, pid, ent) else {
+            return Err(Error::Usage(format!(
+                "members file {} has an unexpected schema",
+                v.data.path
+            )));
+        };
+        for r in 0..b.num_rows() {
+            out.insert(idx.value(r), (pid.value(r).to_string(), ent.value(r)));
+        }
+    }
+    Ok(out)
+}
+
+async fn put_batch(
+    store: &Store,
+    space: &Space,
+    kind: &str,
+    batch: &RecordBatch,
+) -> Result<FileAdd> {
+    let bytes = encode_parquet(batch, writer_properties(None))?;
+    let key = keys::data_file(space, MEMBERSHIPS, None, "parquet");
+    let size = bytes.len() as u64;
+    store.put(&key, bytes).await?;
+    Ok(FileAdd {
+        path: key.to_string(),
+        size,
+        rows: batch.num_rows() as u64,
+        kind: Some(kind.into()),
+        ..Default::default()
+    })
+}
+
+fn members_of(batches: &[RecordBatch]) -> Result<BTreeMap<i64, String>> {
+    let mut out = BTreeMap::new();
+    for b in batches {
+        let idx = b
+            .column(0)
+            .as_primitive_opt::<Int64Type>()
+            .ok_or_else(|| Error::Usage("plan returned no profile_idx".into()))?;
+        let pid = b
+            .column(1)
+            .as_string_opt::<i32>()
+            .ok_or_else(|| Error::Usage("plan returned no profile_id".into()))?;
+        for r in 0..b.num_rows() {
+            if idx.is_valid(r) {
+                out.insert(idx.value(r), pid.value(r).to_string());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Commit an entry to the memberships log, retrying only when the winner touched other keys.
+async fn commit_version(
+    store: &Store,
+    space: &Space,
+    key: &str,
+    mut draft: CommitDraft,
+    base: &Snapshot,
+) -> Result<CommitEntry> {
+    let log = CommitLog::new(store, space, MEMBERSHIPS);
+    let mut snap_version = base.version;
+    for _ in 0..crate::store::log::MAX_COMMIT_ATTEMPTS {
+        if let Some(e) = log.try_commit(snap_version, draft.clone()).await? {
+            return Ok(e);
+        }
+        let snap = log.snapshot().await?;
+        if versions(&snap)
+            .iter()
+            .any(|v| v.key == key && v.version >= draft.info["version"].as_u64().unwrap_or(0))
+        {
+            return Err(Error::Usage(format!(
+                "'{key}' was committed by a concurrent compute; run again"
+            )));
+        }
+        snap_version = snap.version;
+        draft.info["rebased"] = serde_json::json!(true);
+    }
+    Err(log.conflict_error())
+}
+
+/// Register the current members of `key` as `__members_<key>` (for audience references).
+fn register_members(
+    ctx: &SessionContext,
+    key: &str,
+    members: &BTreeMap<i64, String>,
+) -> Result<()> {
+    let schema = Arc::new(Schema::new(vec![Field::new(
+        "profile_idx",
+        DataType::Int64,
+        false,
+    )]));
+    let batch = RecordBatch::try_new(
+        Arc::clone(&schema),
+        vec![Arc::new(Int64Array::from_iter_values(
+            members.keys().copied(),
+        ))],
+    )?;
+    let name = format!("__members_{key}");
+    let _ = ctx.deregister_table(name.as_str());
+    ctx.register_table(
+        name.as_str(),
+        Arc::new(MemTable::try_new(schema, vec![vec![batch]])?),
+    )?;
+    Ok(())
+}
+
+/// Compute `keys` (all live definitions when empty, plus whatever they depend on) at `as_of`.
+pub async fn compute(
+    store: &Store,
+    space: &Space,
+    rules: &IdentityRules,
+    as_of: i64,
+    keys: &[String],
+) -> Result<Vec<KeyReport>> {
+    crate::identity::resolve(store, space, rules, false).await?;
+    let defs = definitions::live(store, space).await?;
+    for k in keys {
+        if !defs.contains_key(k) {
+            return Err(Error::Usage(format!(
+                "no audience or computed trait '{k}' in space '{space}'"
+            )));
+        }
+    }
+    let deps = definitions::dependencies(&defs)?;
+    let order = definitions::order(&deps)?;
+    let wanted: BTreeSet<String> = if keys.is_empty() {
+        defs.keys().cloned().collect()
+    } else {
+        let mut w = BTreeSet::new();
+        let mut stack: Vec<String> = keys.to_vec();
+        while let Some(k) = stack.pop() {
+            if w.insert(k.clone()) {
+                stack.extend(deps.get(&k).into_iter().flatten().cloned());
+            }
+        }
+        w
+    };
+    let ctx = crate::tables::session(store, space).await?;
+    let computed: BTreeSet<String> = defs
+        .iter()
+        .filter(|(_, s)| s.file.kind == Kind::ComputedTrait)
+        .map(|(k, _)| k.clone())
+        .collect();
+    // Start from the committed values of every computed trait, replaced as they are recomputed.
+    let mlog = CommitLog::new(store, space, MEMBERSHIPS);
+    let mut snap = mlog.snapshot().await?;
+    let mut trait_values: BTreeMap<String, Vec<RecordBatch>> = BTreeMap::new();
+    let mut latest: BTreeMap<String, VersionRef> = BTreeMap::new();
+    for v in versions(&snap) {
+        latest.insert(v.key.clone(), v);
+    }
+    for k in &computed {
+        if let Some(v) = latest.get(k) {
+            trait_values.insert(k.clone(), read_file(store, &v.data).await?);
+        }
+    }
+    for (k, s) in &defs {
+        if s.file.kind == Kind::Audience && !wanted.contains(k) {
+            let m = current_members(store, latest.get(k)).await?;
+            register_members(&ctx, k, &m.into_iter().map(|(i, (p, _))| (i, p)).collect())?;
+        }
+    }
+    let mut reports = Vec::new();
+    for key in order.iter().filter(|k| wanted.contains(*k)) {
+        let t = std::time::Instant::now();
+        let stored: &Stored = &defs[key];
+        register_trait_values(&ctx, &trait_values)?;
+        let inputs = Inputs {
+            ctx: &ctx,
+            as_of,
+            created_at: stored.created_at,
+            computed_traits: &computed,
+        };
+        let prev = latest.get(key);
+        let version = prev.map_or(1, |p| p.version + 1);
+        let fail = |e: Error| Error::Usage(format!("computing '{key}': {e}"));
+        let (adds, report) = match stored.file.kind {
+            Kind::Audience => {
+                let plan = compile_audience(&inputs, &stored.file)
+                    .await
+                    .map_err(fail)?;
+                let batches = plan.frame.collect().await.map_err(|e| fail(e.into()))?;
+                let members = members_of(&batches)?;
+                let old = current_members(store, prev).await?;
+                let mut entered = Vec::new();
+                let mut exited = Vec::new();
+                for (idx, pid) in &members {
+                    if !old.contains_key(idx) {
+                        entered.push((*idx, pid.clone()));
+                    }
+                }
+                for (idx, (pid, _)) in &old {
+                    if !members.contains_key(idx) {
+                        exited.push((*idx, pid.clone()));
+                    }
+                }
+                exited.sort();
+                let n = members.len();
+                let mb = RecordBatch::try_new(
+                    schema("members"),
+                    vec![
+                        Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
+                            key.as_str(),
+                            n,
+                        ))),
+                        Arc::new(StringArray::from_iter_values(
+                            members.values().map(String::as_str),
+                        )),
+                        Arc::new(Int64Array::from_iter_values(members.keys().copied())),
+                        ts_array(
+                            members
+                                .keys()
+                                .map(|i| old.get(i).map_or(as_of, |(_, t)| *t))
+                                .collect(),
+                        ),
+                        ts_array(vec![as_of; n]),
+                        Arc::new(Int64Array::from_iter_values(std::iter::repeat_n(
+                            version as i64,
+                            n,
+                        ))),
+                    ],
+                )?;
+                let changes: Vec<(i64, String, &str)> = entered
+                    .iter()
+                    .map(|(i, p)| (*i, p.clone(), "entered"))
+                    .chain(exited.iter().map(|(i, p)| (*i, p.clone(), "exited")))
+                    .collect();
+                let c = changes.len();
+                let cb = RecordBatch::try_new(
+                    schema("changes"),
+                    vec![
+                        Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
+                            key.as_str(),
+                            c,
+                        ))),
+                        Arc::new(StringArray::from_iter_values(
+                            changes.iter().map(|x| x.1.as_str()),
+                        )),
+                        Arc::new(Int64Array::from_iter_values(changes.iter().map(|x| x.0))),
+                        Arc::new(StringArray::from_iter_values(changes.iter().map(|x| x.2))),
+                        Arc::new(Int64Array::from_iter_values(std::iter::repeat_n(
+                            version as i64,
+                            c,
+                        ))),
+                        ts_array(vec![as_of; c]),
+                    ],
+                )?;
+                let adds = vec![
+                    put_batch(store, space, "members", &mb).await?,
+                    put_batch(store, space, "changes", &cb).await?,
+                ];
+                register_members(&ctx, key, &members)?;
+                let report = KeyReport {
+                    key: key.clone(),
+                    kind: "audience".into(),
+                    version,
+                    size: n as u64,
+                    entered: entered.len() as u64,
+                    exited: exited.len() as u64,
+                    millis: 0,
+                };
+                (adds, report)
+            }
+            Kind::ComputedTrait => {
+                let plan = compile_trait(&inputs, &stored.file).await.map_err(fail)?;
+                let batches = plan.frame.collect().await.map_err(|e| fail(e.into()))?;
+                let tb = trait_batch(key, version, as_of, &batches)?;
+                let n = tb.num_rows();
+                trait_values.insert(key.clone(), vec![tb.clone()]);
+                let adds = vec![put_batch(store, space, "trait_values", &tb).await?];
+                let report = KeyReport {
+                    key: key.clone(),
+                    kind: "computed_trait".into(),
+                    version,
+                    size: n as u64,
+                    entered: 0,
+                    exited: 0,
+                    millis: 0,
+                };
+                (adds, report)
+            }
+        };
+        let draft = CommitDraft {
+            operation: "compute".into(),
+            adds,
+            removes: prev.map(|p| vec![p.data.path.clone()]).unwrap_or_default(),
+            info: serde_json::json!({
+                "key": key, "version": version, "as_of": as_of, "definition_version": stored.version,
+                "size": report.size, "entered": report.entered, "exited": report.exited,
+            }),
+        };
+        commit_version(store, space, key, draft, &snap).await?;
+        snap = mlog.snapshot().await?;
+        for v in versions(&snap) {
+            if v.key == *key {
+                latest.insert(v.key.clone(), v);
+            }
+        }
+        reports.push(KeyReport {
+            millis: t.elapsed().as_millis() as u64,
+            ..report
+        });
+    }
+    Ok(reports)
+}
+
+/// Build a trait-values batch from a compiled trait's output.
+fn trait_batch(
+    key: &str,
+    version: u64,
+    as_of: i64,
+    batches: &[RecordBatch],
+) -> Result<RecordBatch> {
+    let mut idx = Vec::new();
+    let mut pid = Vec::new();
+    let mut json = Vec::new();
+    for b in batches {
+        let i = b.column(0).as_primitive::<Int64Type>();
+        let p = b.column(1).as_string::<i32>();
+        let s = b.column(2).as_string_opt::<i32>();
+        let n = b
+            .column(3)
+            .as_primitive_opt::<arrow::datatypes::Float64Type>();
+        let bo = b.column(4).as_boolean_opt();
+        for r in 0..b.num_rows() {
+            let v = if let Some(s) = s.filter(|s| s.is_valid(r)) {
+                serde_json::Value::String(s.value(r).to_string())
+            } else if let Some(n) = n.filter(|n| n.is_valid(r)) {
+                let x = n.value(r);
+                if x.fract() == 0.0 && x.abs() < 9e15 {
+                    serde_json::json!(x as i64)
+                } else {
+                    serde_json::json!(x)
+                }
+            } else if let Some(bo) = bo.filter(|b| b.is_valid(r)) {
+                serde_json::Value::Bool(bo.value(r))
+            } else {
+                continue;
+            };
+            idx.push(i.value(r));
+            pid.push(p.value(r).to_string());
+            json.push(v.to_string());
+        }
+    }
+    let n = idx.len();
+    let typed = typed_json(json.iter().map(String::as_str));
+    Ok(RecordBatch::try_new(
+        schema("trait_values"),
+        vec![
+            Arc::new(StringArray::from_iter_values(std::iter::repeat_n(key, n))),
+            Arc::new(StringArray::from_iter_values(
+                pid.iter().map(String::as_str),
+            )),
+            Arc::new(Int64Array::from_iter_values(idx)),
+            Arc::new(StringArray::from_iter_values(
+                json.iter().map(String::as_str),
+            )),
+            typed.0,
+            typed.1,
+            typed.2,
+            Arc::new(Int64Array::from_iter_values(std::iter::repeat_n(
+                version as i64,
+                n,
+            ))),
+            ts_array(vec![as_of; n]),
+        ],
+    )?)
+}
+
+fn register_trait_values(
+    ctx: &SessionContext,
+    values: &BTreeMap<String, Vec<RecordBatch>>,
+) -> Result<()> {
+    let batches: Vec<RecordBatch> = values.values().flatten().cloned().collect();
+    let _ = ctx.deregister_table("__computed_traits");
+    ctx.register_table(
+        "__computed_traits",
+        Arc::new(MemTable::try_new(schema("trait_values"), vec![batches])?),
+    )?;
+    Ok(())
+}
+
+/// The members of an audience at a version (latest when None).
+pub async fn members(
+    store: &Store,
+    space: &Space,
+    key: &str,
+    version: Option<u64>,
+) -> Result<Option<(VersionRef, Vec<RecordBatch>)>> {
+    let snap = CommitLog::new(store, space, MEMBERSHIPS).snapshot().await?;
+    let found = versions(&snap)
+        .into_iter()
+        .filter(|v| v.key == key)
+        .filter(|v| version.is_none_or(|n| v.version == n))
+        .last();
+    match found {
+        None => Ok(None),
+        Some(v) => {
+            let batches = read_file(store, &v.data).await.map_err(|e| match e {
+                Error::ObjectStore(object_store::Error::NotFound { .. }) => {
+                    Error::Usage(format!("version {} of '{key}' was vacuumed", v.version))
+                }
+                other => other,
+            })?;
+            Ok(Some((v, batches)))
+        }
+    }
+}

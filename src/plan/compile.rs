@@ -1,0 +1,740 @@
+//! The compiler.
+
+use std::collections::BTreeMap;
+
+use std::ops::Not;
+
+use arrow::datatypes::{DataType, TimeUnit};
+use datafusion::common::{JoinType, ScalarValue};
+use datafusion::dataframe::DataFrame;
+use datafusion::functions_aggregate::expr_fn::{
+    avg, count, count_distinct, first_value, last_value, max, min, sum,
+};
+use datafusion::logical_expr::expr::Like;
+use datafusion::logical_expr::{Expr, ExprFunctionExt, SortExpr, cast, try_cast};
+use datafusion::prelude::{SessionContext, col, ident, lit};
+
+use crate::error::{Error, Result};
+use crate::events::schema::{LeafKind, dynamic_column};
+use crate::lang::ast::*;
+use crate::lang::definition::{Body, DefinitionFile, Level};
+
+/// What a compilation needs besides the definition.
+pub struct Inputs<'a> {
+    /// Session with `events`, `profiles`, `traits` registered, plus one table
+    /// `__members_<key>` per referenced audience and `__computed_traits` for computed traits.
+    pub ctx: &'a SessionContext,
+    /// Evaluation time (UTC microseconds).
+    pub as_of: i64,
+    /// When the definition was created (for `historical_backfill: false`).
+    pub created_at: i64,
+    /// Keys of computed traits of this space (a `trait('k')` reads their values).
+    pub computed_traits: &'a std::collections::BTreeSet<String>,
+}
+
+/// A compiled definition.
+pub struct Compiled {
+    /// The plan: `(profile_idx, profile_id)` for audiences; plus `value` (JSON text) and the
+    /// typed `value_str`, `value_num`, `value_bool` for computed traits.
+    pub frame: DataFrame,
+}
+
+fn ts_lit(micros: i64) -> Expr {
+    lit(ScalarValue::TimestampMicrosecond(
+        Some(micros),
+        Some("UTC".into()),
+    ))
+}
+
+fn null_of(t: DataType) -> Expr {
+    lit(ScalarValue::try_from(&t).unwrap_or(ScalarValue::Null))
+}
+
+/// A value in its three typed forms (null where the value is not of that type).
+#[derive(Clone)]
+struct Typed {
+    s: Expr,
+    n: Expr,
+    b: Expr,
+}
+
+impl Typed {
+    fn nulls() -> Typed {
+        Typed {
+            s: null_of(DataType::Utf8),
+            n: null_of(DataType::Float64),
+            b: null_of(DataType::Boolean),
+        }
+    }
+    fn num(e: Expr) -> Typed {
+        Typed {
+            n: cast(e, DataType::Float64),
+            ..Typed::nulls()
+        }
+    }
+}
+
+fn escape_like(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn like(e: Expr, pattern: String) -> Expr {
+    Expr::Like(Like::new(
+        false,
+        Box::new(e),
+        Box::new(lit(pattern)),
+        Some('\\'),
+        false,
+    ))
+}
+
+fn false_if_null(e: Expr) -> Expr {
+    datafusion::functions::expr_fn::coalesce(vec![e, lit(false)])
+}
+
+/// Compile a comparison of typed value `v` (two-valued: never null).
+fn compare(
+    v: &Typed,
+    op: CmpOp,
+    operand: Option<&Operand>,
+    rhs: Option<&Typed>,
+    as_of: i64,
+) -> Result<Expr> {
+    let bad = |what: &str| Error::Usage(format!("{} needs {what}", op.method()));
+    let e = match op {
+        CmpOp::IsNull => {
+            v.s.clone()
+                .is_null()
+                .and(v.n.clone().is_null())
+                .and(v.b.clone().is_null())
+        }
+        CmpOp::IsSet => {
+            v.s.clone()
+                .is_not_null()
+                .or(v.n.clone().is_not_null())
+                .or(v.b.clone().is_not_null())
+        }
+        CmpOp::Eq | CmpOp::Neq | CmpOp::Gt | CmpOp::Gte | CmpOp::Lt | CmpOp::Lte => {
+            let cmp = |a: Expr, b: Expr| match op {
+                CmpOp::Eq => a.eq(b),
+                CmpOp::Neq => a.not_eq(b),
+                CmpOp::Gt => a.gt(b),
+                CmpOp::Gte => a.gt_eq(b),
+                CmpOp::Lt => a.lt(b),
+                _ => a.lt_eq(b),
+            };
+            match operand {
+                Some(Operand::Value {
+                    value: Value::Literal { value: l },
+                }) => match l {
+                    Literal::String(x) => cmp(v.s.clone(), lit(x.clone())),
+                    Literal::Number(x) => cmp(v.n.clone(), lit(*x)),
+                    Literal::Bool(x) => cmp(v.b.clone(), lit(*x)),
+                    Literal::Null => match op {
+                        CmpOp::Eq => return compare(v, CmpOp::IsNull, None, None, as_of),
+                        CmpOp::Neq => return compare(v, CmpOp::IsSet, None, None, as_of),
+                        _ => lit(false),
+                    },
+                },
+                Some(Operand::Value { .. }) => {
+                    let r = rhs.ok_or_else(|| bad("a value"))?;
+                    false_if_null(cmp(v.s.clone(), r.s.clone()))
+                        .or(false_if_null(cmp(v.n.clone(), r.n.clone())))
+                        .or(false_if_null(cmp(v.b.clone(), r.b.clone())))
+                }
+                _ => return Err(bad("a value")),
+            }
+        }
+        CmpOp::Contains | CmpOp::Omits | CmpOp::StartsWith | CmpOp::EndsWith => {
+            let Some(Operand::Value {
+                value:
+                    Value::Literal {
+                        value: Literal::String(x),
+                    },
+            }) = operand
+            else {
+                return Err(bad("a string"));
+            };
+            let x = escape_like(x);
+            match op {
+                CmpOp::Contains => like(v.s.clone(), format!("%{x}%")),
+                CmpOp::Omits => {
+                    v.s.clone()
+                        .is_not_null()
+                        .and(like(v.s.clone(), format!("%{x}%")).not())
+                }
+                CmpOp::StartsWith => like(v.s.clone(), format!("{x}%")),
+                _ => like(v.s.clone(), format!("%{x}")),
+            }
+        }
+        CmpOp::ContainsOne | CmpOp::OneOf => {
+            let Some(Operand::List { items }) = operand else {
+                return Err(bad("a list"));
+            };
+            let mut any = lit(false);
+            for it in items {
+                let one = match (op, it) {
+                    (CmpOp::ContainsOne, Literal::String(x)) => {
+                        like(v.s.clone(), format!("%{}%", escape_like(x)))
+                    }
+                    (_, Literal::String(x)) => v.s.clone().eq(lit(x.clone())),
+                    (_, Literal::Number(x)) => v.n.clone().eq(lit(*x)),
+                    (_, Literal::Bool(x)) => v.b.clone().eq(lit(*x)),
+                    (_, Literal::Null) => compare(v, CmpOp::IsNull, None, None, as_of)?,
+                };
+                any = any.or(false_if_null(one));
+            }
+            any
+        }
+        CmpOp::BeforeDate | CmpOp::AfterDate => {
+            let Some(Operand::Value {
+                value:
+                    Value::Literal {
+                        value: Literal::String(d),
+                    },
+            }) = operand
+            else {
+                return Err(bad("a date string"));
+            };
+            let t = crate::events::message::parse_timestamp(d)
+                .or_else(|| crate::events::message::parse_timestamp(&format!("{d}T00:00:00Z")))
+                .ok_or_else(|| {
+                    Error::Usage(format!(
+                        "{}('{d}'): not a date (YYYY-MM-DD or RFC 3339)",
+                        op.method()
+                    ))
+                })?;
+            let vt = as_time(v);
+            if op == CmpOp::BeforeDate {
+                vt.lt(ts_lit(t))
+            } else {
+                vt.gt(ts_lit(t))
+            }
+        }
+        CmpOp::WithinLast | CmpOp::WithinNext | CmpOp::BeforeLast | CmpOp::AfterNext => {
+            let Some(Operand::Duration { duration }) = operand else {
+                return Err(bad("a duration"));
+            };
+            let d = duration.micros();
+            let vt = as_time(v);
+            match op {
+                CmpOp::WithinLast => vt
+                    .clone()
+                    .gt_eq(ts_lit(as_of - d))
+                    .and(vt.lt_eq(ts_lit(as_of))),
+                CmpOp::WithinNext => vt
+                    .clone()
+                    .gt_eq(ts_lit(as_of))
+                    .and(vt.lt_eq(ts_lit(as_of + d))),
+                CmpOp::BeforeLast => vt.lt(ts_lit(as_of - d)),
+                _ => vt.gt(ts_lit(as_of + d)),
+            }
+        }
+    };
+    Ok(false_if_null(e))
+}
+
+fn as_time(v: &Typed) -> Expr {
+    try_cast(
+        v.s.clone(),
+        DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+    )
+}
+
+/// Compiles one definition; accumulates the aggregates and joins it needs.
+struct Compiler<'a> {
+    inp: &'a Inputs<'a>,
+    schema_cols: std::collections::HashSet<String>,
+    /// Aggregate expressions over events, by alias.
+    aggs: Vec<Expr>,
+    /// Lower time bound of every aggregate (None = unbounded), for pruning.
+    lower_bounds: Vec<Option<i64>>,
+    /// Trait keys joined, by key → alias prefix.
+    traits: BTreeMap<String, String>,
+    /// Audience keys joined, by key → alias.
+    audiences: BTreeMap<String, String>,
+    /// Mode sub-plans: alias → (event predicate, value column).
+    modes: Vec<(String, Expr, Expr, u64)>,
+    backfill_from: Option<i64>,
+}
+
+impl<'a> Compiler<'a> {
+    fn prop(&self, prefix: &str, path: &str) -> Typed {
+        let c = |k: LeafKind, t: DataType| {
+            let name = dynamic_column(prefix, path, k);
+            if self.schema_cols.contains(&name) {
+                ident(name)
+            } else {
+                null_of(t)
+            }
+        };
+        Typed {
+            s: c(LeafKind::Str, DataType::Utf8),
+            n: c(LeafKind::Num, DataType::Float64),
+            b: c(LeafKind::Bool, DataType::Boolean),
+        }
+    }
+
+    /// A value usable at the profile level.
+    fn profile_value(&mut self, v: &Value) -> Result<Typed> {
+        match v {
+            Value::Literal { value } => Ok(literal_typed(value)),
+            Value::Trait { key } => {
+                let n = self.traits.len();
+                let alias = self.traits.entry(key.clone()).or_insert_with(|| format!("__t{n}")).clone();
+                Ok(Typed { s: col(format!("{alias}_s")), n: col(format!("{alias}_n")), b: col(format!("{alias}_b")) })
+            }
+            Value::Audience { key } => {
+                let n = self.audiences.len();
+                let alias = self.audiences.entry(key.clone()).or_insert_with(|| format!("__a{n}")).clone();
+                Ok(Typed { b: datafusion::functions::expr_fn::coalesce(vec![col(alias), lit(false)]), ..Typed::nulls() })
+            }
+            Value::Aggregate { events, reducer } => self.aggregate(events, reducer),
+            Value::Property { .. } | Value::Context { .. } => Err(Error::Usage(
+                "property()/context() refer to an event: use them inside event(...).where(...) or a reducer".into(),
+            )),
+        }
+    }
+
+    /// A value of the current event row (inside `where` and reducers).
+    fn row_value(&mut self, v: &Value) -> Result<Typed> {
+        match v {
+            Value::Literal { value } => Ok(literal_typed(value)),
+            Value::Property { path, parent: false } => Ok(self.prop("properties", path)),
+            Value::Context { path } => Ok(self.prop("context", path)),
+            Value::Property { parent: true, .. } | Value::Aggregate { .. } | Value::Trait { .. } | Value::Audience { .. } => {
+                Err(Error::Usage(
+                    "nested events, property(parent: ...) and trait()/audience() inside where are compiled by the funnel engine (not yet available)".into(),
+                ))
+            }
+        }
+    }
+
+    fn row_condition(&mut self, c: &Condition) -> Result<Expr> {
+        Ok(match c {
+            Condition::And { items } => {
+                let mut e = lit(true);
+                for i in items {
+                    e = e.and(self.row_condition(i)?);
+                }
+                e
+            }
+            Condition::Or { items } => {
+                let mut e = lit(false);
+                for i in items {
+                    e = e.or(self.row_condition(i)?);
+                }
+                e
+            }
+            Condition::Not { item } => self.row_condition(item)?.not(),
+            Condition::Compare { value, op, operand } => {
+                let v = self.row_value(value)?;
+                let rhs = match operand {
+                    Some(Operand::Value { value }) => Some(self.row_value(value)?),
+                    _ => None,
+                };
+                compare(&v, *op, operand.as_ref(), rhs.as_ref(), self.inp.as_of)?
+            }
+            Condition::Bare { value } => false_if_null(self.row_value(value)?.b.eq(lit(true))),
+            Condition::Any { .. } | Condition::All { .. } | Condition::AllNot { .. } => {
+                return Err(Error::Usage(
+                    "ANY/ALL are account-level junctions; they cannot appear inside where".into(),
+                ));
+            }
+        })
+    }
+
+    /// The row predicate of an event query (source, windows, where), and its lower time bound.
+    fn event_predicate(&mut self, q: &EventQuery) -> Result<(Expr, Option<i64>)> {
+        let as_of = self.inp.as_of;
+        let mut pred = match &q.source {
+            EventSource::Track { name } => col("type")
+                .eq(lit("track"))
+                .and(col("event").eq(lit(name.clone()))),
+            EventSource::Page { name } => {
+                let p = col("type").eq(lit("page"));
+                match name {
+                    Some(n) => p.and(col("name").eq(lit(n.clone()))),
+                    None => p,
+                }
+            }
+            EventSource::Screen { name } => {
+                let p = col("type").eq(lit("screen"));
+                match name {
+                    Some(n) => p.and(col("name").eq(lit(n.clone()))),
+                    None => p,
+                }
+            }
+        };
+        let mut lo: Option<i64> = None;
+        let mut hi = as_of;
+        for f in &q.filters {
+            match f {
+                Filter::Where { condition } => pred = pred.and(self.row_condition(condition)?),
+                Filter::Within { duration } => {
+                    let l = as_of - duration.micros();
+                    lo = Some(lo.map_or(l, |x| x.max(l)));
+                }
+                Filter::Between { from, to } => {
+                    let l = as_of - to.micros();
+                    lo = Some(lo.map_or(l, |x| x.max(l)));
+                    hi = hi.min(as_of - from.micros());
+                }
+                Filter::WithinParent { .. } | Filter::BetweenParent { .. } => {
+                    return Err(Error::Usage(
+                        "parent windows apply to nested events only".into(),
+                    ));
+                }
+            }
+        }
+        if let Some(l) = lo {
+            pred = pred.and(col("timestamp").gt_eq(ts_lit(l)));
+        }
+        pred = pred.and(col("timestamp").lt_eq(ts_lit(hi)));
+        if let Some(from) = self.backfill_from {
+            pred = pred.and(col("received_at").gt_eq(ts_lit(from)));
+        }
+        Ok((pred, lo))
+    }
+
+    fn aggregate(&mut self, q: &EventQuery, r: &Reducer) -> Result<Typed> {
+        let (pred, lo) = self.event_predicate(q)?;
+        let n = self.aggs.len();
+        let alias = format!("__f{n}");
+        let ts_order = || {
+            vec![
+                SortExpr::new(col("timestamp"), true, false),
+                SortExpr::new(col("message_id"), true, false),
+            ]
+        };
+        let push = |c: &mut Compiler, e: Expr, suffix: &str| -> Result<Expr> {
+            let name = format!("{alias}{suffix}");
+            c.aggs.push(e.alias(name.clone()));
+            c.lower_bounds.push(lo);
+            Ok(col(name))
+        };
+        let arg = |c: &mut Compiler, v: &Value| c.row_value(v);
+        Ok(match r {
+            Reducer::Count => {
+                let e = count(lit(1)).filter(pred).build()?;
+                let c = push(self, e, "")?;
+                Typed::num(datafusion::functions::expr_fn::coalesce(vec![c, lit(0i64)]))
+            }
+            Reducer::Sum { value }
+            | Reducer::Avg { value }
+            | Reducer::Min { value }
+            | Reducer::Max { value } => {
+                let v = arg(self, value)?.n;
+                let f = match r {
+                    Reducer::Sum { .. } => sum(v),
+                    Reducer::Avg { .. } => avg(v),
+                    Reducer::Min { .. } => min(v),
+                    _ => max(v),
+                };
+                Typed::num(push(self, f.filter(pred).build()?, "")?)
+            }
+            Reducer::First { value } | Reducer::Last { value } => {
+                let v = arg(self, value)?;
+                let mut out = Typed::nulls();
+                for (suffix, e) in [
+                    ("_s", v.s.clone()),
+                    ("_n", v.n.clone()),
+                    ("_b", v.b.clone()),
+                ] {
+                    if matches!(e, Expr::Literal(..)) {
+                        continue;
+                    }
+                    let f = if matches!(r, Reducer::First { .. }) {
+                        first_value(e.clone(), ts_order())
+                    } else {
+                        last_value(e.clone(), ts_order())
+                    };
+                    let c = push(
+                        self,
+                        f.filter(pred.clone().and(e.is_not_null())).build()?,
+                        suffix,
+                    )?;
+                    match suffix {
+                        "_s" => out.s = c,
+                        "_n" => out.n = c,
+                        _ => out.b = c,
+                    }
+                }
+                out
+            }
+            Reducer::UniqueCount { value } => {
+                let v = arg(self, value)?;
+                let text = value_text(&v);
+                let c = push(self, count_distinct(text).filter(pred).build()?, "")?;
+                Typed::num(datafusion::functions::expr_fn::coalesce(vec![c, lit(0i64)]))
+            }
+            Reducer::Unique { value } => {
+                let v = arg(self, value)?;
+                let text = value_text(&v);
+                let agg = datafusion::functions_aggregate::expr_fn::array_agg(text.clone())
+                    .distinct()
+                    .filter(pred.and(text.is_not_null()))
+                    .build()?;
+                let c = push(self, agg, "")?;
+                let sorted = datafusion::functions_nested::expr_fn::array_sort(
+                    c,
+                    lit("ASC"),
+                    lit("NULLS LAST"),
+                );
+                // Lists are compared through their JSON-like text form.
+                Typed {
+                    s: cast(sorted, DataType::Utf8),
+                    ..Typed::nulls()
+                }
+            }
+            Reducer::Mode { value, min_count } => {
+                let v = arg(self, value)?;
+                let text = value_text(&v);
+                let name = format!("{alias}_mode");
+                self.modes.push((name.clone(), pred, text, *min_count));
+                self.lower_bounds.push(lo);
+                Typed {
+                    s: col(name),
+                    ..Typed::nulls()
+                }
+            }
+        })
+    }
+}
+
+fn literal_typed(l: &Literal) -> Typed {
+    match l {
+        Literal::String(s) => Typed {
+            s: lit(s.clone()),
+            ..Typed::nulls()
+        },
+        Literal::Number(n) => Typed {
+            n: lit(*n),
+            ..Typed::nulls()
+        },
+        Literal::Bool(b) => Typed {
+            b: lit(*b),
+            ..Typed::nulls()
+        },
+        Literal::Null => Typed::nulls(),
+    }
+}
+
+/// The text form of a typed value (string as is, numbers and booleans printed).
+fn value_text(v: &Typed) -> Expr {
+    datafusion::functions::expr_fn::coalesce(vec![
+        v.s.clone(),
+        cast(v.n.clone(), DataType::Utf8),
+        cast(v.b.clone(), DataType::Utf8),
+    ])
+}
+
+fn profile_condition(c: &mut Compiler, cond: &Condition) -> Result<Expr> {
+    Ok(match cond {
+        Condition::And { items } => {
+            let mut e = lit(true);
+            for i in items {
+                e = e.and(profile_condition(c, i)?);
+            }
+            e
+        }
+        Condition::Or { items } => {
+            let mut e = lit(false);
+            for i in items {
+                e = e.or(profile_condition(c, i)?);
+            }
+            e
+        }
+        Condition::Not { item } => profile_condition(c, item)?.not(),
+        Condition::Compare { value, op, operand } => {
+            let v = c.profile_value(value)?;
+            let rhs = match operand {
+                Some(Operand::Value { value }) => Some(c.profile_value(value)?),
+                _ => None,
+            };
+            compare(&v, *op, operand.as_ref(), rhs.as_ref(), c.inp.as_of)?
+        }
+        Condition::Bare { value } => false_if_null(c.profile_value(value)?.b.eq(lit(true))),
+        Condition::Any { .. } | Condition::All { .. } | Condition::AllNot { .. } => {
+            return Err(Error::Usage("ANY/ALL need level: accounts (account audiences are compiled by the funnel engine, not yet available)".into()));
+        }
+    })
+}
+
+/// Build the per-profile frame: universe ⟕ aggregates ⟕ modes ⟕ traits ⟕ audiences.
+async fn assemble(c: &Compiler<'_>, include_anonymous: bool) -> Result<DataFrame> {
+    let ctx = c.inp.ctx;
+    let mut frame = ctx.table("profiles").await?.select(vec![
+        col("profile_idx"),
+        col("profile_id"),
+        col("known"),
+    ])?;
+    if !include_anonymous {
+        frame = frame.filter(col("known"))?;
+    }
+    let events_lo = if c.lower_bounds.iter().all(Option::is_some) {
+        c.lower_bounds.iter().flatten().min().copied()
+    } else {
+        None
+    };
+    let scan = || async {
+        let mut ev = ctx.table("events").await?.filter(
+            col("profile_idx")
+                .is_not_null()
+                .and(col("timestamp").lt_eq(ts_lit(c.inp.as_of))),
+        )?;
+        if let Some(lo) = events_lo {
+            ev = ev.filter(col("timestamp").gt_eq(ts_lit(lo)))?;
+        }
+        Ok::<_, Error>(ev)
+    };
+    if !c.aggs.is_empty() {
+        let agg = scan()
+            .await?
+            .aggregate(vec![col("profile_idx").alias("__p")], c.aggs.clone())?;
+        frame = frame
+            .join(agg, JoinType::Left, &["profile_idx"], &["__p"], None)?
+            .drop_columns(&["__p"])?;
+    }
+    for (name, pred, text, min_count) in &c.modes {
+        // value counts per profile, then the most frequent (ties: alphabetically first)
+        let counts = scan()
+            .await?
+            .filter(pred.clone().and(text.clone().is_not_null()))?
+            .aggregate(
+                vec![col("profile_idx").alias("__mp"), text.clone().alias("__mv")],
+                vec![count(lit(1)).alias("__mc")],
+            )?
+            .filter(col("__mc").gt_eq(lit(*min_count as i64)))?;
+        let best = counts.aggregate(
+            vec![col("__mp")],
+            vec![
+                first_value(
+                    col("__mv"),
+                    vec![
+                        SortExpr::new(col("__mc"), false, false),
+                        SortExpr::new(col("__mv"), true, false),
+                    ],
+                )
+                .alias(name.clone()),
+            ],
+        )?;
+        frame = frame
+            .join(best, JoinType::Left, &["profile_idx"], &["__mp"], None)?
+            .drop_columns(&["__mp"])?;
+    }
+    for (key, alias) in &c.traits {
+        let t = if c.inp.computed_traits.contains(key) {
+            ctx.table("__computed_traits")
+                .await?
+                .filter(col("key").eq(lit(key.clone())))?
+        } else {
+            ctx.table("traits").await?.filter(
+                col("entity")
+                    .eq(lit("profile"))
+                    .and(col("key").eq(lit(key.clone()))),
+            )?
+        };
+        let t = t.select(vec![
+            col("profile_idx").alias(format!("{alias}_p")),
+            col("value_str").alias(format!("{alias}_s")),
+            col("value_num").alias(format!("{alias}_n")),
+            col("value_bool").alias(format!("{alias}_b")),
+        ])?;
+        let p = format!("{alias}_p");
+        frame = frame
+            .join(t, JoinType::Left, &["profile_idx"], &[p.as_str()], None)?
+            .drop_columns(&[p.as_str()])?;
+    }
+    for (key, alias) in &c.audiences {
+        let m = ctx
+            .table(
+                ident(format!("__members_{key}"))
+                    .to_string()
+                    .trim_matches('"'),
+            )
+            .await?
+            .select(vec![
+                col("profile_idx").alias(format!("{alias}_p")),
+                lit(true).alias(alias.clone()),
+            ])?;
+        let p = format!("{alias}_p");
+        frame = frame
+            .join(m, JoinType::Left, &["profile_idx"], &[p.as_str()], None)?
+            .drop_columns(&[p.as_str()])?;
+    }
+    Ok(frame)
+}
+
+async fn compiler<'a>(inp: &'a Inputs<'a>, def: &DefinitionFile) -> Result<Compiler<'a>> {
+    let schema = inp.ctx.table("events").await?.schema().clone();
+    Ok(Compiler {
+        inp,
+        schema_cols: schema.fields().iter().map(|f| f.name().clone()).collect(),
+        aggs: Vec::new(),
+        lower_bounds: Vec::new(),
+        traits: BTreeMap::new(),
+        audiences: BTreeMap::new(),
+        modes: Vec::new(),
+        backfill_from: (!def.historical_backfill).then_some(inp.created_at),
+    })
+}
+
+/// Compile an audience into a plan of its members `(profile_idx, profile_id)`.
+pub async fn compile_audience(inp: &Inputs<'_>, def: &DefinitionFile) -> Result<Compiled> {
+    let Body::Audience(cond) = def
+        .validate()
+        .map_err(|e| Error::Usage(format!("{}: {e}", def.key)))?
+    else {
+        return Err(Error::Usage(format!("{} is not an audience", def.key)));
+    };
+    if def.level == Level::Accounts {
+        return Err(Error::Usage(format!(
+            "{}: account-level audiences arrive with the funnel engine",
+            def.key
+        )));
+    }
+    let mut c = compiler(inp, def).await?;
+    let pred = profile_condition(&mut c, &cond)?;
+    let frame = assemble(&c, def.include_anonymous)
+        .await?
+        .filter(pred)?
+        .select(vec![col("profile_idx"), col("profile_id")])?;
+    Ok(Compiled { frame })
+}
+
+/// Compile a computed trait into a plan of `(profile_idx, profile_id, value_str, value_num,
+/// value_bool)` for every profile that has a value.
+pub async fn compile_trait(inp: &Inputs<'_>, def: &DefinitionFile) -> Result<Compiled> {
+    let Body::Trait(value) = def
+        .validate()
+        .map_err(|e| Error::Usage(format!("{}: {e}", def.key)))?
+    else {
+        return Err(Error::Usage(format!("{} is not a computed trait", def.key)));
+    };
+    let mut c = compiler(inp, def).await?;
+    let v = c.profile_value(&value)?;
+    let frame = assemble(&c, true)
+        .await?
+        .select(vec![
+            col("profile_idx"),
+            col("profile_id"),
+            v.s.alias("value_str"),
+            v.n.alias("value_num"),
+            v.b.alias("value_bool"),
+        ])?
+        .filter(
+            col("value_str")
+                .is_not_null()
+                .or(col("value_num").is_not_null())
+                .or(col("value_bool").is_not_null()),
+        )?;
+    Ok(Compiled { frame })
+}
