@@ -546,8 +546,7 @@ pub async fn members(
     let found = versions(&snap)
         .into_iter()
         .filter(|v| v.key == key)
-        .filter(|v| version.is_none_or(|n| v.version == n))
-        .last();
+        .rfind(|v| version.is_none_or(|n| v.version == n));
     match found {
         None => Ok(None),
         Some(v) => {

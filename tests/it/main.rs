@@ -2,6 +2,7 @@
 //! the local filesystem, in memory and on a loopback S3 server (moto_server), the real binary
 //! for crash tests, DuckDB (Python) as the independent reader.
 
+mod audiences;
 mod commit_log;
 mod common;
 mod crash;
