@@ -120,6 +120,44 @@ pub async fn run(g: &Global, a: &DemoArgs) -> Result<()> {
         "6. events attributed to their current profile (SQL over the events table with profile_id):"
     );
     crate::cli::print_batches(g.json, &batches)?;
+    // Audiences and computed traits from data/definitions.
+    let defs_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/definitions");
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(&defs_dir)
+        .map_err(|e| Error::io(&defs_dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    let mut created = Vec::new();
+    for f in &files {
+        let text = std::fs::read_to_string(f).map_err(|e| Error::io(f, e))?;
+        let (def, _) = crate::lang::definition::DefinitionFile::parse(&text)
+            .map_err(|e| Error::Usage(format!("{}: {e}", f.display())))?;
+        created.push(def.clone());
+    }
+    // Traits first, so audiences can refer to them.
+    created.sort_by_key(|d| d.kind != crate::lang::definition::Kind::ComputedTrait);
+    for d in &created {
+        crate::definitions::create(&store, &space, d).await?;
+    }
+    let t = std::time::Instant::now();
+    let reports = crate::compute::compute(&store, &space, &g.identity_rules()?, end, &[]).await?;
+    println!(
+        "7. computed {} definitions from data/definitions at as-of 2026-01-01 in {:.2?}:",
+        reports.len(),
+        t.elapsed()
+    );
+    for r in &reports {
+        let d = created
+            .iter()
+            .find(|d| d.key == r.key)
+            .map(|d| d.definition.as_str())
+            .unwrap_or("");
+        println!("   {:<20} {:<15} {:>6} {}", r.key, r.kind, r.size, d);
+    }
+    let batches = q("SELECT m.profile_id, t.value AS revenue_180d FROM memberships m JOIN computed_traits t ON t.profile_id = m.profile_id AND t.key = 'revenue_180d' WHERE m.audience_key = 'high_value' ORDER BY t.value_num DESC LIMIT 3").await?;
+    println!("   top members of high_value with their computed revenue:");
+    crate::cli::print_batches(g.json, &batches)?;
     let _ = std::fs::remove_dir_all(&dir);
     println!(
         "Try: audiences --store {} --space {} sql \"SELECT * FROM events LIMIT 5\"",

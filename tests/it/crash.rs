@@ -189,7 +189,7 @@ fn cli_exit_codes_and_json_report() {
 fn check_prints_the_ast_or_a_positioned_error() {
     let dir = tempfile::tempdir().unwrap();
     let root = env!("CARGO_MANIFEST_DIR");
-    for f in ["cart_abandoners", "repeat_buyers", "revenue_180d"] {
+    for f in ["funnels/cart_abandoners", "repeat_buyers", "revenue_180d"] {
         let p = format!("{root}/data/definitions/{f}.json");
         let out = run("memory://", &["check", &p], &[]);
         assert!(
@@ -198,7 +198,7 @@ fn check_prints_the_ast_or_a_positioned_error() {
             String::from_utf8_lossy(&out.stderr)
         );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(v["key"], f);
+        assert_eq!(v["key"], f.trim_start_matches("funnels/"));
         assert!(v["ast"].is_object());
     }
     let bad = dir.path().join("bad.txt");
