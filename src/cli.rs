@@ -537,6 +537,9 @@ async fn profile(g: &Global, a: &ProfileArgs) -> Result<i32> {
                 if !p.accounts.is_empty() {
                     println!("accounts: {}", p.accounts.join(", "));
                 }
+                if !p.audiences.is_empty() {
+                    println!("audiences: {}", p.audiences.join(", "));
+                }
             }
             Ok(0)
         }

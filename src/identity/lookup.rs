@@ -18,7 +18,7 @@ pub struct ProfileView {
     pub known: bool,
     /// External ids by type, sorted.
     pub external_ids: BTreeMap<String, Vec<String>>,
-    /// Custom traits (JSON values).
+    /// Custom and computed traits (JSON values).
     pub traits: BTreeMap<String, serde_json::Value>,
     /// Audience keys the profile belongs to (filled once audiences exist).
     pub audiences: Vec<String>,
@@ -112,7 +112,7 @@ pub async fn profile(
         .select(vec![col("key"), col("value")])?
         .collect()
         .await?;
-    let traits = strings(&tr, 0)
+    let mut traits: BTreeMap<String, serde_json::Value> = strings(&tr, 0)
         .into_iter()
         .zip(strings(&tr, 1))
         .map(|(k, v)| {
@@ -130,13 +130,35 @@ pub async fn profile(
     let mut accounts = strings(&acc, 0);
     accounts.sort();
     accounts.dedup();
+    let ct = ctx
+        .table("computed_traits")
+        .await?
+        .filter(col("profile_id").eq(lit(pid.clone())))?
+        .select(vec![col("key"), col("value")])?
+        .collect()
+        .await?;
+    for (k, v) in strings(&ct, 0).into_iter().zip(strings(&ct, 1)) {
+        traits.insert(
+            k,
+            serde_json::from_str(&v).unwrap_or(serde_json::Value::String(v)),
+        );
+    }
+    let m = ctx
+        .table("memberships")
+        .await?
+        .filter(col("profile_id").eq(lit(pid.clone())))?
+        .select(vec![col("audience_key")])?
+        .collect()
+        .await?;
+    let mut audiences = strings(&m, 0);
+    audiences.sort();
     let known = external_ids.contains_key("user_id") || external_ids.contains_key("email");
     Ok(Some(ProfileView {
         profile_id: pid,
         known,
         external_ids,
         traits,
-        audiences: vec![],
+        audiences,
         accounts,
     }))
 }
