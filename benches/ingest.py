@@ -62,7 +62,7 @@ def main():
             # Both sides wrote every event: count with DuckDB.
             import duckdb
             glob = os.path.join(out, "spaces/default/events/*/*.parquet") if name == "audiences" else os.path.join(out, "events.parquet")
-            cnt = duckdb.sql(f"SELECT count(*) FROM read_parquet('{glob}', union_by_name = true)").fetchone()[0]
+            cnt = duckdb.connect().execute(f"SELECT count(*) FROM read_parquet('{glob}', union_by_name = true)").fetchone()[0]
             assert cnt == n, (name, cnt, n)
             results[name] = (statistics.median(times), max(rss))
             if name == "audiences":

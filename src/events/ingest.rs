@@ -462,7 +462,7 @@ pub struct EventSink {
     log: CommitLog,
     partitions: BTreeMap<String, EventBatchBuilder>,
     pending: usize,
-    run_ids: HashSet<u128>,
+    run_ids: hashbrown::HashSet<u128>,
     committed: CommittedIds,
     /// Smallest receivedAt in the pending chunk.
     min_received: i64,
@@ -477,7 +477,7 @@ impl EventSink {
             log: CommitLog::new(store, space, TableName::Events),
             partitions: BTreeMap::new(),
             pending: 0,
-            run_ids: HashSet::new(),
+            run_ids: hashbrown::HashSet::new(),
             committed: CommittedIds::default(),
             min_received: i64::MAX,
         }
@@ -602,7 +602,7 @@ async fn write_batches(
 /// Remove rows whose messageId is in `ids`; returns how many were removed.
 fn drop_committed(
     batches: &mut [(String, RecordBatch, Vec<ColumnSpec>)],
-    ids: &HashSet<u128>,
+    ids: &hashbrown::HashSet<u128>,
 ) -> Result<u64> {
     if ids.is_empty() {
         return Ok(0);
@@ -627,7 +627,7 @@ fn drop_committed(
 #[derive(Default)]
 struct CommittedIds {
     loaded: HashSet<String>,
-    ids: HashSet<u128>,
+    ids: hashbrown::HashSet<u128>,
 }
 
 impl CommittedIds {

@@ -8,7 +8,6 @@
 //! event and a string in another lands in two columns, so type conflicts never fail a scan, and a
 //! condition reads the column of its literal's type without parsing JSON.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
@@ -302,7 +301,7 @@ pub struct EventBatchBuilder {
     sent_at: TimestampMicrosecondBuilder,
     received_at: TimestampMicrosecondBuilder,
     json: [StringBuilder; 5],
-    dynamic: BTreeMap<String, DynBuilder>,
+    dynamic: hashbrown::HashMap<String, DynBuilder>,
 }
 
 impl Default for EventBatchBuilder {
@@ -323,7 +322,7 @@ impl EventBatchBuilder {
             sent_at: TimestampMicrosecondBuilder::new(),
             received_at: TimestampMicrosecondBuilder::new(),
             json: Default::default(),
-            dynamic: BTreeMap::new(),
+            dynamic: hashbrown::HashMap::new(),
         }
     }
 
@@ -418,7 +417,9 @@ impl EventBatchBuilder {
             cols.push(Arc::new(b.finish()));
         }
         let mut specs = Vec::with_capacity(self.dynamic.len());
-        for (name, b) in self.dynamic.iter_mut() {
+        let mut dynamic: Vec<(&String, &mut DynBuilder)> = self.dynamic.iter_mut().collect();
+        dynamic.sort_by(|a, b| a.0.cmp(b.0));
+        for (name, b) in dynamic {
             specs.push(ColumnSpec {
                 name: name.clone(),
                 kind: b.kind().to_string(),

@@ -6,7 +6,9 @@
 //! older one (which keeps its id) and records the merge. Profile ids are derived from the
 //! highest-priority id of the event that created the profile, so they are stable across runs.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use hashbrown::HashMap;
 
 use super::rules::IdentityRules;
 
@@ -77,8 +79,8 @@ impl TraitValue {
 pub struct Graph {
     /// Profiles by dense index.
     pub profiles: Vec<Profile>,
-    /// Every linked id.
-    pub ids: HashMap<ExternalId, IdInfo>,
+    /// Every linked id: type → value → where it belongs (two levels, so lookups borrow).
+    pub ids: HashMap<String, HashMap<String, IdInfo>>,
     /// Merges in the order they happened.
     pub merges: Vec<Merge>,
     /// Custom traits per profile (keyed by the profile that received them; fold through
@@ -88,6 +90,8 @@ pub struct Graph {
     pub account_traits: BTreeMap<String, BTreeMap<String, TraitValue>>,
     /// Account links: profile → group id → first linked time.
     pub account_links: HashMap<ProfileIdx, BTreeMap<String, i64>>,
+    /// Hashes of id lists known to be fully linked to one profile (a cache; not persisted).
+    pub stable_sets: hashbrown::HashSet<u64>,
 }
 
 /// What one event brings to the graph.
@@ -127,48 +131,76 @@ impl Graph {
     /// The canonical profile owning an id.
     pub fn lookup(&self, id_type: &str, value: &str) -> Option<ProfileIdx> {
         self.ids
-            .get(&(id_type.to_string(), value.to_string()))
+            .get(id_type)
+            .and_then(|m| m.get(value))
             .map(|i| self.canonical(i.profile))
     }
 
     /// Process one event; returns the canonical profile it resolved to (None without ids).
     pub fn process(&mut self, rules: &IdentityRules, ev: &IdentityEvent) -> Option<ProfileIdx> {
-        let mut ids: Vec<ExternalId> = ev
-            .ids
-            .iter()
-            .filter(|(_, v)| !rules.is_blocked(v))
-            .cloned()
-            .collect();
-        if let Some(prev) = &ev.alias_previous
-            && !rules.is_blocked(prev)
-        {
-            let t = if self.lookup("user_id", prev).is_some() {
-                "user_id"
-            } else {
-                "anonymous_id"
-            };
-            ids.push((t.to_string(), prev.clone()));
-        }
-        ids.sort_by(|a, b| {
-            rules
-                .rank(&a.0)
-                .cmp(&rules.rank(&b.0))
-                .then_with(|| a.1.cmp(&b.1))
+        // Fast path: an id list already seen fully linked to one profile cannot change the
+        // graph (ids never leave a profile and merges only combine), so it resolves by lookup.
+        let set_hash = (ev.alias_previous.is_none() && !ev.ids.is_empty()).then(|| {
+            let mut h = xxhash_rust::xxh3::Xxh3::new();
+            for (t, v) in &ev.ids {
+                h.update(t.as_bytes());
+                h.update(&[0]);
+                h.update(v.as_bytes());
+                h.update(&[0]);
+            }
+            h.digest()
         });
-        ids.dedup();
-        let resolved = loop {
-            if ids.is_empty() {
-                break None;
+        let cached = set_hash
+            .filter(|h| self.stable_sets.contains(h))
+            .and_then(|_| ev.ids.iter().find_map(|(t, v)| self.lookup(t, v)));
+        let resolved = match cached {
+            Some(p) => Some(p),
+            None => {
+                let mut ids: Vec<(&str, &str)> = ev
+                    .ids
+                    .iter()
+                    .filter(|(_, v)| !rules.is_blocked(v))
+                    .map(|(t, v)| (t.as_str(), v.as_str()))
+                    .collect();
+                if let Some(prev) = &ev.alias_previous
+                    && !rules.is_blocked(prev)
+                {
+                    let t = if self.lookup("user_id", prev).is_some() {
+                        "user_id"
+                    } else {
+                        "anonymous_id"
+                    };
+                    ids.push((t, prev.as_str()));
+                }
+                ids.sort_by(|a, b| {
+                    rules
+                        .rank(a.0)
+                        .cmp(&rules.rank(b.0))
+                        .then_with(|| a.1.cmp(b.1))
+                });
+                ids.dedup();
+                let wanted = ids.len();
+                let resolved = loop {
+                    if ids.is_empty() {
+                        break None;
+                    }
+                    let mut matched: Vec<ProfileIdx> =
+                        ids.iter().filter_map(|(t, v)| self.lookup(t, v)).collect();
+                    matched.sort_unstable();
+                    matched.dedup();
+                    if self.fits(rules, &matched, &ids) {
+                        break Some(self.apply(&matched, &ids, ev));
+                    }
+                    // Demote: drop the event's lowest-priority id and retry.
+                    ids.pop();
+                };
+                if let (Some(h), Some(_)) = (set_hash, resolved)
+                    && ids.len() == wanted
+                {
+                    self.stable_sets.insert(h);
+                }
+                resolved
             }
-            let mut matched: Vec<ProfileIdx> =
-                ids.iter().filter_map(|(t, v)| self.lookup(t, v)).collect();
-            matched.sort_unstable();
-            matched.dedup();
-            if self.fits(rules, &matched, &ids) {
-                break Some(self.apply(&matched, &ids, ev));
-            }
-            // Demote: drop the event's lowest-priority id and retry.
-            ids.pop();
         };
         if let Some(p) = resolved {
             for (k, v) in &ev.traits {
@@ -211,16 +243,16 @@ impl Graph {
     }
 
     /// Would the union of `matched` plus the new ids respect every per-type limit?
-    fn fits(&self, rules: &IdentityRules, matched: &[ProfileIdx], ids: &[ExternalId]) -> bool {
+    fn fits(&self, rules: &IdentityRules, matched: &[ProfileIdx], ids: &[(&str, &str)]) -> bool {
         let mut counts: BTreeMap<&str, u32> = BTreeMap::new();
         for p in matched {
             for (t, vs) in &self.profiles[*p as usize].ids {
                 *counts.entry(t.as_str()).or_default() += vs.len() as u32;
             }
         }
-        for (t, v) in ids {
+        for &(t, v) in ids {
             if self.lookup(t, v).is_none() {
-                *counts.entry(t.as_str()).or_default() += 1;
+                *counts.entry(t).or_default() += 1;
             }
         }
         counts.iter().all(|(t, n)| *n <= rules.limit(t))
@@ -229,7 +261,7 @@ impl Graph {
     fn apply(
         &mut self,
         matched: &[ProfileIdx],
-        ids: &[ExternalId],
+        ids: &[(&str, &str)],
         ev: &IdentityEvent,
     ) -> ProfileIdx {
         let survivor = match matched.first() {
@@ -250,9 +282,9 @@ impl Graph {
         for &other in matched.iter().skip(1) {
             self.merge(other, survivor, ev);
         }
-        for (t, v) in ids {
-            if let std::collections::hash_map::Entry::Vacant(slot) =
-                self.ids.entry((t.clone(), v.clone()))
+        for &(t, v) in ids {
+            if let hashbrown::hash_map::EntryRef::Vacant(slot) =
+                self.ids.entry_ref(t).or_default().entry_ref(v)
             {
                 slot.insert(IdInfo {
                     profile: survivor,
@@ -261,9 +293,9 @@ impl Graph {
                 });
                 self.profiles[survivor as usize]
                     .ids
-                    .entry(t.clone())
+                    .entry(t.to_string())
                     .or_default()
-                    .push(v.clone());
+                    .push(v.to_string());
             }
         }
         survivor

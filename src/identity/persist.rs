@@ -134,8 +134,12 @@ fn batches(g: &Graph) -> Result<Vec<(&'static str, RecordBatch)>> {
     let canon = |p: ProfileIdx| g.canonical(p);
     let pid = |p: ProfileIdx| g.profiles[canon(p) as usize].id.clone();
     // identities, in a stable order
-    let mut ids: Vec<(&(String, String), &IdInfo)> = g.ids.iter().collect();
-    ids.sort_by(|a, b| a.0.cmp(b.0));
+    let mut ids: Vec<((&String, &String), &IdInfo)> = g
+        .ids
+        .iter()
+        .flat_map(|(t, m)| m.iter().map(move |(v, i)| ((t, v), i)))
+        .collect();
+    ids.sort_by(|a, b| a.0.cmp(&b.0));
     let identities = RecordBatch::try_new(
         schema("identities"),
         vec![
@@ -152,7 +156,7 @@ fn batches(g: &Graph) -> Result<Vec<(&'static str, RecordBatch)>> {
                 ids.iter().map(|(_, i)| canon(i.profile) as i64),
             )),
             Arc::new(Int64Array::from_iter_values(
-                ids.iter().map(|(k, _)| identity_key(&k.0, &k.1)),
+                ids.iter().map(|(k, _)| identity_key(k.0, k.1)),
             )),
             ts_array(ids.iter().map(|(_, i)| i.first_seen).collect()),
             Arc::new(StringArray::from_iter_values(
@@ -356,8 +360,8 @@ pub async fn load(store: &Store, snap: &Snapshot) -> Result<Graph> {
             )));
         };
         profile.ids.entry(t.clone()).or_default().push(v.clone());
-        g.ids.insert(
-            (t, v),
+        g.ids.entry(t).or_default().insert(
+            v,
             IdInfo {
                 profile: p,
                 first_seen: fs,
@@ -649,7 +653,7 @@ pub async fn resolve(
         events_read: evs.len() as u64,
         profiles: canonical.len() as u64,
         known: canonical.iter().filter(|p| graph.is_known(**p)).count() as u64,
-        ids: graph.ids.len() as u64,
+        ids: graph.ids.values().map(|m| m.len() as u64).sum(),
         merges: graph.merges.len() as u64,
         accounts: accounts.len() as u64,
         version: entry.version,

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use regex::Regex;
+use regex::RegexSet;
 
 use crate::config::IdentityConfig;
 use crate::error::{Error, Result};
@@ -20,7 +20,7 @@ pub const DEFAULT_LIMIT: u32 = 5;
 pub struct IdentityRules {
     limits: BTreeMap<String, u32>,
     priority: Vec<String>,
-    blocked: Vec<Regex>,
+    blocked: RegexSet,
     /// Custom id types read from `traits.<type>` and `context.traits.<type>`.
     pub custom_id_types: Vec<String>,
 }
@@ -30,7 +30,7 @@ impl Default for IdentityRules {
         Self::from_config(&IdentityConfig::default()).unwrap_or_else(|_| IdentityRules {
             limits: BTreeMap::new(),
             priority: vec!["user_id".into(), "email".into()],
-            blocked: Vec::new(),
+            blocked: RegexSet::empty(),
             custom_id_types: Vec::new(),
         })
     }
@@ -63,12 +63,8 @@ impl IdentityRules {
                 .collect(),
             None => DEFAULT_BLOCKED.iter().map(|s| s.to_string()).collect(),
         };
-        let blocked = blocked_src
-            .iter()
-            .map(|s| {
-                Regex::new(s).map_err(|e| Error::Usage(format!("identity.blocked '{s}': {e}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let blocked = RegexSet::new(&blocked_src)
+            .map_err(|e| Error::Usage(format!("identity.blocked: {e}")))?;
         let priority = if c.priority.is_empty() {
             vec!["user_id".to_string(), "email".to_string()]
         } else {
@@ -84,7 +80,7 @@ impl IdentityRules {
 
     /// True when `value` never links anything.
     pub fn is_blocked(&self, value: &str) -> bool {
-        self.blocked.iter().any(|r| r.is_match(value))
+        self.blocked.is_match(value)
     }
 
     /// The most values of `id_type` one profile may hold.
@@ -100,10 +96,10 @@ impl IdentityRules {
     }
 
     /// Sort key of an id type: configured priority first, then alphabetical.
-    pub fn rank(&self, id_type: &str) -> (usize, String) {
+    pub fn rank<'a>(&self, id_type: &'a str) -> (usize, &'a str) {
         match self.priority.iter().position(|p| p == id_type) {
-            Some(i) => (i, String::new()),
-            None => (self.priority.len(), id_type.to_string()),
+            Some(i) => (i, ""),
+            None => (self.priority.len(), id_type),
         }
     }
 }
