@@ -25,7 +25,7 @@ use crate::tables::CommittedTable;
 pub const IDENTITY: TableName = TableName::Named("identity");
 
 /// What a resolution run did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IdentityReport {
     /// Events read (new since the last run, or all with `full`).
     pub events_read: u64,
@@ -596,14 +596,28 @@ pub async fn resolve(
     let log = CommitLog::new(store, space, IDENTITY);
     let snap = log.snapshot().await?;
     let watermark = if full { 0 } else { last_events_version(&snap) };
+    let events = CommitLog::new(store, space, TableName::Events)
+        .snapshot()
+        .await?;
+    if !full && snap.version > 0 && watermark == events.version {
+        // Nothing new: the committed state is current.
+        if let Some(r) = snap
+            .entries
+            .last()
+            .and_then(|e| e.info.get("report"))
+            .and_then(|r| serde_json::from_value::<IdentityReport>(r.clone()).ok())
+        {
+            return Ok(IdentityReport {
+                events_read: 0,
+                ..r
+            });
+        }
+    }
     let mut graph = if full || snap.version == 0 {
         Graph::default()
     } else {
         load(store, &snap).await?
     };
-    let events = CommitLog::new(store, space, TableName::Events)
-        .snapshot()
-        .await?;
     let new_files: Vec<FileAdd> = if watermark == 0 {
         events.files.clone()
     } else {
@@ -632,15 +646,6 @@ pub async fn resolve(
             ..Default::default()
         });
     }
-    let draft = CommitDraft {
-        operation: if full { "identity-full" } else { "identity" }.into(),
-        adds,
-        removes: snap.files.iter().map(|f| f.path.clone()).collect(),
-        info: serde_json::json!({ "events_version": events.version, "events_read": evs.len() }),
-    };
-    let entry = log.try_commit(snap.version, draft).await?.ok_or_else(|| {
-        Error::Usage("another identity resolution committed first; run it again".into())
-    })?;
     let canonical: Vec<ProfileIdx> = (0..graph.profiles.len() as ProfileIdx)
         .filter(|p| graph.canonical(*p) == *p)
         .collect();
@@ -649,16 +654,31 @@ pub async fn resolve(
     for l in graph.account_links.values() {
         accounts.extend(l.keys().map(String::as_str));
     }
-    Ok(IdentityReport {
+    let mut report = IdentityReport {
         events_read: evs.len() as u64,
         profiles: canonical.len() as u64,
         known: canonical.iter().filter(|p| graph.is_known(**p)).count() as u64,
         ids: graph.ids.values().map(|m| m.len() as u64).sum(),
         merges: graph.merges.len() as u64,
         accounts: accounts.len() as u64,
-        version: entry.version,
+        version: snap.version + 1,
         events_version: events.version,
-    })
+    };
+    let draft = CommitDraft {
+        operation: if full { "identity-full" } else { "identity" }.into(),
+        adds,
+        removes: snap.files.iter().map(|f| f.path.clone()).collect(),
+        info: serde_json::json!({
+            "events_version": events.version,
+            "events_read": evs.len(),
+            "report": report,
+        }),
+    };
+    let entry = log.try_commit(snap.version, draft).await?.ok_or_else(|| {
+        Error::Usage("another identity resolution committed first; run it again".into())
+    })?;
+    report.version = entry.version;
+    Ok(report)
 }
 
 /// The events version the committed identity state covers.
