@@ -430,16 +430,23 @@ pub async fn load(store: &Store, snap: &Snapshot) -> Result<Graph> {
     Ok(g)
 }
 
-/// Read what identity resolution needs from events files, in processing order.
+/// Stream what identity resolution needs from events files to `on_event`, in processing order
+/// (timestamp, then messageId), sorted by DataFusion within a bounded memory pool (spilling to
+/// disk beyond it). Returns the number of events.
 pub async fn read_identity_events(
     store: &Store,
     files: &[FileAdd],
     rules: &IdentityRules,
-) -> Result<Vec<IdentityEvent>> {
+    mut on_event: impl FnMut(&IdentityEvent),
+) -> Result<u64> {
     if files.is_empty() {
-        return Ok(Vec::new());
+        return Ok(0);
     }
-    let ctx = SessionContext::new();
+    let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+        .with_memory_limit(IDENTITY_SORT_MEMORY, 1.0)
+        .build_arc()?;
+    let ctx =
+        SessionContext::new_with_config_rt(datafusion::prelude::SessionConfig::new(), runtime);
     let url =
         url::Url::parse(crate::store::DATAFUSION_URL).map_err(|e| Error::Usage(e.to_string()))?;
     ctx.register_object_store(&url, store.object_store());
@@ -468,10 +475,14 @@ pub async fn read_identity_events(
         .filter(|c| schema.field_with_name(c).is_ok())
         .collect();
     cols.extend(present.iter().map(ident));
-    let df = ctx.table("ev").await?.select(cols)?;
-    let batches = df.collect().await?;
-    let mut out = Vec::new();
-    for b in &batches {
+    let df = ctx.table("ev").await?.select(cols)?.sort(vec![
+        col("timestamp").sort(true, false),
+        col("message_id").sort(true, false),
+    ])?;
+    let mut stream = df.execute_stream().await?;
+    let mut n = 0u64;
+    while let Some(b) = futures::StreamExt::next(&mut stream).await {
+        let b = &b?;
         let (mid, ty, uid, aid, prev, gid, traits) = (
             s(b, "message_id")?,
             s(b, "type")?,
@@ -578,12 +589,15 @@ pub async fn read_identity_events(
                 }
                 _ => {}
             }
-            out.push(e);
+            on_event(&e);
+            n += 1;
         }
     }
-    out.sort_by(|a, b| (a.timestamp, &a.message_id).cmp(&(b.timestamp, &b.message_id)));
-    Ok(out)
+    Ok(n)
 }
+
+/// Memory for sorting events during identity resolution (beyond it, the sort spills to disk).
+pub const IDENTITY_SORT_MEMORY: usize = 2 << 30;
 
 /// Resolve identities for the events committed since the last run (or all, with `full`), and
 /// commit the new state.
@@ -628,10 +642,10 @@ pub async fn resolve(
             .flat_map(|e| e.adds.iter().cloned())
             .collect()
     };
-    let evs = read_identity_events(store, &new_files, rules).await?;
-    for e in &evs {
+    let events_read = read_identity_events(store, &new_files, rules, |e| {
         graph.process(rules, e);
-    }
+    })
+    .await?;
     let mut adds = Vec::new();
     for (kind, batch) in batches(&graph)? {
         let bytes = encode_parquet(&batch, writer_properties(None))?;
@@ -655,7 +669,7 @@ pub async fn resolve(
         accounts.extend(l.keys().map(String::as_str));
     }
     let mut report = IdentityReport {
-        events_read: evs.len() as u64,
+        events_read,
         profiles: canonical.len() as u64,
         known: canonical.iter().filter(|p| graph.is_known(**p)).count() as u64,
         ids: graph.ids.values().map(|m| m.len() as u64).sum(),
@@ -670,7 +684,7 @@ pub async fn resolve(
         removes: snap.files.iter().map(|f| f.path.clone()).collect(),
         info: serde_json::json!({
             "events_version": events.version,
-            "events_read": evs.len(),
+            "events_read": events_read,
             "report": report,
         }),
     };
