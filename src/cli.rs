@@ -671,8 +671,15 @@ async fn compute(g: &Global, a: &ComputeArgs) -> Result<()> {
         Some(t) => parse_time_arg(t, "--as-of")?,
         None => chrono::Utc::now().timestamp_micros(),
     };
-    let reports =
-        crate::compute::compute(&store, &g.space()?, &g.identity_rules()?, as_of, &a.keys).await?;
+    let reports = crate::compute::compute_with_progress(
+        &store,
+        &g.space()?,
+        &g.identity_rules()?,
+        as_of,
+        &a.keys,
+        true,
+    )
+    .await?;
     if g.json {
         println!("{}", serde_json::to_string_pretty(&reports)?);
     } else {

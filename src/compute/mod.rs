@@ -267,6 +267,19 @@ pub async fn compute(
     as_of: i64,
     keys: &[String],
 ) -> Result<Vec<KeyReport>> {
+    compute_with_progress(store, space, rules, as_of, keys, false).await
+}
+
+/// [`compute`], drawing progress (one tick per definition) on a terminal when `progress`.
+pub async fn compute_with_progress(
+    store: &Store,
+    space: &Space,
+    rules: &IdentityRules,
+    as_of: i64,
+    keys: &[String],
+    progress: bool,
+) -> Result<Vec<KeyReport>> {
+    let bar = crate::progress::counter(progress, "definitions computed");
     crate::identity::resolve(store, space, rules, false).await?;
     let defs = definitions::live(store, space).await?;
     for k in keys {
@@ -451,11 +464,15 @@ pub async fn compute(
                 latest.insert(v.key.clone(), v);
             }
         }
+        bar.inc(1);
+        bar.set_message(key.clone());
+        tracing::info!(key = %key, version, millis = t.elapsed().as_millis() as u64, "committed");
         reports.push(KeyReport {
             millis: t.elapsed().as_millis() as u64,
             ..report
         });
     }
+    bar.finish_and_clear();
     Ok(reports)
 }
 
