@@ -224,3 +224,36 @@ mod tests {
         assert!(parse_value("event('A').mode(property('c'))").is_ok());
     }
 }
+
+#[cfg(test)]
+mod robustness {
+    /// No input, however malformed, makes the parser panic.
+    #[test]
+    fn random_and_mutated_inputs_never_panic() {
+        let mut x: u64 = 0x2545F4914F6CDD1D;
+        let mut next = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let alphabet: Vec<char> = "event('X').within(30 days).count() >= 2 AND OR NOT ( ) [ ] , : . = ! < > 'q\" \\ 1.5e9 -3 trait property parent: type: é😀\n\t"
+            .chars()
+            .collect();
+        for _ in 0..20_000 {
+            let len = next(80) as usize;
+            let s: String = (0..len)
+                .map(|_| alphabet[next(alphabet.len() as u64) as usize])
+                .collect();
+            let _ = super::parse(&s);
+            let _ = super::parse_value(&s);
+        }
+        for src in super::tests::CORPUS {
+            let chars: Vec<char> = src.chars().collect();
+            for cut in 0..chars.len() {
+                let s: String = chars[..cut].iter().collect();
+                let _ = super::parse(&s);
+            }
+        }
+    }
+}
