@@ -310,31 +310,23 @@ pub fn read_input(
     }
     line_no += 1;
     let trimmed = trim(&line);
-    match serde_json::from_slice::<serde_json::Value>(trimmed) {
-        Ok(serde_json::Value::Object(m))
-            if matches!(m.get("batch"), Some(serde_json::Value::Array(_))) =>
-        {
-            // A single-line envelope, possibly followed by more lines.
-            let rest = std::io::Cursor::new(line.clone()).chain(r);
-            return read_document(
-                Box::new(BufReader::new(rest)),
-                &mut pending,
-                &mut parse_block,
-                &label,
-            );
+    // A single-line envelope (possibly followed by more lines), or the first line of a
+    // pretty-printed document: parse the whole input as one document.
+    let is_document = match serde_json::from_slice::<serde_json::Value>(trimmed) {
+        Ok(serde_json::Value::Object(m)) => {
+            matches!(m.get("batch"), Some(serde_json::Value::Array(_)))
         }
-        Ok(_) => {}
-        Err(_) if trimmed.starts_with(b"{") && !trimmed.ends_with(b"}") => {
-            // A pretty-printed document: parse it as one.
-            let rest = std::io::Cursor::new(line.clone()).chain(r);
-            return read_document(
-                Box::new(BufReader::new(rest)),
-                &mut pending,
-                &mut parse_block,
-                &label,
-            );
-        }
-        Err(_) => {}
+        Ok(_) => false,
+        Err(_) => trimmed.starts_with(b"{") && !trimmed.ends_with(b"}"),
+    };
+    if is_document {
+        let rest = std::io::Cursor::new(line.clone()).chain(r);
+        return read_document(
+            Box::new(BufReader::new(rest)),
+            &mut pending,
+            &mut parse_block,
+            &label,
+        );
     }
     if !trimmed.is_empty() {
         pending.push((line_no, Ok(trimmed.to_vec())));

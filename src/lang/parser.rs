@@ -336,28 +336,29 @@ impl Parser {
     }
 
     fn condition(&mut self) -> R<Condition> {
-        let mut items = vec![self.and()?];
-        while kw(self.peek(), "OR") {
-            self.next();
-            items.push(self.and()?);
-        }
-        Ok(if items.len() == 1 {
-            items.remove(0)
-        } else {
-            Condition::Or { items }
-        })
+        self.junction("OR", Self::and, |items| Condition::Or { items })
     }
 
     fn and(&mut self) -> R<Condition> {
-        let mut items = vec![self.unary()?];
-        while kw(self.peek(), "AND") {
+        self.junction("AND", Self::unary, |items| Condition::And { items })
+    }
+
+    /// `operand (WORD operand)*`, folded into `make` when there is more than one operand.
+    fn junction(
+        &mut self,
+        word: &str,
+        operand: fn(&mut Self) -> R<Condition>,
+        make: fn(Vec<Condition>) -> Condition,
+    ) -> R<Condition> {
+        let mut items = vec![operand(self)?];
+        while kw(self.peek(), word) {
             self.next();
-            items.push(self.unary()?);
+            items.push(operand(self)?);
         }
         Ok(if items.len() == 1 {
             items.remove(0)
         } else {
-            Condition::And { items }
+            make(items)
         })
     }
 
