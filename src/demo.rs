@@ -5,6 +5,38 @@ use crate::error::{Error, Result};
 use crate::events::{IngestOptions, Input};
 use crate::generate::GenConfig;
 
+/// The sample definitions the demo creates.
+const SAMPLE_DEFINITIONS: [(&str, &str); 7] = [
+    (
+        "revenue_180d.json",
+        include_str!("../data/definitions/revenue_180d.json"),
+    ),
+    (
+        "favorite_category.json",
+        include_str!("../data/definitions/favorite_category.json"),
+    ),
+    (
+        "repeat_buyers.json",
+        include_str!("../data/definitions/repeat_buyers.json"),
+    ),
+    (
+        "q2_big_repeat_buyers.json",
+        include_str!("../data/definitions/q2_big_repeat_buyers.json"),
+    ),
+    (
+        "q3_viewed_not_bought.json",
+        include_str!("../data/definitions/q3_viewed_not_bought.json"),
+    ),
+    (
+        "q4_lapsed.json",
+        include_str!("../data/definitions/q4_lapsed.json"),
+    ),
+    (
+        "q7_high_value.json",
+        include_str!("../data/definitions/q7_high_value.json"),
+    ),
+];
+
 /// Run the demo: generate, ingest, and summarize what landed.
 pub async fn run(g: &Global, a: &DemoArgs) -> Result<()> {
     let store = g.open_store()?;
@@ -120,20 +152,12 @@ pub async fn run(g: &Global, a: &DemoArgs) -> Result<()> {
         "6. events attributed to their current profile (SQL over the events table with profile_id):"
     );
     crate::cli::print_batches(g.json, &batches)?;
-    // Audiences and computed traits from data/definitions.
-    let defs_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/definitions");
-    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(&defs_dir)
-        .map_err(|e| Error::io(&defs_dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
-    files.sort();
+    // Audiences and computed traits from data/definitions (embedded at build time).
     let mut created = Vec::new();
-    for f in &files {
-        let text = std::fs::read_to_string(f).map_err(|e| Error::io(f, e))?;
-        let (def, _) = crate::lang::definition::DefinitionFile::parse(&text)
-            .map_err(|e| Error::Usage(format!("{}: {e}", f.display())))?;
-        created.push(def.clone());
+    for (name, text) in SAMPLE_DEFINITIONS {
+        let (def, _) = crate::lang::definition::DefinitionFile::parse(text)
+            .map_err(|e| Error::Usage(format!("data/definitions/{name}: {e}")))?;
+        created.push(def);
     }
     // Traits first, so audiences can refer to them.
     created.sort_by_key(|d| d.kind != crate::lang::definition::Kind::ComputedTrait);
