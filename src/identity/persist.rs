@@ -8,6 +8,8 @@ use arrow::array::{
     TimestampMicrosecondArray,
 };
 use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, TimestampMicrosecondType};
+use std::ops::Not;
+
 use datafusion::prelude::{SessionContext, col, ident};
 use serde_json::Value;
 
@@ -432,7 +434,7 @@ pub async fn load(store: &Store, snap: &Snapshot) -> Result<Graph> {
 
 /// Stream what identity resolution needs from events files to `on_event`, in processing order
 /// (timestamp, then messageId), sorted by DataFusion within a bounded memory pool (spilling to
-/// disk beyond it). Returns the number of events.
+/// disk beyond it). Returns the number of events resolved.
 pub async fn read_identity_events(
     store: &Store,
     files: &[FileAdd],
@@ -475,10 +477,54 @@ pub async fn read_identity_events(
         .filter(|c| schema.field_with_name(c).is_ok())
         .collect();
     cols.extend(present.iter().map(ident));
-    let df = ctx.table("ev").await?.select(cols)?.sort(vec![
-        col("timestamp").sort(true, false),
-        col("message_id").sort(true, false),
-    ])?;
+    // identify/group/alias calls carry traits, accounts and aliases: every one is resolved.
+    // Other calls only carry ids, and a repeat of an id list can no longer change the graph
+    // (ids never leave a profile, profiles only grow, so limits only tighten): only the first
+    // occurrence of each distinct id list, by (timestamp, messageId), is resolved.
+    let plain = || {
+        col("type").in_list(
+            vec![
+                datafusion::prelude::lit("track"),
+                datafusion::prelude::lit("page"),
+                datafusion::prelude::lit("screen"),
+            ],
+            false,
+        )
+    };
+    let calls = ctx
+        .table("ev")
+        .await?
+        .filter(plain().not())?
+        .select(cols.clone())?;
+    let order = || {
+        vec![
+            col("timestamp").sort(true, false),
+            col("message_id").sort(true, false),
+        ]
+    };
+    let mut keys = vec![col("user_id"), col("anonymous_id")];
+    keys.extend(present.iter().map(ident));
+    let first = |c: &str| {
+        datafusion::functions_aggregate::expr_fn::first_value(col(c), order())
+            .alias(format!("__first_{c}"))
+    };
+    let firsts = ctx.table("ev").await?.filter(plain())?.aggregate(
+        keys,
+        vec![first("message_id"), first("type"), first("timestamp")],
+    )?;
+    let null_str = || datafusion::prelude::lit(datafusion::common::ScalarValue::Utf8(None));
+    let mut aligned = vec![
+        col("__first_message_id").alias("message_id"),
+        col("__first_type").alias("type"),
+        col("user_id"),
+        col("anonymous_id"),
+        null_str().alias("previous_id"),
+        null_str().alias("group_id"),
+        col("__first_timestamp").alias("timestamp"),
+        null_str().alias("traits"),
+    ];
+    aligned.extend(present.iter().map(ident));
+    let df = calls.union(firsts.select(aligned)?)?.sort(order())?;
     let mut stream = df.execute_stream().await?;
     let mut n = 0u64;
     while let Some(b) = futures::StreamExt::next(&mut stream).await {
@@ -642,10 +688,11 @@ pub async fn resolve(
             .flat_map(|e| e.adds.iter().cloned())
             .collect()
     };
-    let events_read = read_identity_events(store, &new_files, rules, |e| {
+    read_identity_events(store, &new_files, rules, |e| {
         graph.process(rules, e);
     })
     .await?;
+    let events_read: u64 = new_files.iter().map(|f| f.rows).sum();
     let mut adds = Vec::new();
     for (kind, batch) in batches(&graph)? {
         let bytes = encode_parquet(&batch, writer_properties(None))?;
