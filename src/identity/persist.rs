@@ -335,6 +335,13 @@ pub async fn load(store: &Store, snap: &Snapshot) -> Result<Graph> {
             });
         }
     }
+    let n = g.profiles.len();
+    if let Some(bad) = g.profiles.iter().find(|p| p.parent as usize >= n) {
+        return Err(Error::Usage(format!(
+            "identity state corrupt: profile {} points at missing profile {}",
+            bad.id, bad.parent
+        )));
+    }
     let mut ids: Vec<(String, String, ProfileIdx, i64, String)> = Vec::new();
     for b in read_kind(store, snap, "identities").await? {
         let (t, v, p, fs, fm) = (
