@@ -411,6 +411,12 @@ pub async fn load(store: &Store, snap: &Snapshot) -> Result<Graph> {
                 message_id: m.value(r).into(),
             };
             if e.value(r) == "profile" && pidx.is_valid(r) {
+                if pidx.value(r) as usize >= n {
+                    return Err(Error::Usage(format!(
+                        "identity state corrupt: a trait points at missing profile {}",
+                        pidx.value(r)
+                    )));
+                }
                 g.profile_traits
                     .entry(pidx.value(r) as ProfileIdx)
                     .or_default()
@@ -430,6 +436,12 @@ pub async fn load(store: &Store, snap: &Snapshot) -> Result<Graph> {
             tss(&b, "linked_at")?,
         );
         for r in 0..b.num_rows() {
+            if p.value(r) as usize >= n {
+                return Err(Error::Usage(format!(
+                    "identity state corrupt: an account link points at missing profile {}",
+                    p.value(r)
+                )));
+            }
             g.account_links
                 .entry(p.value(r) as ProfileIdx)
                 .or_default()
