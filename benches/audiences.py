@@ -10,7 +10,7 @@ the definitions of data/definitions (q1-q4, q7 and the revenue trait). Then, per
             (exported once from our identities table), in one process per run.
 Membership equality is checked before any timing counts.
 
-Usage: python3 benches/audiences.py [--events 1000000] [--runs 5] [--bin PATH]
+Usage: python3 benches/audiences.py [--events 1000000] [--runs 5] [--bin PATH] [--datafusion-python]
 """
 import argparse, json, os, shutil, statistics, subprocess, sys, tempfile, time
 
@@ -35,6 +35,18 @@ rows = con.execute(sql.replace("T0", "TIMESTAMPTZ '2026-01-01 00:00:00+00'")).fe
 print(json.dumps(sorted(r[0] for r in rows)))
 '''
 
+DFPY = r'''
+import datafusion, json, sys
+root, keys, sql = sys.argv[1], sys.argv[2], sys.argv[3]
+ctx = datafusion.SessionContext(datafusion.SessionConfig().with_target_partitions(2))
+ctx.register_parquet("raw", f"{root}/spaces/default/events/", table_partition_cols=[("date", "string")])
+ctx.register_parquet("k", keys)
+ctx.sql("CREATE VIEW ev AS SELECT raw.*, k.profile_id FROM raw JOIN k ON raw.identity_key = k.identity_key WHERE k.known")
+sql = sql.replace("T0", "TIMESTAMP '2026-01-01T00:00:00Z'").replace("INTERVAL 30 DAY", "INTERVAL '30 days'").replace("INTERVAL 90 DAY", "INTERVAL '90 days'").replace("INTERVAL 180 DAY", "INTERVAL '180 days'")
+rows = ctx.sql(sql).to_pylist()
+print(json.dumps(sorted(r["profile_id"] for r in rows)))
+'''
+
 def run(cmd, env):
     t = time.perf_counter()
     p = subprocess.run(["/usr/bin/time", "-f", "%M"] + cmd, capture_output=True, text=True, env=env)
@@ -47,6 +59,7 @@ def main():
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--bin", default=os.path.expanduser("~/.cache/audiences-target/release/audiences"))
+    ap.add_argument("--datafusion-python", action="store_true", help="also time datafusion-python 55 (pip install datafusion==55.0.0)")
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix="audiences-aud-bench-")
     env = dict(os.environ, TOKIO_WORKER_THREADS="2", RAYON_NUM_THREADS="2")
@@ -71,23 +84,29 @@ def main():
     for key, sql in QUERIES.items():
         if key == "high_value":
             sql = sql  # DuckDB recomputes the sum; we read the committed trait (see BENCHMARKS.md)
-        ours, duck = [], []
+        ours, duck, dfpy = [], [], []
         for i in range(a.runs + 1):
             dt, kb, _ = run([a.bin, "--store", store, "--json", "compute", "--as-of", "2026-01-01T00:00:00Z", key], env)
             if i: ours.append((dt, kb))
             dt, kb, dout = run([sys.executable, "-c", DUCK, store, keys, sql, "1"], env)
             if i: duck.append((dt, kb))
+            if a.datafusion_python:
+                dt, kb, fout = run([sys.executable, "-c", DFPY, store, keys, sql], env)
+                if i: dfpy.append((dt, kb))
         got = json.loads(subprocess.run([a.bin, "--store", store, "members", key, "--format", "json"], check=True, capture_output=True, text=True).stdout)
         ours_set = sorted(r["profile_id"] for r in got)
         if ours_set != json.loads(dout):
             sys.exit(f"{key}: membership differs from DuckDB ({len(ours_set)} vs {len(json.loads(dout))}); timings do not count")
+        if a.datafusion_python and ours_set != json.loads(fout):
+            sys.exit(f"{key}: membership differs from datafusion-python; timings do not count")
         o = statistics.median(t for t, _ in ours); d = statistics.median(t for t, _ in duck)
-        rows.append((LABEL[key], key, len(ours_set), o, d, max(k for _, k in ours), max(k for _, k in duck)))
-        print(f"{LABEL[key]} {key:<18} members {len(ours_set):>8}  ours {o:6.2f}s  duckdb {d:6.2f}s  ratio {d/o:5.2f}x", flush=True)
-    print(f"\n| query | members | audiences s | DuckDB s | speed-up vs DuckDB | peak RSS ours / DuckDB |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for lab, key, n, o, d, ko, kd in rows:
-        print(f"| {lab} {key} | {n:,} | {o:.2f} | {d:.2f} | {d/o:.2f}x | {ko/1024:.0f} / {kd/1024:.0f} MiB |")
+        f = statistics.median(t for t, _ in dfpy) if dfpy else float("nan")
+        rows.append((LABEL[key], key, len(ours_set), o, d, f, max(k for _, k in ours), max(k for _, k in duck)))
+        print(f"{LABEL[key]} {key:<18} members {len(ours_set):>8}  ours {o:6.2f}s  duckdb {d:6.2f}s  datafusion-python {f:6.2f}s  ratio {d/o:5.2f}x", flush=True)
+    print(f"\n| query | members | audiences s | DuckDB s | datafusion-python s | speed-up vs DuckDB | vs datafusion-python | peak RSS ours / DuckDB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for lab, key, n, o, d, f, ko, kd in rows:
+        print(f"| {lab} {key} | {n:,} | {o:.2f} | {d:.2f} | {f:.2f} | {d/o:.2f}x | {f/o:.2f}x | {ko/1024:.0f} / {kd/1024:.0f} MiB |")
     shutil.rmtree(work, ignore_errors=True)
 
 if __name__ == "__main__":
