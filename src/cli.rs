@@ -66,7 +66,8 @@ pub enum Command {
     Ingest(IngestArgs),
     /// Run DataFusion SQL over the store's committed tables.
     Sql(SqlArgs),
-    /// Delete data files that no committed version names (after a grace period).
+    /// Delete data files that the current versions do not name (after a grace period): files of
+    /// crashed writers and the data of superseded versions.
     Vacuum(VacuumArgs),
     /// Resolve identities of the events committed since the last run (profiles, traits, accounts).
     Identity(IdentityArgs),
@@ -465,10 +466,19 @@ pub fn print_batches(json: bool, batches: &[arrow::array::RecordBatch]) -> Resul
 async fn vacuum(g: &Global, a: &VacuumArgs) -> Result<()> {
     let store = g.open_store()?;
     let space = g.space()?;
-    let log = crate::store::CommitLog::new(&store, &space, crate::store::TableName::Events);
-    let deleted = log
-        .vacuum(std::time::Duration::from_secs(a.grace_secs))
-        .await?;
+    // Every table with data files; old audience versions become unreadable once vacuumed.
+    let mut deleted = Vec::new();
+    for table in [
+        crate::store::TableName::Events,
+        crate::identity::persist::IDENTITY,
+        crate::compute::MEMBERSHIPS,
+    ] {
+        let log = crate::store::CommitLog::new(&store, &space, table);
+        deleted.extend(
+            log.vacuum(std::time::Duration::from_secs(a.grace_secs))
+                .await?,
+        );
+    }
     if g.json {
         println!("{}", serde_json::json!({ "deleted": deleted }));
     } else {
