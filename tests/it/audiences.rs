@@ -802,3 +802,95 @@ async fn a_simple_definition_compiles_to_the_hand_built_plan() {
     let rows = |bs: &[arrow::array::RecordBatch]| bs.iter().map(|b| b.num_rows()).sum::<usize>();
     assert_eq!(rows(&a), rows(&b));
 }
+
+/// Versions: v1 stays readable after v2; v2 = v1 + entered − exited; entered_at is kept for
+/// profiles that stay; the window sliding with the as-of alone changes membership.
+#[tokio::test(flavor = "multi_thread")]
+async fn versions_and_entered_exited_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("x.ndjson");
+    std::fs::write(&p, generated(8000, 17)).unwrap();
+    let store = Store::memory();
+    ingest_files(&store, "default", &[p], &dir.path().join("d")).await;
+    create(
+        &store,
+        "recent",
+        "event('Product Viewed').within(7 days).count() >= 1",
+        false,
+    )
+    .await;
+    let space = Space::default();
+    let rules = audiences::identity::IdentityRules::default();
+    let t1 = END - 20 * DAY;
+    let t2 = END - 15 * DAY;
+    let r1 = audiences::compute::compute(&store, &space, &rules, t1, &[])
+        .await
+        .unwrap();
+    let r2 = audiences::compute::compute(&store, &space, &rules, t2, &[])
+        .await
+        .unwrap();
+    let set = |batches: &[arrow::array::RecordBatch], col: &str| -> BTreeMap<String, i64> {
+        use arrow::array::AsArray;
+        let mut out = BTreeMap::new();
+        for b in batches {
+            let p = b.column_by_name("profile_id").unwrap().as_string::<i32>();
+            let e = b
+                .column_by_name(col)
+                .unwrap()
+                .as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+            for i in 0..b.num_rows() {
+                out.insert(p.value(i).to_string(), e.value(i));
+            }
+        }
+        out
+    };
+    let (v1, b1) = audiences::compute::members(&store, &space, "recent", Some(1))
+        .await
+        .unwrap()
+        .unwrap();
+    let (v2, b2) = audiences::compute::members(&store, &space, "recent", None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((v1.version, v2.version), (1, 2));
+    let m1 = set(&b1, "entered_at");
+    let m2 = set(&b2, "entered_at");
+    assert!(m1.values().all(|t| *t == t1));
+    let changes = sql_rows(
+        &store,
+        "default",
+        "SELECT profile_id, change, version FROM membership_changes WHERE audience_key = 'recent'",
+    )
+    .await;
+    let of = |c: &str, v: i64| -> BTreeSet<String> {
+        changes
+            .iter()
+            .filter(|r| r["change"] == c && r["version"] == v)
+            .map(|r| r["profile_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let k1: BTreeSet<String> = m1.keys().cloned().collect();
+    let k2: BTreeSet<String> = m2.keys().cloned().collect();
+    assert_eq!(of("entered", 1), k1);
+    assert!(of("exited", 1).is_empty());
+    assert_eq!(
+        of("entered", 2),
+        k2.difference(&k1).cloned().collect::<BTreeSet<_>>()
+    );
+    assert_eq!(
+        of("exited", 2),
+        k1.difference(&k2).cloned().collect::<BTreeSet<_>>()
+    );
+    assert!(
+        !of("entered", 2).is_empty() && !of("exited", 2).is_empty(),
+        "the window slid: someone must enter and exit"
+    );
+    for (p, t) in &m2 {
+        assert_eq!(*t, if k1.contains(p) { t1 } else { t2 }, "{p}");
+    }
+    assert_eq!((r1[0].size, r2[0].size), (k1.len() as u64, k2.len() as u64));
+    assert_eq!(
+        (r2[0].entered, r2[0].exited),
+        (of("entered", 2).len() as u64, of("exited", 2).len() as u64)
+    );
+}
