@@ -179,7 +179,7 @@ pub async fn run(g: &Global, a: &DemoArgs) -> Result<()> {
             .unwrap_or("");
         println!("   {:<20} {:<15} {:>6} {}", r.key, r.kind, r.size, d);
     }
-    let batches = q("SELECT m.profile_id, t.value AS revenue_180d FROM memberships m JOIN computed_traits t ON t.profile_id = m.profile_id AND t.key = 'revenue_180d' WHERE m.audience_key = 'high_value' ORDER BY t.value_num DESC LIMIT 3").await?;
+    let batches = q("SELECT m.profile_id, round(t.value_num, 2) AS revenue_180d FROM memberships m JOIN computed_traits t ON t.profile_id = m.profile_id AND t.key = 'revenue_180d' WHERE m.audience_key = 'high_value' ORDER BY t.value_num DESC LIMIT 3").await?;
     println!("   top members of high_value with their computed revenue:");
     crate::cli::print_batches(g.json, &batches)?;
     let _ = std::fs::remove_dir_all(&dir);
