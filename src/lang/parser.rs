@@ -237,14 +237,7 @@ type R<T> = Result<T, ParseError>;
 
 /// Parse a definition into its condition.
 pub fn parse(src: &str) -> R<Condition> {
-    let toks = lex(src)?;
-    let mut p = Parser {
-        toks,
-        pos: 0,
-        depth: 0,
-        primaries: 0,
-        in_event: 0,
-    };
+    let mut p = Parser::new(src)?;
     let c = p.condition()?;
     if p.peek().tok != Tok::End {
         return Err(p.error_here("AND, OR, or the end of the definition"));
@@ -255,14 +248,7 @@ pub fn parse(src: &str) -> R<Condition> {
 /// Parse a scalar expression (a computed trait definition such as
 /// `event('Order Completed').within(30 days).sum(property('revenue'))`).
 pub fn parse_value(src: &str) -> R<Value> {
-    let toks = lex(src)?;
-    let mut p = Parser {
-        toks,
-        pos: 0,
-        depth: 0,
-        primaries: 0,
-        in_event: 0,
-    };
+    let mut p = Parser::new(src)?;
     let v = p.value()?;
     if p.peek().tok != Tok::End {
         return Err(p.error_here("the end of the definition"));
@@ -283,6 +269,16 @@ fn kw(t: &Token, word: &str) -> bool {
 }
 
 impl Parser {
+    fn new(src: &str) -> R<Parser> {
+        Ok(Parser {
+            toks: lex(src)?,
+            pos: 0,
+            depth: 0,
+            primaries: 0,
+            in_event: 0,
+        })
+    }
+
     fn peek(&self) -> &Token {
         &self.toks[self.pos.min(self.toks.len() - 1)]
     }

@@ -518,11 +518,7 @@ async fn members(store: &Store, key: &str) -> BTreeSet<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn random_definitions_agree_with_the_reference_evaluator() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("x.ndjson");
-    std::fs::write(&p, generated(12_000, 5)).unwrap();
-    let store = Store::memory();
-    ingest_files(&store, "default", &[p], &dir.path().join("d")).await;
+    let store = generated_store(12_000, 5).await;
     let mut r = Rng(0x9E3779B97F4A7C15);
     let mut defs = Vec::new();
     for i in 0..60 {
@@ -706,11 +702,7 @@ async fn a_simple_definition_compiles_to_the_hand_built_plan() {
     use datafusion::functions_aggregate::expr_fn::count;
     use datafusion::logical_expr::{ExprFunctionExt, cast};
     use datafusion::prelude::{col, lit};
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("x.ndjson");
-    std::fs::write(&p, generated(500, 1)).unwrap();
-    let store = Store::memory();
-    ingest_files(&store, "default", &[p], &dir.path().join("d")).await;
+    let store = generated_store(500, 1).await;
     let space = Space::default();
     audiences::identity::resolve(
         &store,
@@ -807,11 +799,7 @@ async fn a_simple_definition_compiles_to_the_hand_built_plan() {
 /// profiles that stay; the window sliding with the as-of alone changes membership.
 #[tokio::test(flavor = "multi_thread")]
 async fn versions_and_entered_exited_changes() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("x.ndjson");
-    std::fs::write(&p, generated(8000, 17)).unwrap();
-    let store = Store::memory();
-    ingest_files(&store, "default", &[p], &dir.path().join("d")).await;
+    let store = generated_store(8000, 17).await;
     create(
         &store,
         "recent",

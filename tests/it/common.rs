@@ -123,3 +123,14 @@ pub async fn count(store: &Store, space: &str, sql: &str) -> i64 {
         .and_then(|v| v.as_i64())
         .expect("a count")
 }
+
+/// A memory store with `events` generated events (seed `seed`) ingested into space `default`.
+pub async fn generated_store(events: u64, seed: u64) -> Store {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("x.ndjson");
+    std::fs::write(&p, generated(events, seed)).unwrap();
+    let store = Store::memory();
+    let r = ingest_files(&store, "default", &[p], &dir.path().join("d")).await;
+    assert_eq!(r.accepted, events);
+    store
+}
