@@ -308,6 +308,14 @@ pub async fn session(store: &Store, space: &Space) -> Result<SessionContext> {
     let memberships = CommitLog::new(store, space, crate::compute::MEMBERSHIPS)
         .snapshot()
         .await?;
+    // Deleted audiences and traits disappear from the current tables (their files stay until
+    // vacuumed, and their changes stay in `membership_changes`).
+    let live = crate::definitions::live(store, space).await?;
+    let deleted_files: std::collections::HashSet<String> = crate::compute::versions(&memberships)
+        .into_iter()
+        .filter(|v| !live.contains_key(&v.key))
+        .map(|v| v.data.path)
+        .collect();
     for (name, kind) in [
         ("memberships", "members"),
         ("membership_changes", "changes"),
@@ -316,7 +324,7 @@ pub async fn session(store: &Store, space: &Space) -> Result<SessionContext> {
         let files = memberships
             .files
             .iter()
-            .filter(|f| f.kind.as_deref() == Some(kind))
+            .filter(|f| f.kind.as_deref() == Some(kind) && !deleted_files.contains(&f.path))
             .cloned()
             .collect();
         ctx.register_table(

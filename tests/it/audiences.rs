@@ -877,6 +877,20 @@ async fn versions_and_entered_exited_changes() {
         assert_eq!(*t, if k1.contains(p) { t1 } else { t2 }, "{p}");
     }
     assert_eq!((r1[0].size, r2[0].size), (k1.len() as u64, k2.len() as u64));
+    // A deleted audience leaves the current memberships; its history stays.
+    let n = |q: &'static str| count(&store, "default", q);
+    assert_eq!(
+        n("SELECT count(*) FROM memberships WHERE audience_key = 'recent'").await,
+        k2.len() as i64
+    );
+    audiences::definitions::delete(&store, &space, "recent")
+        .await
+        .unwrap();
+    assert_eq!(
+        n("SELECT count(*) FROM memberships WHERE audience_key = 'recent'").await,
+        0
+    );
+    assert!(n("SELECT count(*) FROM membership_changes WHERE audience_key = 'recent'").await > 0);
     assert_eq!(
         (r2[0].entered, r2[0].exited),
         (of("entered", 2).len() as u64, of("exited", 2).len() as u64)
