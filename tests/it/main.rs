@@ -10,3 +10,4 @@ mod duckdb;
 mod identity;
 mod ingest;
 mod s3;
+mod slt;
