@@ -87,70 +87,50 @@ pub async fn profile(
     let Some(pid) = profile_id else {
         return Ok(None);
     };
-    let ids = ctx
-        .table("identities")
-        .await?
-        .filter(col("profile_id").eq(lit(pid.clone())))?
-        .select(vec![col("id_type"), col("id_value")])?
-        .collect()
-        .await?;
+    let of_profile = col("profile_id").eq(lit(pid.clone()));
+    let ids = column_values(
+        &ctx,
+        "identities",
+        of_profile.clone(),
+        &["id_type", "id_value"],
+    )
+    .await?;
     let mut external_ids: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (t, v) in strings(&ids, 0).into_iter().zip(strings(&ids, 1)) {
-        external_ids.entry(t).or_default().push(v);
+    for (t, v) in ids[0].iter().zip(&ids[1]) {
+        external_ids.entry(t.clone()).or_default().push(v.clone());
     }
     for v in external_ids.values_mut() {
         v.sort();
     }
-    let tr = ctx
-        .table("traits")
-        .await?
-        .filter(
-            col("entity")
-                .eq(lit("profile"))
-                .and(col("profile_id").eq(lit(pid.clone()))),
-        )?
-        .select(vec![col("key"), col("value")])?
-        .collect()
-        .await?;
-    let mut traits: BTreeMap<String, serde_json::Value> = strings(&tr, 0)
-        .into_iter()
-        .zip(strings(&tr, 1))
-        .map(|(k, v)| {
-            let parsed = serde_json::from_str(&v).unwrap_or(serde_json::Value::String(v));
-            (k, parsed)
-        })
+    let json = |v: &String| serde_json::from_str(v).unwrap_or(serde_json::Value::String(v.clone()));
+    let custom = column_values(
+        &ctx,
+        "traits",
+        col("entity").eq(lit("profile")).and(of_profile.clone()),
+        &["key", "value"],
+    )
+    .await?;
+    let computed = column_values(
+        &ctx,
+        "computed_traits",
+        of_profile.clone(),
+        &["key", "value"],
+    )
+    .await?;
+    let traits: BTreeMap<String, serde_json::Value> = custom[0]
+        .iter()
+        .zip(&custom[1])
+        .chain(computed[0].iter().zip(&computed[1]))
+        .map(|(k, v)| (k.clone(), json(v)))
         .collect();
-    let acc = ctx
-        .table("account_links")
+    let mut accounts = column_values(&ctx, "account_links", of_profile.clone(), &["account_id"])
         .await?
-        .filter(col("profile_id").eq(lit(pid.clone())))?
-        .select(vec![col("account_id")])?
-        .collect()
-        .await?;
-    let mut accounts = strings(&acc, 0);
+        .remove(0);
     accounts.sort();
     accounts.dedup();
-    let ct = ctx
-        .table("computed_traits")
+    let mut audiences = column_values(&ctx, "memberships", of_profile, &["audience_key"])
         .await?
-        .filter(col("profile_id").eq(lit(pid.clone())))?
-        .select(vec![col("key"), col("value")])?
-        .collect()
-        .await?;
-    for (k, v) in strings(&ct, 0).into_iter().zip(strings(&ct, 1)) {
-        traits.insert(
-            k,
-            serde_json::from_str(&v).unwrap_or(serde_json::Value::String(v)),
-        );
-    }
-    let m = ctx
-        .table("memberships")
-        .await?
-        .filter(col("profile_id").eq(lit(pid.clone())))?
-        .select(vec![col("audience_key")])?
-        .collect()
-        .await?;
-    let mut audiences = strings(&m, 0);
+        .remove(0);
     audiences.sort();
     let known = external_ids.contains_key("user_id") || external_ids.contains_key("email");
     Ok(Some(ProfileView {
@@ -161,4 +141,21 @@ pub async fn profile(
         audiences,
         accounts,
     }))
+}
+
+/// The non-null values of string columns `cols` of `table` rows matching `filter`.
+async fn column_values(
+    ctx: &datafusion::prelude::SessionContext,
+    table: &str,
+    filter: datafusion::prelude::Expr,
+    cols: &[&str],
+) -> Result<Vec<Vec<String>>> {
+    let batches = ctx
+        .table(table)
+        .await?
+        .filter(filter)?
+        .select(cols.iter().map(|c| col(*c)).collect::<Vec<_>>())?
+        .collect()
+        .await?;
+    Ok((0..cols.len()).map(|i| strings(&batches, i)).collect())
 }
