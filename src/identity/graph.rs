@@ -29,8 +29,9 @@ pub struct Profile {
     pub created_at: i64,
     /// The message that created it.
     pub first_message_id: String,
-    /// Ids by type (only meaningful on canonical profiles), in the order they joined.
-    pub ids: BTreeMap<String, Vec<String>>,
+    /// How many ids of each type (index into [`Graph::id_types`]) the profile holds (only
+    /// meaningful on canonical profiles; the ids themselves live in [`Graph::ids`]).
+    pub id_counts: Vec<(u16, u32)>,
 }
 
 /// Where an id was first seen.
@@ -79,6 +80,8 @@ impl TraitValue {
 pub struct Graph {
     /// Profiles by dense index.
     pub profiles: Vec<Profile>,
+    /// Id type names, indexed by the type numbers of [`Profile::id_counts`].
+    pub id_types: Vec<String>,
     /// Every linked id: type → value → where it belongs (two levels, so lookups borrow).
     pub ids: HashMap<String, HashMap<String, IdInfo>>,
     /// Merges in the order they happened.
@@ -109,6 +112,20 @@ pub struct IdentityEvent {
     pub group: Option<(String, Vec<(String, String)>)>,
     /// Alias call: the previous id (a known `user_id`, else treated as an `anonymous_id`).
     pub alias_previous: Option<String>,
+}
+
+fn add_count(counts: &mut Vec<(u16, u32)>, t: u16, n: u32) {
+    match counts.iter_mut().find(|c| c.0 == t) {
+        Some(c) => c.1 += n,
+        None => counts.push((t, n)),
+    }
+}
+
+fn bump<'a>(counts: &mut Vec<(&'a str, u32)>, t: &'a str, n: u32) {
+    match counts.iter_mut().find(|c| c.0 == t) {
+        Some(c) => c.1 += n,
+        None => counts.push((t, n)),
+    }
 }
 
 fn profile_id_for(id_type: &str, value: &str) -> String {
@@ -244,18 +261,47 @@ impl Graph {
 
     /// Would the union of `matched` plus the new ids respect every per-type limit?
     fn fits(&self, rules: &IdentityRules, matched: &[ProfileIdx], ids: &[(&str, &str)]) -> bool {
-        let mut counts: BTreeMap<&str, u32> = BTreeMap::new();
+        let mut counts: Vec<(&str, u32)> = Vec::new();
         for p in matched {
-            for (t, vs) in &self.profiles[*p as usize].ids {
-                *counts.entry(t.as_str()).or_default() += vs.len() as u32;
+            for &(t, n) in &self.profiles[*p as usize].id_counts {
+                bump(&mut counts, &self.id_types[t as usize], n);
             }
         }
         for &(t, v) in ids {
             if self.lookup(t, v).is_none() {
-                *counts.entry(t).or_default() += 1;
+                bump(&mut counts, t, 1);
             }
         }
         counts.iter().all(|(t, n)| *n <= rules.limit(t))
+    }
+
+    /// The type number of an id type, interning it on first use.
+    fn type_number(&mut self, t: &str) -> u16 {
+        match self.id_types.iter().position(|x| x == t) {
+            Some(i) => i as u16,
+            None => {
+                self.id_types.push(t.to_string());
+                (self.id_types.len() - 1) as u16
+            }
+        }
+    }
+
+    /// Count one more id of type `t` on profile `p`.
+    pub fn count_id(&mut self, p: ProfileIdx, t: &str) {
+        let t = self.type_number(t);
+        add_count(&mut self.profiles[p as usize].id_counts, t, 1);
+    }
+
+    /// How many ids of type `t` the canonical profile of `p` holds.
+    pub fn id_count(&self, p: ProfileIdx, t: &str) -> u32 {
+        let Some(t) = self.id_types.iter().position(|x| x == t) else {
+            return 0;
+        };
+        self.profiles[self.canonical(p) as usize]
+            .id_counts
+            .iter()
+            .find(|c| c.0 as usize == t)
+            .map_or(0, |c| c.1)
     }
 
     fn apply(
@@ -274,7 +320,7 @@ impl Graph {
                     parent: idx,
                     created_at: ev.timestamp,
                     first_message_id: ev.message_id.clone(),
-                    ids: BTreeMap::new(),
+                    id_counts: Vec::new(),
                 });
                 idx
             }
@@ -291,24 +337,16 @@ impl Graph {
                     first_seen: ev.timestamp,
                     first_message_id: ev.message_id.clone(),
                 });
-                self.profiles[survivor as usize]
-                    .ids
-                    .entry(t.to_string())
-                    .or_default()
-                    .push(v.to_string());
+                self.count_id(survivor, t);
             }
         }
         survivor
     }
 
     fn merge(&mut self, from: ProfileIdx, into: ProfileIdx, ev: &IdentityEvent) {
-        let moved = std::mem::take(&mut self.profiles[from as usize].ids);
-        for (t, vs) in moved {
-            self.profiles[into as usize]
-                .ids
-                .entry(t)
-                .or_default()
-                .extend(vs);
+        let moved = std::mem::take(&mut self.profiles[from as usize].id_counts);
+        for (t, n) in moved {
+            add_count(&mut self.profiles[into as usize].id_counts, t, n);
         }
         self.profiles[from as usize].parent = into;
         if let Some(traits) = self.profile_traits.remove(&from) {
@@ -339,9 +377,7 @@ impl Graph {
 
     /// True when the canonical profile has a `user_id` or an `email`.
     pub fn is_known(&self, p: ProfileIdx) -> bool {
-        let ids = &self.profiles[self.canonical(p) as usize].ids;
-        ids.get("user_id").is_some_and(|v| !v.is_empty())
-            || ids.get("email").is_some_and(|v| !v.is_empty())
+        self.id_count(p, "user_id") > 0 || self.id_count(p, "email") > 0
     }
 }
 
@@ -470,7 +506,7 @@ mod tests {
                 Some(p)
             );
         }
-        assert_eq!(g.profiles[p as usize].ids["anonymous_id"].len(), 5);
+        assert_eq!(g.id_count(p, "anonymous_id"), 5);
         // a6 cannot join: demoted, the event stays with u1's profile, a6 unlinked.
         assert_eq!(
             g.process(

@@ -24,6 +24,7 @@ pub mod graph;
 pub mod lookup;
 pub mod persist;
 pub mod rules;
+mod source;
 
 pub use graph::{Graph, IdentityEvent, ProfileIdx};
 pub use persist::{IdentityReport, resolve};

@@ -1,6 +1,5 @@
 //! Loading, updating and committing the identity state.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -8,12 +7,10 @@ use arrow::array::{
     TimestampMicrosecondArray,
 };
 use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, TimestampMicrosecondType};
-use std::ops::Not;
 
-use datafusion::prelude::{SessionContext, col, ident};
 use serde_json::Value;
 
-use super::graph::{Graph, IdInfo, IdentityEvent, Merge, Profile, ProfileIdx, TraitValue};
+use super::graph::{Graph, IdInfo, Merge, Profile, ProfileIdx, TraitValue};
 use super::rules::IdentityRules;
 use crate::error::{Error, Result};
 use crate::events::schema::{identity_key, ts_type};
@@ -21,7 +18,6 @@ use crate::events::writer::{encode_parquet, writer_properties};
 use crate::store::Store;
 use crate::store::keys::{self, Key, Space, TableName};
 use crate::store::log::{CommitDraft, CommitLog, FileAdd, Snapshot};
-use crate::tables::CommittedTable;
 
 /// The identity log's table name.
 pub const IDENTITY: TableName = TableName::Named("identity");
@@ -115,10 +111,29 @@ pub fn typed_json<'a>(values: impl Iterator<Item = &'a str>) -> (ArrayRef, Array
     let mut n = arrow::array::Float64Builder::new();
     let mut b = arrow::array::BooleanBuilder::new();
     for v in values {
-        let parsed: Value = serde_json::from_str(v).unwrap_or(Value::Null);
-        s.append_option(parsed.as_str());
-        n.append_option(parsed.as_f64());
-        b.append_option(parsed.as_bool());
+        // Fast paths for the common shapes; anything else goes through the JSON parser.
+        match v {
+            "true" | "false" => {
+                s.append_null();
+                n.append_null();
+                b.append_value(v == "true");
+            }
+            _ if v.len() >= 2
+                && v.starts_with('"')
+                && v.ends_with('"')
+                && !v[1..v.len() - 1].contains(['\\', '"']) =>
+            {
+                s.append_value(&v[1..v.len() - 1]);
+                n.append_null();
+                b.append_null();
+            }
+            _ => {
+                let parsed: Value = serde_json::from_str(v).unwrap_or(Value::Null);
+                s.append_option(parsed.as_str());
+                n.append_option(parsed.as_f64());
+                b.append_option(parsed.as_bool());
+            }
+        }
     }
     (
         Arc::new(s.finish()),
@@ -134,35 +149,40 @@ pub fn ts_array(v: Vec<i64>) -> ArrayRef {
 
 fn batches(g: &Graph) -> Result<Vec<(&'static str, RecordBatch)>> {
     let canon = |p: ProfileIdx| g.canonical(p);
-    let pid = |p: ProfileIdx| g.profiles[canon(p) as usize].id.clone();
+    let pid = |p: ProfileIdx| g.profiles[canon(p) as usize].id.as_str();
     // identities, in a stable order
-    let mut ids: Vec<((&String, &String), &IdInfo)> = g
+    let ids: Vec<((&String, &String), &IdInfo)> = g
         .ids
         .iter()
         .flat_map(|(t, m)| m.iter().map(move |(v, i)| ((t, v), i)))
         .collect();
-    ids.sort_by(|a, b| a.0.cmp(&b.0));
+    // Stable order by identity key (cheap to sort: no string comparisons unless keys collide).
+    let mut ids: Vec<(i64, (&String, &String), &IdInfo)> = ids
+        .into_iter()
+        .map(|(k, i)| (identity_key(k.0, k.1), k, i))
+        .collect();
+    ids.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
     let identities = RecordBatch::try_new(
         schema("identities"),
         vec![
             Arc::new(StringArray::from_iter_values(
-                ids.iter().map(|(k, _)| k.0.as_str()),
+                ids.iter().map(|(_, k, _)| k.0.as_str()),
             )),
             Arc::new(StringArray::from_iter_values(
-                ids.iter().map(|(k, _)| k.1.as_str()),
+                ids.iter().map(|(_, k, _)| k.1.as_str()),
             )),
             Arc::new(StringArray::from_iter_values(
-                ids.iter().map(|(_, i)| pid(i.profile)),
+                ids.iter().map(|(_, _, i)| pid(i.profile)),
             )),
             Arc::new(Int64Array::from_iter_values(
-                ids.iter().map(|(_, i)| canon(i.profile) as i64),
+                ids.iter().map(|(_, _, i)| canon(i.profile) as i64),
             )),
             Arc::new(Int64Array::from_iter_values(
-                ids.iter().map(|(k, _)| identity_key(k.0, k.1)),
+                ids.iter().map(|(key, _, _)| *key),
             )),
-            ts_array(ids.iter().map(|(_, i)| i.first_seen).collect()),
+            ts_array(ids.iter().map(|(_, _, i)| i.first_seen).collect()),
             Arc::new(StringArray::from_iter_values(
-                ids.iter().map(|(_, i)| i.first_message_id.as_str()),
+                ids.iter().map(|(_, _, i)| i.first_message_id.as_str()),
             )),
         ],
     )?;
@@ -176,7 +196,7 @@ fn batches(g: &Graph) -> Result<Vec<(&'static str, RecordBatch)>> {
             )),
             Arc::new(StringArray::from_iter((0..n).map(|i| {
                 let c = canon(i as ProfileIdx);
-                (c as usize != i).then(|| g.profiles[c as usize].id.clone())
+                (c as usize != i).then(|| g.profiles[c as usize].id.as_str())
             }))),
             Arc::new(Int64Array::from_iter_values(
                 (0..n).map(|i| canon(i as ProfileIdx) as i64),
@@ -331,7 +351,7 @@ pub async fn load(store: &Store, snap: &Snapshot) -> Result<Graph> {
                 parent: canon.value(r) as ProfileIdx,
                 created_at: created.value(r),
                 first_message_id: first.value(r).to_string(),
-                ids: BTreeMap::new(),
+                id_counts: Vec::new(),
             });
         }
     }
@@ -361,14 +381,13 @@ pub async fn load(store: &Store, snap: &Snapshot) -> Result<Graph> {
             ));
         }
     }
-    ids.sort_by(|a, b| (a.3, &a.4, &a.0, &a.1).cmp(&(b.3, &b.4, &b.0, &b.1)));
     for (t, v, p, fs, fm) in ids {
-        let Some(profile) = g.profiles.get_mut(p as usize) else {
+        if g.profiles.get(p as usize).is_none() {
             return Err(Error::Usage(format!(
                 "identity state corrupt: id {t}:{v} points at missing profile {p}"
             )));
         };
-        profile.ids.entry(t.clone()).or_default().push(v.clone());
+        g.count_id(p, &t);
         g.ids.entry(t).or_default().insert(
             v,
             IdInfo {
@@ -451,219 +470,6 @@ pub async fn load(store: &Store, snap: &Snapshot) -> Result<Graph> {
     Ok(g)
 }
 
-/// Stream what identity resolution needs from events files to `on_event`, in processing order
-/// (timestamp, then messageId), sorted by DataFusion within a bounded memory pool (spilling to
-/// disk beyond it). Returns the number of events resolved.
-pub async fn read_identity_events(
-    store: &Store,
-    files: &[FileAdd],
-    rules: &IdentityRules,
-    mut on_event: impl FnMut(&IdentityEvent),
-) -> Result<u64> {
-    if files.is_empty() {
-        return Ok(0);
-    }
-    let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
-        .with_memory_limit(IDENTITY_SORT_MEMORY, 1.0)
-        .build_arc()?;
-    let ctx =
-        SessionContext::new_with_config_rt(datafusion::prelude::SessionConfig::new(), runtime);
-    let url =
-        url::Url::parse(crate::store::DATAFUSION_URL).map_err(|e| Error::Usage(e.to_string()))?;
-    ctx.register_object_store(&url, store.object_store());
-    let table = CommittedTable::events(files);
-    let schema = datafusion::catalog::TableProvider::schema(&table);
-    ctx.register_table("ev", Arc::new(table))?;
-    let mut cols = vec![
-        col("message_id"),
-        col("type"),
-        col("user_id"),
-        col("anonymous_id"),
-        col("previous_id"),
-        col("group_id"),
-        col("timestamp"),
-        col("traits"),
-    ];
-    let mut optional = vec![
-        "context.traits.email:str".to_string(),
-        "context.externalIds:json".to_string(),
-    ];
-    for t in &rules.custom_id_types {
-        optional.push(format!("context.traits.{t}:str"));
-    }
-    let present: Vec<String> = optional
-        .into_iter()
-        .filter(|c| schema.field_with_name(c).is_ok())
-        .collect();
-    cols.extend(present.iter().map(ident));
-    // identify/group/alias calls carry traits, accounts and aliases: every one is resolved.
-    // Other calls only carry ids, and a repeat of an id list can no longer change the graph
-    // (ids never leave a profile, profiles only grow, so limits only tighten): only the first
-    // occurrence of each distinct id list, by (timestamp, messageId), is resolved.
-    let plain = || {
-        col("type").in_list(
-            vec![
-                datafusion::prelude::lit("track"),
-                datafusion::prelude::lit("page"),
-                datafusion::prelude::lit("screen"),
-            ],
-            false,
-        )
-    };
-    let calls = ctx
-        .table("ev")
-        .await?
-        .filter(plain().not())?
-        .select(cols.clone())?;
-    let order = || {
-        vec![
-            col("timestamp").sort(true, false),
-            col("message_id").sort(true, false),
-        ]
-    };
-    let mut keys = vec![col("user_id"), col("anonymous_id")];
-    keys.extend(present.iter().map(ident));
-    let first = |c: &str| {
-        datafusion::functions_aggregate::expr_fn::first_value(col(c), order())
-            .alias(format!("__first_{c}"))
-    };
-    let firsts = ctx.table("ev").await?.filter(plain())?.aggregate(
-        keys,
-        vec![first("message_id"), first("type"), first("timestamp")],
-    )?;
-    let null_str = || datafusion::prelude::lit(datafusion::common::ScalarValue::Utf8(None));
-    let mut aligned = vec![
-        col("__first_message_id").alias("message_id"),
-        col("__first_type").alias("type"),
-        col("user_id"),
-        col("anonymous_id"),
-        null_str().alias("previous_id"),
-        null_str().alias("group_id"),
-        col("__first_timestamp").alias("timestamp"),
-        null_str().alias("traits"),
-    ];
-    aligned.extend(present.iter().map(ident));
-    let df = calls.union(firsts.select(aligned)?)?.sort(order())?;
-    let mut stream = df.execute_stream().await?;
-    let mut n = 0u64;
-    while let Some(b) = futures::StreamExt::next(&mut stream).await {
-        let b = &b?;
-        let (mid, ty, uid, aid, prev, gid, traits) = (
-            s(b, "message_id")?,
-            s(b, "type")?,
-            s(b, "user_id")?,
-            s(b, "anonymous_id")?,
-            s(b, "previous_id")?,
-            s(b, "group_id")?,
-            s(b, "traits")?,
-        );
-        let ts = tss(b, "timestamp")?;
-        let ctx_email = present
-            .iter()
-            .any(|c| c == "context.traits.email:str")
-            .then(|| s(b, "context.traits.email:str"))
-            .transpose()?;
-        let ext = present
-            .iter()
-            .any(|c| c == "context.externalIds:json")
-            .then(|| s(b, "context.externalIds:json"))
-            .transpose()?;
-        let customs: Vec<(&str, &StringArray)> = rules
-            .custom_id_types
-            .iter()
-            .filter_map(|t| {
-                let name = format!("context.traits.{t}:str");
-                present
-                    .contains(&name)
-                    .then(|| s(b, &name).ok().map(|a| (t.as_str(), a)))
-                    .flatten()
-            })
-            .collect();
-        for r in 0..b.num_rows() {
-            let mut e = IdentityEvent {
-                message_id: mid.value(r).into(),
-                timestamp: ts.value(r),
-                ..Default::default()
-            };
-            if uid.is_valid(r) {
-                e.ids.push(("user_id".into(), uid.value(r).into()));
-            }
-            if aid.is_valid(r) {
-                e.ids.push(("anonymous_id".into(), aid.value(r).into()));
-            }
-            let kind = ty.value(r);
-            let trait_obj: Option<serde_json::Map<String, Value>> = if traits.is_valid(r) {
-                match serde_json::from_str(traits.value(r)) {
-                    Ok(Value::Object(m)) => Some(m),
-                    _ => None,
-                }
-            } else {
-                None
-            };
-            if let Some(c) = ctx_email
-                && c.is_valid(r)
-            {
-                e.ids.push(("email".into(), c.value(r).trim().into()));
-            }
-            for (t, a) in &customs {
-                if a.is_valid(r) {
-                    e.ids.push((t.to_string(), a.value(r).trim().into()));
-                }
-            }
-            if let Some(x) = ext
-                && x.is_valid(r)
-                && let Ok(Value::Array(items)) = serde_json::from_str::<Value>(x.value(r))
-            {
-                for it in items {
-                    let coll = it
-                        .get("collection")
-                        .and_then(Value::as_str)
-                        .unwrap_or("users");
-                    if let (Some(id), Some(t), "users") = (
-                        it.get("id").and_then(Value::as_str),
-                        it.get("type").and_then(Value::as_str),
-                        coll,
-                    ) {
-                        e.ids.push((t.to_string(), id.trim().to_string()));
-                    }
-                }
-            }
-            match kind {
-                "identify" => {
-                    if let Some(m) = &trait_obj {
-                        if let Some(Value::String(em)) = m.get("email") {
-                            e.ids.push(("email".into(), em.trim().into()));
-                        }
-                        for t in &rules.custom_id_types {
-                            if let Some(Value::String(v)) = m.get(t) {
-                                e.ids.push((t.clone(), v.trim().into()));
-                            }
-                        }
-                        e.traits = m.iter().map(|(k, v)| (k.clone(), v.to_string())).collect();
-                    }
-                }
-                "group" if gid.is_valid(r) => {
-                    let t = trait_obj
-                        .as_ref()
-                        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.to_string())).collect())
-                        .unwrap_or_default();
-                    e.group = Some((gid.value(r).to_string(), t));
-                }
-                "alias" if prev.is_valid(r) => {
-                    e.alias_previous = Some(prev.value(r).to_string());
-                }
-                _ => {}
-            }
-            on_event(&e);
-            n += 1;
-        }
-    }
-    Ok(n)
-}
-
-/// Memory for sorting events during identity resolution (beyond it, the sort spills to disk).
-pub const IDENTITY_SORT_MEMORY: usize = 2 << 30;
-
 /// Resolve identities for the events committed since the last run (or all, with `full`), and
 /// commit the new state.
 pub async fn resolve(
@@ -707,14 +513,41 @@ pub async fn resolve(
             .flat_map(|e| e.adds.iter().cloned())
             .collect()
     };
-    read_identity_events(store, &new_files, rules, |e| {
+    let started = std::time::Instant::now();
+    let mut in_graph = std::time::Duration::ZERO;
+    let resolved = super::source::read_identity_events(store, &new_files, rules, |e| {
+        let t = std::time::Instant::now();
         graph.process(rules, e);
+        in_graph += t.elapsed();
     })
     .await?;
+    tracing::debug!(
+        files = new_files.len(),
+        resolved,
+        read_ms = (started.elapsed() - in_graph).as_millis() as u64,
+        graph_ms = in_graph.as_millis() as u64,
+        "identity events read and resolved"
+    );
+    let started = std::time::Instant::now();
     let events_read: u64 = new_files.iter().map(|f| f.rows).sum();
     let mut adds = Vec::new();
-    for (kind, batch) in batches(&graph)? {
-        let bytes = encode_parquet(&batch, writer_properties(None))?;
+    let tables = batches(&graph)?;
+    tracing::debug!(
+        build_ms = started.elapsed().as_millis() as u64,
+        "identity batches built"
+    );
+    // Encode the tables in parallel (they are independent).
+    let encoded: Vec<(&str, RecordBatch, bytes::Bytes)> = {
+        use rayon::prelude::*;
+        tables
+            .into_par_iter()
+            .map(|(kind, batch)| {
+                let bytes = encode_parquet(&batch, writer_properties(None))?;
+                Ok((kind, batch, bytes))
+            })
+            .collect::<Result<_>>()?
+    };
+    for (kind, batch, bytes) in encoded {
         let key = keys::data_file(space, IDENTITY, None, "parquet");
         let size = bytes.len() as u64;
         store.put(&key, bytes).await?;
@@ -726,6 +559,10 @@ pub async fn resolve(
             ..Default::default()
         });
     }
+    tracing::debug!(
+        write_ms = started.elapsed().as_millis() as u64,
+        "identity tables written"
+    );
     let canonical: Vec<ProfileIdx> = (0..graph.profiles.len() as ProfileIdx)
         .filter(|p| graph.canonical(*p) == *p)
         .collect();
