@@ -7,7 +7,21 @@ use clap::Parser;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Transparent huge pages off for this process. mimalloc asks for them, and the kernel then
+/// zeroes a whole 2 MiB page on the first touch of any byte of it: with the short-lived,
+/// scattered allocations of DataFusion scans that was a third of a compute's time and doubled
+/// its peak RSS (computing a 180-day sum trait over 10M events: 5.9 s / 1.26 GiB with, 2.8 s /
+/// 0.44 GiB without).
+fn disable_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl(PR_SET_THP_DISABLE) only sets a flag of the calling process.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+}
+
 fn main() {
+    disable_transparent_huge_pages();
     let cli = audiences::cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -347,6 +347,7 @@ pub async fn compute_with_progress(
                 let plan = compile_audience(&inputs, &stored.file)
                     .await
                     .map_err(fail)?;
+                tracing::trace!(key = %key, plan = %plan.frame.logical_plan().display_indent(), "compiled");
                 let batches = plan.frame.collect().await.map_err(|e| fail(e.into()))?;
                 let members = members_of(&batches)?;
                 let old = current_members(store, prev).await?;
@@ -431,6 +432,7 @@ pub async fn compute_with_progress(
             }
             Kind::ComputedTrait => {
                 let plan = compile_trait(&inputs, &stored.file).await.map_err(fail)?;
+                tracing::trace!(key = %key, plan = %plan.frame.logical_plan().display_indent(), "compiled");
                 let batches = plan.frame.collect().await.map_err(|e| fail(e.into()))?;
                 let tb = trait_batch(key, version, as_of, &batches)?;
                 let n = tb.num_rows();

@@ -256,6 +256,9 @@ struct Compiler<'a> {
     aggs: Vec<Expr>,
     /// Lower time bound of every aggregate (None = unbounded), for pruning.
     lower_bounds: Vec<Option<i64>>,
+    /// The row predicate of every aggregate: their disjunction filters the events before the
+    /// join and the aggregation (each aggregate still applies its own as a FILTER).
+    agg_rows: Vec<Expr>,
     /// Trait keys joined, by key → alias prefix.
     traits: BTreeMap<String, String>,
     /// Audience keys joined, by key → alias.
@@ -414,10 +417,14 @@ impl<'a> Compiler<'a> {
                 SortExpr::new(col("message_id"), true, false),
             ]
         };
+        let row_pred = pred.clone();
         let push = |c: &mut Compiler, e: Expr, suffix: &str| -> Result<Expr> {
             let name = format!("{alias}{suffix}");
             c.aggs.push(e.alias(name.clone()));
             c.lower_bounds.push(lo);
+            if !c.agg_rows.contains(&row_pred) {
+                c.agg_rows.push(row_pred.clone());
+            }
             Ok(col(name))
         };
         let arg = |c: &mut Compiler, v: &Value| c.row_value(v);
@@ -596,8 +603,15 @@ async fn assemble(c: &Compiler<'_>, include_anonymous: bool) -> Result<DataFrame
         Ok::<_, Error>(ev)
     };
     if !c.aggs.is_empty() {
+        let rows = c
+            .agg_rows
+            .iter()
+            .cloned()
+            .reduce(Expr::or)
+            .unwrap_or_else(|| lit(true));
         let agg = scan()
             .await?
+            .filter(rows)?
             .aggregate(vec![col("profile_idx").alias("__p")], c.aggs.clone())?;
         frame = frame
             .join(agg, JoinType::Left, &["profile_idx"], &["__p"], None)?
@@ -680,6 +694,7 @@ async fn compiler<'a>(inp: &'a Inputs<'a>, def: &DefinitionFile) -> Result<Compi
         schema_cols: schema.fields().iter().map(|f| f.name().clone()).collect(),
         aggs: Vec::new(),
         lower_bounds: Vec::new(),
+        agg_rows: Vec::new(),
         traits: BTreeMap::new(),
         audiences: BTreeMap::new(),
         modes: Vec::new(),

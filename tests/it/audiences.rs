@@ -752,6 +752,9 @@ async fn a_simple_definition_compiles_to_the_hand_built_plan() {
         .unwrap()
         .filter(col("timestamp").gt_eq(ts(lo)))
         .unwrap()
+        // the rows any aggregate needs, before the join and the aggregation
+        .filter(pred.clone())
+        .unwrap()
         .aggregate(
             vec![col("profile_idx").alias("__p")],
             vec![count(lit(1)).filter(pred).build().unwrap().alias("__f0")],
