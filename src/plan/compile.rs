@@ -7,9 +7,7 @@ use std::ops::Not;
 use arrow::datatypes::{DataType, TimeUnit};
 use datafusion::common::{JoinType, ScalarValue};
 use datafusion::dataframe::DataFrame;
-use datafusion::functions_aggregate::expr_fn::{
-    avg, count, count_distinct, first_value, last_value, max, min, sum,
-};
+use datafusion::functions_aggregate::expr_fn::{avg, count, first_value, max, min, sum};
 use datafusion::logical_expr::expr::Like;
 use datafusion::logical_expr::{Expr, ExprFunctionExt, SortExpr, cast, try_cast};
 use datafusion::prelude::{SessionContext, col, ident, lit};
@@ -458,16 +456,19 @@ impl<'a> Compiler<'a> {
                     if matches!(e, Expr::Literal(..)) {
                         continue;
                     }
+                    // Through the builder: `first_value(e, order)` followed by `.filter()`
+                    // would rebuild the call without its ORDER BY.
                     let f = if matches!(r, Reducer::First { .. }) {
-                        first_value(e.clone(), ts_order())
+                        datafusion::functions_aggregate::first_last::first_value_udaf()
                     } else {
-                        last_value(e.clone(), ts_order())
+                        datafusion::functions_aggregate::first_last::last_value_udaf()
                     };
-                    let c = push(
-                        self,
-                        f.filter(pred.clone().and(e.is_not_null())).build()?,
-                        suffix,
-                    )?;
+                    let agg = f
+                        .call(vec![e.clone()])
+                        .order_by(ts_order())
+                        .filter(pred.clone().and(e.is_not_null()))
+                        .build()?;
+                    let c = push(self, agg, suffix)?;
                     match suffix {
                         "_s" => out.s = c,
                         "_n" => out.n = c,
@@ -479,7 +480,9 @@ impl<'a> Compiler<'a> {
             Reducer::UniqueCount { value } => {
                 let v = arg(self, value)?;
                 let text = value_text(&v);
-                let c = push(self, count_distinct(text).filter(pred).build()?, "")?;
+                // Through the builder: `count_distinct(x).filter(..)` would drop DISTINCT.
+                let agg = count(text).distinct().filter(pred).build()?;
+                let c = push(self, agg, "")?;
                 Typed::num(datafusion::functions::expr_fn::coalesce(vec![c, lit(0i64)]))
             }
             Reducer::Unique { value } => {
