@@ -114,14 +114,8 @@ pub struct IdentityEvent {
     pub alias_previous: Option<String>,
 }
 
-fn add_count(counts: &mut Vec<(u16, u32)>, t: u16, n: u32) {
-    match counts.iter_mut().find(|c| c.0 == t) {
-        Some(c) => c.1 += n,
-        None => counts.push((t, n)),
-    }
-}
-
-fn bump<'a>(counts: &mut Vec<(&'a str, u32)>, t: &'a str, n: u32) {
+/// Add `n` to the count of `t` in a short list of (type, count).
+fn add_count<K: PartialEq>(counts: &mut Vec<(K, u32)>, t: K, n: u32) {
     match counts.iter_mut().find(|c| c.0 == t) {
         Some(c) => c.1 += n,
         None => counts.push((t, n)),
@@ -264,12 +258,12 @@ impl Graph {
         let mut counts: Vec<(&str, u32)> = Vec::new();
         for p in matched {
             for &(t, n) in &self.profiles[*p as usize].id_counts {
-                bump(&mut counts, &self.id_types[t as usize], n);
+                add_count(&mut counts, self.id_types[t as usize].as_str(), n);
             }
         }
         for &(t, v) in ids {
             if self.lookup(t, v).is_none() {
-                bump(&mut counts, t, 1);
+                add_count(&mut counts, t, 1);
             }
         }
         counts.iter().all(|(t, n)| *n <= rules.limit(t))

@@ -319,20 +319,22 @@ async fn read_kind(store: &Store, snap: &Snapshot, kind: &str) -> Result<Vec<Rec
     Ok(out)
 }
 
-fn s<'a>(b: &'a RecordBatch, n: &str) -> Result<&'a StringArray> {
+/// The string column `n` of `b` (identity tables and identity scans of events).
+pub(super) fn s<'a>(b: &'a RecordBatch, n: &str) -> Result<&'a StringArray> {
     b.column_by_name(n)
         .and_then(|c| c.as_string_opt::<i32>())
-        .ok_or_else(|| Error::Usage(format!("identity table lacks column {n}")))
+        .ok_or_else(|| Error::Usage(format!("identity input lacks string column {n}")))
 }
 fn i64s<'a>(b: &'a RecordBatch, n: &str) -> Result<&'a Int64Array> {
     b.column_by_name(n)
         .and_then(|c| c.as_primitive_opt::<Int64Type>())
         .ok_or_else(|| Error::Usage(format!("identity table lacks column {n}")))
 }
-fn tss<'a>(b: &'a RecordBatch, n: &str) -> Result<&'a TimestampMicrosecondArray> {
+/// The timestamp column `n` of `b`.
+pub(super) fn tss<'a>(b: &'a RecordBatch, n: &str) -> Result<&'a TimestampMicrosecondArray> {
     b.column_by_name(n)
         .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>())
-        .ok_or_else(|| Error::Usage(format!("identity table lacks column {n}")))
+        .ok_or_else(|| Error::Usage(format!("identity input lacks timestamp column {n}")))
 }
 
 /// Load the committed identity state.
@@ -514,28 +516,20 @@ pub async fn resolve(
             .collect()
     };
     let started = std::time::Instant::now();
-    let mut in_graph = std::time::Duration::ZERO;
     let resolved = super::source::read_identity_events(store, &new_files, rules, |e| {
-        let t = std::time::Instant::now();
         graph.process(rules, e);
-        in_graph += t.elapsed();
     })
     .await?;
     tracing::debug!(
         files = new_files.len(),
         resolved,
-        read_ms = (started.elapsed() - in_graph).as_millis() as u64,
-        graph_ms = in_graph.as_millis() as u64,
+        ms = started.elapsed().as_millis() as u64,
         "identity events read and resolved"
     );
     let started = std::time::Instant::now();
     let events_read: u64 = new_files.iter().map(|f| f.rows).sum();
     let mut adds = Vec::new();
     let tables = batches(&graph)?;
-    tracing::debug!(
-        build_ms = started.elapsed().as_millis() as u64,
-        "identity batches built"
-    );
     // Encode the tables in parallel (they are independent).
     let encoded: Vec<(&str, RecordBatch, bytes::Bytes)> = {
         use rayon::prelude::*;

@@ -10,14 +10,14 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, RecordBatch, StringArray, TimestampMicrosecondArray};
-use arrow::datatypes::TimestampMicrosecondType;
+use arrow::array::{Array, RecordBatch, StringArray};
 use datafusion::prelude::{SessionConfig, SessionContext, col, ident, lit};
 use futures::StreamExt;
 use serde_json::Value;
 use std::ops::Not;
 
 use super::graph::IdentityEvent;
+use super::persist::{s, tss};
 use super::rules::IdentityRules;
 use crate::error::{Error, Result};
 use crate::store::Store;
@@ -59,7 +59,7 @@ impl IdColumns {
     }
 
     fn arrays<'a>(&self, b: &'a RecordBatch) -> Result<Vec<&'a StringArray>> {
-        self.names.iter().map(|n| strings(b, n)).collect()
+        self.names.iter().map(|n| s(b, n)).collect()
     }
 
     /// Push the ids of one row, given the value of each id column.
@@ -127,7 +127,7 @@ impl Firsts {
 
     fn add_batch(&mut self, b: &RecordBatch, cols: &IdColumns) -> Result<()> {
         let arrays = cols.arrays(b)?;
-        let (mid, ts) = (strings(b, "message_id")?, timestamps(b, "timestamp")?);
+        let (mid, ts) = (s(b, "message_id")?, tss(b, "timestamp")?);
         let same_as_previous = |r: usize| {
             r > 0
                 && arrays.iter().all(|a| {
@@ -290,13 +290,13 @@ pub async fn read_identity_events(
         let b = &b?;
         let arrays = cols.arrays(b)?;
         let (mid, ty, prev, gid, traits) = (
-            strings(b, "message_id")?,
-            strings(b, "type")?,
-            strings(b, "previous_id")?,
-            strings(b, "group_id")?,
-            strings(b, "traits")?,
+            s(b, "message_id")?,
+            s(b, "type")?,
+            s(b, "previous_id")?,
+            s(b, "group_id")?,
+            s(b, "traits")?,
         );
-        let ts = timestamps(b, "timestamp")?;
+        let ts = tss(b, "timestamp")?;
         for r in 0..b.num_rows() {
             let key = (ts.value(r), mid.value(r));
             while let Some(f) = pending.next_if(|f| (f.timestamp, &*f.message_id) < key) {
@@ -356,16 +356,4 @@ pub async fn read_identity_events(
         n += 1;
     }
     Ok(n)
-}
-
-fn strings<'a>(b: &'a RecordBatch, n: &str) -> Result<&'a StringArray> {
-    b.column_by_name(n)
-        .and_then(|c| c.as_string_opt::<i32>())
-        .ok_or_else(|| Error::Usage(format!("events scan lacks string column {n}")))
-}
-
-fn timestamps<'a>(b: &'a RecordBatch, n: &str) -> Result<&'a TimestampMicrosecondArray> {
-    b.column_by_name(n)
-        .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>())
-        .ok_or_else(|| Error::Usage(format!("events scan lacks timestamp column {n}")))
 }

@@ -465,9 +465,21 @@ fn random_window(r: &mut Rng) -> String {
     }
 }
 
+/// A random event source, a `.where(..)` one time in `where_one_in` (else empty) and a window.
+fn random_events(r: &mut Rng, sources: &[&str], where_one_in: u64) -> (String, String, String) {
+    let source = r.pick(sources).to_string();
+    let wh = if r.next(where_one_in) == 0 {
+        format!(".where({})", random_where(r))
+    } else {
+        String::new()
+    };
+    (source, wh, random_window(r))
+}
+
 fn random_atom(r: &mut Rng) -> String {
-    let source = r
-        .pick(&[
+    let (source, wh, win) = random_events(
+        r,
+        &[
             "event('Order Completed')",
             "event('Product Viewed')",
             "event('Checkout Started')",
@@ -475,14 +487,9 @@ fn random_atom(r: &mut Rng) -> String {
             "event(type: 'page', name: 'Pricing')",
             "event(type: 'page')",
             "event(type: 'screen')",
-        ])
-        .to_string();
-    let wh = if r.next(2) == 0 {
-        format!(".where({})", random_where(r))
-    } else {
-        String::new()
-    };
-    let win = random_window(r);
+        ],
+        2,
+    );
     match r.next(9) {
         0..=3 => format!(
             "{source}{wh}{win}.count() {} {}",
@@ -949,20 +956,16 @@ async fn versions_and_entered_exited_changes() {
 /// A random computed-trait expression over the generated events (numbers from `price`, text
 /// from string properties, every reducer of the tested subset).
 fn random_trait(r: &mut Rng) -> String {
-    let source = r
-        .pick(&[
+    let (source, wh, win) = random_events(
+        r,
+        &[
             "event('Order Completed')",
             "event('Product Viewed')",
             "event('Checkout Started')",
             "event(type: 'page')",
-        ])
-        .to_string();
-    let wh = if r.next(3) == 0 {
-        format!(".where({})", random_where(r))
-    } else {
-        String::new()
-    };
-    let win = random_window(r);
+        ],
+        3,
+    );
     let text = r.pick(&[
         "property('category')",
         "property('currency')",
