@@ -50,21 +50,21 @@ fn null_of(t: DataType) -> Expr {
 
 /// A value in its three typed forms (null where the value is not of that type).
 #[derive(Clone)]
-struct Typed {
-    s: Expr,
-    n: Expr,
-    b: Expr,
+pub(super) struct Typed {
+    pub(super) s: Expr,
+    pub(super) n: Expr,
+    pub(super) b: Expr,
 }
 
 impl Typed {
-    fn nulls() -> Typed {
+    pub(super) fn nulls() -> Typed {
         Typed {
             s: null_of(DataType::Utf8),
             n: null_of(DataType::Float64),
             b: null_of(DataType::Boolean),
         }
     }
-    fn num(e: Expr) -> Typed {
+    pub(super) fn num(e: Expr) -> Typed {
         Typed {
             n: cast(e, DataType::Float64),
             ..Typed::nulls()
@@ -201,14 +201,7 @@ fn compare(
             else {
                 return Err(bad("a date string"));
             };
-            let t = crate::events::message::parse_timestamp(d)
-                .or_else(|| crate::events::message::parse_timestamp(&format!("{d}T00:00:00Z")))
-                .ok_or_else(|| {
-                    Error::Usage(format!(
-                        "{}('{d}'): not a date (YYYY-MM-DD or RFC 3339)",
-                        op.method()
-                    ))
-                })?;
+            let t = parse_date(op, d)?;
             let vt = as_time(v);
             if op == CmpOp::BeforeDate {
                 vt.lt(ts_lit(t))
@@ -239,6 +232,18 @@ fn compare(
     Ok(false_if_null(e))
 }
 
+/// The operand of `before_date` / `after_date`: a date or an RFC 3339 time.
+pub(super) fn parse_date(op: CmpOp, d: &str) -> Result<i64> {
+    crate::events::message::parse_timestamp(d)
+        .or_else(|| crate::events::message::parse_timestamp(&format!("{d}T00:00:00Z")))
+        .ok_or_else(|| {
+            Error::Usage(format!(
+                "{}('{d}'): not a date (YYYY-MM-DD or RFC 3339)",
+                op.method()
+            ))
+        })
+}
+
 fn as_time(v: &Typed) -> Expr {
     try_cast(
         v.s.clone(),
@@ -246,9 +251,21 @@ fn as_time(v: &Typed) -> Expr {
     )
 }
 
+/// The row predicate of an event query, split.
+pub(super) struct Parts {
+    /// Source, absolute windows, backfill and the static `where` conditions.
+    pub(super) pred: Expr,
+    /// Lower time bound (None: unbounded).
+    pub(super) lo: Option<i64>,
+    /// `where` conditions that need the nested-events evaluator.
+    pub(super) dynamic: Vec<Condition>,
+    /// Windows relative to the parent event, as `(lo, hi)` microseconds.
+    pub(super) parent_windows: Vec<(i64, i64)>,
+}
+
 /// Compiles one definition; accumulates the aggregates and joins it needs.
-struct Compiler<'a> {
-    inp: &'a Inputs<'a>,
+pub(super) struct Compiler<'a> {
+    pub(super) inp: &'a Inputs<'a>,
     schema_cols: std::collections::HashSet<String>,
     /// Aggregate expressions over events, by alias.
     aggs: Vec<Expr>,
@@ -261,6 +278,8 @@ struct Compiler<'a> {
     traits: BTreeMap<String, String>,
     /// Audience keys joined, by key → alias.
     audiences: BTreeMap<String, String>,
+    /// Traits read inside `where` (joined to the events), by key → alias prefix.
+    row_traits: BTreeMap<String, String>,
     /// Mode sub-plans: alias → (event predicate, value column).
     modes: Vec<(String, Expr, Expr, u64)>,
     backfill_from: Option<i64>,
@@ -305,20 +324,40 @@ impl<'a> Compiler<'a> {
     }
 
     /// A value of the current event row (inside `where` and reducers).
-    fn row_value(&mut self, v: &Value) -> Result<Typed> {
+    pub(super) fn row_value(&mut self, v: &Value) -> Result<Typed> {
         match v {
             Value::Literal { value } => Ok(literal_typed(value)),
-            Value::Property { path, parent: false } => Ok(self.prop("properties", path)),
+            Value::Property {
+                path,
+                parent: false,
+            } => Ok(self.prop("properties", path)),
             Value::Context { path } => Ok(self.prop("context", path)),
-            Value::Property { parent: true, .. } | Value::Aggregate { .. } | Value::Trait { .. } | Value::Audience { .. } => {
-                Err(Error::Usage(
-                    "nested events, property(parent: ...) and trait()/audience() inside where are compiled by the funnel engine (not yet available)".into(),
-                ))
+            Value::Trait { key } => {
+                let n = self.row_traits.len();
+                let alias = self
+                    .row_traits
+                    .entry(key.clone())
+                    .or_insert_with(|| format!("__rt{n}"))
+                    .clone();
+                Ok(Typed {
+                    s: col(format!("{alias}_s")),
+                    n: col(format!("{alias}_n")),
+                    b: col(format!("{alias}_b")),
+                })
             }
+            Value::Property { parent: true, path } => Err(Error::Usage(format!(
+                "property(parent: '{path}') is only meaningful inside a nested event"
+            ))),
+            Value::Aggregate { .. } => Err(Error::Usage(
+                "an event query inside where must be compared (for example `.count() >= 1`)".into(),
+            )),
+            Value::Audience { key } => Err(Error::Usage(format!(
+                "audience('{key}') is a profile-level condition; it cannot appear inside where"
+            ))),
         }
     }
 
-    fn row_condition(&mut self, c: &Condition) -> Result<Expr> {
+    pub(super) fn row_condition(&mut self, c: &Condition) -> Result<Expr> {
         Ok(match c {
             Condition::And { items } => {
                 let mut e = lit(true);
@@ -354,6 +393,24 @@ impl<'a> Compiler<'a> {
 
     /// The row predicate of an event query (source, windows, where), and its lower time bound.
     fn event_predicate(&mut self, q: &EventQuery) -> Result<(Expr, Option<i64>)> {
+        let parts = self.event_parts(q)?;
+        if !parts.parent_windows.is_empty() {
+            return Err(Error::Usage(
+                "within(parent: ...) and between(parent: ...) apply to nested events only".into(),
+            ));
+        }
+        if !parts.dynamic.is_empty() {
+            return Err(Error::Usage(
+                "internal: nested condition on the plain path".into(),
+            ));
+        }
+        Ok((parts.pred, parts.lo))
+    }
+
+    /// The parts of an event query's row predicate.
+    pub(super) fn event_parts(&mut self, q: &EventQuery) -> Result<Parts> {
+        let mut dynamic = Vec::new();
+        let mut parent_windows = Vec::new();
         let as_of = self.inp.as_of;
         let mut pred = match &q.source {
             EventSource::Track { name } => col("type")
@@ -378,7 +435,10 @@ impl<'a> Compiler<'a> {
         let mut hi = as_of;
         for f in &q.filters {
             match f {
-                Filter::Where { condition } => pred = pred.and(self.row_condition(condition)?),
+                Filter::Where { condition } if super::nested::cond_is_static(condition) => {
+                    pred = pred.and(self.row_condition(condition)?)
+                }
+                Filter::Where { condition } => dynamic.push((**condition).clone()),
                 Filter::Within { duration } => {
                     let l = as_of - duration.micros();
                     lo = Some(lo.map_or(l, |x| x.max(l)));
@@ -388,10 +448,9 @@ impl<'a> Compiler<'a> {
                     lo = Some(lo.map_or(l, |x| x.max(l)));
                     hi = hi.min(as_of - from.micros());
                 }
-                Filter::WithinParent { .. } | Filter::BetweenParent { .. } => {
-                    return Err(Error::Usage(
-                        "parent windows apply to nested events only".into(),
-                    ));
+                Filter::WithinParent { duration } => parent_windows.push((0, duration.micros())),
+                Filter::BetweenParent { from, to } => {
+                    parent_windows.push((from.micros(), to.micros()))
                 }
             }
         }
@@ -402,10 +461,35 @@ impl<'a> Compiler<'a> {
         if let Some(from) = self.backfill_from {
             pred = pred.and(col("received_at").gt_eq(ts_lit(from)));
         }
-        Ok((pred, lo))
+        Ok(Parts {
+            pred,
+            lo,
+            dynamic,
+            parent_windows,
+        })
+    }
+
+    /// Add an aggregate over events (with the lower time bounds of the rows it reads and
+    /// the predicate of those rows); returns its column name.
+    pub(super) fn push_aggregate(
+        &mut self,
+        e: Expr,
+        lowers: Vec<Option<i64>>,
+        rows: Expr,
+    ) -> String {
+        let name = format!("__f{}", self.aggs.len());
+        self.aggs.push(e.alias(name.clone()));
+        self.lower_bounds.extend(lowers);
+        if !self.agg_rows.contains(&rows) {
+            self.agg_rows.push(rows);
+        }
+        name
     }
 
     fn aggregate(&mut self, q: &EventQuery, r: &Reducer) -> Result<Typed> {
+        if super::nested::query_is_nested(q) {
+            return self.nested_aggregate(q, r);
+        }
         let (pred, lo) = self.event_predicate(q)?;
         let n = self.aggs.len();
         let alias = format!("__f{n}");
@@ -507,7 +591,7 @@ impl<'a> Compiler<'a> {
             Reducer::Mode { value, min_count } => {
                 let v = arg(self, value)?;
                 let text = value_text(&v);
-                let name = format!("{alias}_mode");
+                let name = format!("__m{}", self.modes.len());
                 self.modes.push((name.clone(), pred, text, *min_count));
                 self.lower_bounds.push(lo);
                 Typed {
@@ -538,7 +622,7 @@ fn literal_typed(l: &Literal) -> Typed {
 }
 
 /// The text form of a typed value (string as is, numbers and booleans printed).
-fn value_text(v: &Typed) -> Expr {
+pub(super) fn value_text(v: &Typed) -> Expr {
     datafusion::functions::expr_fn::coalesce(vec![
         v.s.clone(),
         cast(v.n.clone(), DataType::Utf8),
@@ -603,6 +687,13 @@ async fn assemble(c: &Compiler<'_>, include_anonymous: bool) -> Result<DataFrame
         if let Some(lo) = events_lo {
             ev = ev.filter(col("timestamp").gt_eq(ts_lit(lo)))?;
         }
+        for (key, alias) in &c.row_traits {
+            let t = trait_frame(c, key, alias).await?;
+            let p = format!("{alias}_p");
+            ev = ev
+                .join(t, JoinType::Left, &["profile_idx"], &[p.as_str()], None)?
+                .drop_columns(&[p.as_str()])?;
+        }
         Ok::<_, Error>(ev)
     };
     if !c.aggs.is_empty() {
@@ -648,23 +739,7 @@ async fn assemble(c: &Compiler<'_>, include_anonymous: bool) -> Result<DataFrame
             .drop_columns(&["__mp"])?;
     }
     for (key, alias) in &c.traits {
-        let t = if c.inp.computed_traits.contains(key) {
-            ctx.table("__computed_traits")
-                .await?
-                .filter(col("key").eq(lit(key.clone())))?
-        } else {
-            ctx.table("traits").await?.filter(
-                col("entity")
-                    .eq(lit("profile"))
-                    .and(col("key").eq(lit(key.clone()))),
-            )?
-        };
-        let t = t.select(vec![
-            col("profile_idx").alias(format!("{alias}_p")),
-            col("value_str").alias(format!("{alias}_s")),
-            col("value_num").alias(format!("{alias}_n")),
-            col("value_bool").alias(format!("{alias}_b")),
-        ])?;
+        let t = trait_frame(c, key, alias).await?;
         let p = format!("{alias}_p");
         frame = frame
             .join(t, JoinType::Left, &["profile_idx"], &[p.as_str()], None)?
@@ -690,6 +765,28 @@ async fn assemble(c: &Compiler<'_>, include_anonymous: bool) -> Result<DataFrame
     Ok(frame)
 }
 
+/// The values of trait `key` per profile, as `{alias}_p` (profile_idx) and typed columns.
+async fn trait_frame(c: &Compiler<'_>, key: &str, alias: &str) -> Result<DataFrame> {
+    let ctx = c.inp.ctx;
+    let t = if c.inp.computed_traits.contains(key) {
+        ctx.table("__computed_traits")
+            .await?
+            .filter(col("key").eq(lit(key.to_string())))?
+    } else {
+        ctx.table("traits").await?.filter(
+            col("entity")
+                .eq(lit("profile"))
+                .and(col("key").eq(lit(key.to_string()))),
+        )?
+    };
+    Ok(t.select(vec![
+        col("profile_idx").alias(format!("{alias}_p")),
+        col("value_str").alias(format!("{alias}_s")),
+        col("value_num").alias(format!("{alias}_n")),
+        col("value_bool").alias(format!("{alias}_b")),
+    ])?)
+}
+
 async fn compiler<'a>(inp: &'a Inputs<'a>, def: &DefinitionFile) -> Result<Compiler<'a>> {
     let schema = inp.ctx.table("events").await?.schema().clone();
     Ok(Compiler {
@@ -700,6 +797,7 @@ async fn compiler<'a>(inp: &'a Inputs<'a>, def: &DefinitionFile) -> Result<Compi
         agg_rows: Vec::new(),
         traits: BTreeMap::new(),
         audiences: BTreeMap::new(),
+        row_traits: BTreeMap::new(),
         modes: Vec::new(),
         backfill_from: (!def.historical_backfill).then_some(inp.created_at),
     })

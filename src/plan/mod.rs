@@ -16,5 +16,6 @@
 //! storage: a string literal compares with the string form, a number with the numeric form.
 
 pub mod compile;
+mod nested;
 
 pub use compile::{Compiled, Inputs, compile_audience, compile_trait};

@@ -143,7 +143,15 @@ fn cmp(a: &RV, op: CmpOp, operand: Option<&Operand>, rhs: Option<&RV>, as_of: i6
         CmpOp::IsSet => *a != RV::Missing,
         CmpOp::Eq | CmpOp::Neq | CmpOp::Gt | CmpOp::Gte | CmpOp::Lt | CmpOp::Lte => {
             let b = rhs.unwrap();
-            if *b == RV::Missing {
+            let null_literal = matches!(
+                operand,
+                Some(Operand::Value {
+                    value: Value::Literal {
+                        value: Literal::Null
+                    }
+                })
+            );
+            if null_literal {
                 return match op {
                     CmpOp::Eq => *a == RV::Missing,
                     CmpOp::Neq => *a != RV::Missing,
@@ -238,40 +246,63 @@ struct Ctx<'a> {
     audiences: &'a BTreeMap<String, BTreeSet<String>>,
 }
 
-fn row_value(v: &Value, e: &Ev) -> RV {
+/// One profile's (or account's) events, for the reference.
+struct Who<'a> {
+    pid: &'a str,
+    evs: &'a [Ev],
+}
+
+fn row_value(cx: &Ctx, who: &Who, v: &Value, e: &Ev, parent: Option<&Ev>) -> RV {
     match v {
         Value::Literal { value } => lit(value),
-        Value::Property { path: p, .. } => from_json(path(&e.properties, p)),
+        Value::Property {
+            path: p,
+            parent: false,
+        } => from_json(path(&e.properties, p)),
+        Value::Property {
+            path: p,
+            parent: true,
+        } => from_json(parent.and_then(|pe| path(&pe.properties, p))),
         Value::Context { path: p } => from_json(path(&e.context, p)),
+        Value::Trait { key } => trait_of(cx, who.pid, key),
+        Value::Aggregate { events, reducer } => {
+            reduce(cx, who, &selected(cx, who, events, Some(e)), reducer)
+        }
         _ => panic!("not in the tested subset"),
     }
 }
 
-fn row_cond(c: &Condition, e: &Ev, as_of: i64) -> bool {
+fn trait_of(cx: &Ctx, pid: &str, key: &str) -> RV {
+    from_json(cx.w.traits.get(pid).and_then(|t| t.get(key)))
+}
+
+fn row_cond(cx: &Ctx, who: &Who, c: &Condition, e: &Ev, parent: Option<&Ev>) -> bool {
     match c {
-        Condition::And { items } => items.iter().all(|i| row_cond(i, e, as_of)),
-        Condition::Or { items } => items.iter().any(|i| row_cond(i, e, as_of)),
-        Condition::Not { item } => !row_cond(item, e, as_of),
+        Condition::And { items } => items.iter().all(|i| row_cond(cx, who, i, e, parent)),
+        Condition::Or { items } => items.iter().any(|i| row_cond(cx, who, i, e, parent)),
+        Condition::Not { item } => !row_cond(cx, who, item, e, parent),
         Condition::Compare { value, op, operand } => {
             let rhs = match operand {
-                Some(Operand::Value { value }) => Some(row_value(value, e)),
+                Some(Operand::Value { value }) => Some(row_value(cx, who, value, e, parent)),
                 _ => None,
             };
             cmp(
-                &row_value(value, e),
+                &row_value(cx, who, value, e, parent),
                 *op,
                 operand.as_ref(),
                 rhs.as_ref(),
-                as_of,
+                cx.as_of,
             )
         }
-        Condition::Bare { value } => row_value(value, e) == RV::B(true),
+        Condition::Bare { value } => row_value(cx, who, value, e, parent) == RV::B(true),
         _ => panic!("not in the tested subset"),
     }
 }
 
-fn selected<'a>(cx: &Ctx, q: &EventQuery, evs: &'a [Ev]) -> Vec<&'a Ev> {
-    let mut out: Vec<&Ev> = evs
+/// The events an event query selects; `parent` is the parent event of a nested query.
+fn selected<'a>(cx: &Ctx, who: &Who<'a>, q: &EventQuery, parent: Option<&Ev>) -> Vec<&'a Ev> {
+    let mut out: Vec<&Ev> = who
+        .evs
         .iter()
         .filter(|e| match &q.source {
             EventSource::Track { name } => e.kind == "track" && e.event.as_deref() == Some(name),
@@ -285,12 +316,19 @@ fn selected<'a>(cx: &Ctx, q: &EventQuery, evs: &'a [Ev]) -> Vec<&'a Ev> {
         .filter(|e| e.ts <= cx.as_of && (cx.backfill || e.received >= cx.created_at))
         .filter(|e| {
             q.filters.iter().all(|f| match f {
-                Filter::Where { condition } => row_cond(condition, e, cx.as_of),
+                Filter::Where { condition } => row_cond(cx, who, condition, e, parent),
                 Filter::Within { duration } => e.ts >= cx.as_of - duration.micros(),
                 Filter::Between { from, to } => {
                     e.ts >= cx.as_of - to.micros() && e.ts <= cx.as_of - from.micros()
                 }
-                _ => panic!("not in the tested subset"),
+                Filter::WithinParent { duration } => {
+                    let p = parent.expect("parent window outside a nested event").ts;
+                    e.ts > p && e.ts <= p + duration.micros()
+                }
+                Filter::BetweenParent { from, to } => {
+                    let p = parent.expect("parent window outside a nested event").ts;
+                    e.ts > p && e.ts >= p + from.micros() && e.ts <= p + to.micros()
+                }
             })
         })
         .collect();
@@ -298,89 +336,98 @@ fn selected<'a>(cx: &Ctx, q: &EventQuery, evs: &'a [Ev]) -> Vec<&'a Ev> {
     out
 }
 
+fn reduce(cx: &Ctx, who: &Who, evs: &[&Ev], reducer: &Reducer) -> RV {
+    let val = |v: &Value, e: &Ev| row_value(cx, who, v, e, None);
+    let nums = |v: &Value| -> Vec<f64> {
+        evs.iter()
+            .filter_map(|e| match val(v, e) {
+                RV::N(x) => Some(x),
+                _ => None,
+            })
+            .collect()
+    };
+    let texts = |v: &Value| -> Vec<String> {
+        evs.iter()
+            .filter_map(|e| match val(v, e) {
+                RV::S(s) => Some(s),
+                RV::N(n) => Some(format!("{n:?}")),
+                RV::B(b) => Some(b.to_string()),
+                _ => None,
+            })
+            .collect()
+    };
+    match reducer {
+        Reducer::Count => RV::N(evs.len() as f64),
+        Reducer::Sum { value } => {
+            let n = nums(value);
+            if n.is_empty() {
+                RV::Missing
+            } else {
+                RV::N(n.iter().sum())
+            }
+        }
+        Reducer::Avg { value } => {
+            let n = nums(value);
+            if n.is_empty() {
+                RV::Missing
+            } else {
+                RV::N(n.iter().sum::<f64>() / n.len() as f64)
+            }
+        }
+        Reducer::Min { value } => nums(value)
+            .into_iter()
+            .reduce(f64::min)
+            .map_or(RV::Missing, RV::N),
+        Reducer::Max { value } => nums(value)
+            .into_iter()
+            .reduce(f64::max)
+            .map_or(RV::Missing, RV::N),
+        Reducer::UniqueCount { value } => {
+            let s: BTreeSet<String> = texts(value).into_iter().collect();
+            RV::N(s.len() as f64)
+        }
+        Reducer::First { value } => evs
+            .iter()
+            .map(|e| val(value, e))
+            .find(|v| *v != RV::Missing)
+            .unwrap_or(RV::Missing),
+        Reducer::Last { value } => evs
+            .iter()
+            .rev()
+            .map(|e| val(value, e))
+            .find(|v| *v != RV::Missing)
+            .unwrap_or(RV::Missing),
+        Reducer::Mode { value, min_count } => {
+            // most frequent text value with at least min_count occurrences; ties:
+            // alphabetically first
+            let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+            for s in texts(value) {
+                *counts.entry(s).or_default() += 1;
+            }
+            let mut best: Option<(String, u64)> = None;
+            for (v, n) in counts {
+                if n >= *min_count && best.as_ref().is_none_or(|b| n > b.1) {
+                    best = Some((v, n));
+                }
+            }
+            best.map_or(RV::Missing, |b| RV::S(b.0))
+        }
+        _ => panic!("not in the tested subset"),
+    }
+}
+
 fn profile_value(cx: &Ctx, v: &Value, pid: &str) -> RV {
     match v {
         Value::Literal { value } => lit(value),
-        Value::Trait { key } => from_json(cx.w.traits.get(pid).and_then(|t| t.get(key))),
+        Value::Trait { key } => trait_of(cx, pid, key),
         Value::Audience { key } => RV::B(cx.audiences[key].contains(pid)),
         Value::Aggregate { events, reducer } => {
             let none = Vec::new();
-            let evs = selected(cx, events, cx.w.events.get(pid).unwrap_or(&none));
-            let nums = |v: &Value| -> Vec<f64> {
-                evs.iter()
-                    .filter_map(|e| match row_value(v, e) {
-                        RV::N(x) => Some(x),
-                        _ => None,
-                    })
-                    .collect()
+            let who = Who {
+                pid,
+                evs: cx.w.events.get(pid).unwrap_or(&none),
             };
-            match reducer {
-                Reducer::Count => RV::N(evs.len() as f64),
-                Reducer::Sum { value } => {
-                    let n = nums(value);
-                    if n.is_empty() {
-                        RV::Missing
-                    } else {
-                        RV::N(n.iter().sum())
-                    }
-                }
-                Reducer::Avg { value } => {
-                    let n = nums(value);
-                    if n.is_empty() {
-                        RV::Missing
-                    } else {
-                        RV::N(n.iter().sum::<f64>() / n.len() as f64)
-                    }
-                }
-                Reducer::Min { value } => nums(value)
-                    .into_iter()
-                    .reduce(f64::min)
-                    .map_or(RV::Missing, RV::N),
-                Reducer::Max { value } => nums(value)
-                    .into_iter()
-                    .reduce(f64::max)
-                    .map_or(RV::Missing, RV::N),
-                Reducer::UniqueCount { value } => {
-                    let s: BTreeSet<String> = evs
-                        .iter()
-                        .filter_map(|e| match row_value(value, e) {
-                            RV::S(s) => Some(s),
-                            RV::N(n) => Some(n.to_string()),
-                            _ => None,
-                        })
-                        .collect();
-                    RV::N(s.len() as f64)
-                }
-                Reducer::First { value } => evs
-                    .iter()
-                    .map(|e| row_value(value, e))
-                    .find(|v| *v != RV::Missing)
-                    .unwrap_or(RV::Missing),
-                Reducer::Last { value } => evs
-                    .iter()
-                    .rev()
-                    .map(|e| row_value(value, e))
-                    .find(|v| *v != RV::Missing)
-                    .unwrap_or(RV::Missing),
-                Reducer::Mode { value, min_count } => {
-                    // most frequent text value with at least min_count occurrences; ties:
-                    // alphabetically first (the tested values are strings)
-                    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
-                    for e in &evs {
-                        if let RV::S(s) = row_value(value, e) {
-                            *counts.entry(s).or_default() += 1;
-                        }
-                    }
-                    let mut best: Option<(String, u64)> = None;
-                    for (v, n) in counts {
-                        if n >= *min_count && best.as_ref().is_none_or(|b| n > b.1) {
-                            best = Some((v, n));
-                        }
-                    }
-                    best.map_or(RV::Missing, |b| RV::S(b.0))
-                }
-                _ => panic!("not in the tested subset"),
-            }
+            reduce(cx, &who, &selected(cx, &who, events, None), reducer)
         }
         _ => panic!("not in the tested subset"),
     }
@@ -545,6 +592,94 @@ fn random_condition(r: &mut Rng, depth: u32) -> String {
     }
 }
 
+const FUNNEL_EVENTS: [&str; 5] = [
+    "event('Product Viewed')",
+    "event('Product Added')",
+    "event('Checkout Started')",
+    "event('Order Completed')",
+    "event(type: 'page')",
+];
+
+fn parent_window(r: &mut Rng) -> String {
+    match r.next(6) {
+        0 => String::new(),
+        1 => format!(".within(parent: {} hours)", r.pick(&[1, 6, 48])),
+        2 => format!(
+            ".between(parent: {} hours, {} days)",
+            r.pick(&[0, 1, 2]),
+            r.pick(&[1, 3])
+        ),
+        3 => ".within(parent: 30 minutes)".to_string(),
+        _ => format!(".within(parent: {} days)", r.pick(&[1, 7])),
+    }
+}
+
+/// A child `where`: static filters, references to the parent or to traits, or a deeper step.
+fn child_where(r: &mut Rng, depth: u32) -> String {
+    let opts = [
+        "property('product_id') = property(parent: 'product_id')".to_string(),
+        "property('price') > property(parent: 'price')".to_string(),
+        "property('category') != property(parent: 'category')".to_string(),
+        "property(parent: 'category') = 'books'".to_string(),
+        "property('price') >= trait('logins')".to_string(),
+        random_where(r),
+    ];
+    let one = r.pick(&opts).clone();
+    if depth > 0 && r.next(3) == 0 {
+        format!("{one} AND {}", nested_atom(r, depth - 1))
+    } else if r.next(4) == 0 {
+        format!("({one} OR {})", random_where(r))
+    } else {
+        one
+    }
+}
+
+/// `event(B)...` relative to its parent, compared.
+fn nested_atom(r: &mut Rng, depth: u32) -> String {
+    let src = r.pick(&FUNNEL_EVENTS).to_string();
+    let wh = match r.next(3) {
+        0 => String::new(),
+        _ => format!(".where({})", child_where(r, depth)),
+    };
+    let win = parent_window(r);
+    match r.next(8) {
+        0..=2 => format!("{src}{wh}{win}.count() >= {}", 1 + r.next(2)),
+        3 | 4 => format!("{src}{wh}{win}.count() = 0"),
+        5 => format!("{src}{wh}{win}.sum(property('price')) > {}", r.next(200)),
+        6 => format!(
+            "{src}{wh}{win}.first(property('category')) = '{}'",
+            r.pick(&["books", "toys"])
+        ),
+        _ => format!("{src}{wh}{win}.unique(property('category')).count() >= 2"),
+    }
+}
+
+/// A top-level event condition whose `where` holds nested events.
+fn random_nested(r: &mut Rng) -> String {
+    let parent = r.pick(&FUNNEL_EVENTS).to_string();
+    let inner = nested_atom(r, 2);
+    let wh = match r.next(5) {
+        0 => format!("{} AND {inner}", random_where(r)),
+        1 => format!("({} OR {inner})", random_where(r)),
+        2 => format!("NOT ({inner})"),
+        3 => format!("property('price') >= trait('logins') AND {inner}"),
+        _ => inner,
+    };
+    let win = random_window(r);
+    match r.next(6) {
+        0..=3 => format!(
+            "{parent}.where({wh}){win}.count() {} {}",
+            r.pick(&[">=", ">=", "=", "<"]),
+            r.next(3)
+        ),
+        4 => format!(
+            "{parent}.where({wh}){win}.sum(property('price')) > {}",
+            r.next(300)
+        ),
+        _ => format!("{parent}.where({wh}){win}.last(property('category')) = 'books'"),
+    }
+}
+
 async fn create(store: &Store, key: &str, text: &str, include_anonymous: bool) {
     let f: audiences::lang::definition::DefinitionFile = serde_json::from_value(json!({
         "key": key, "kind": "audience", "definition": text, "include_anonymous": include_anonymous
@@ -631,6 +766,51 @@ async fn random_definitions_agree_with_the_reference_evaluator() {
     );
     assert_eq!(members(&store, "ref1").await, want);
     assert!(nonempty >= 30, "too many trivial definitions: {nonempty}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn random_nested_events_agree_with_the_reference_evaluator() {
+    let store = generated_store(12_000, 9).await;
+    let mut r = Rng(0xD1B54A32D192ED03);
+    let mut defs = Vec::new();
+    for i in 0..50 {
+        let text = match r.next(4) {
+            0 => format!("{} AND {}", random_nested(&mut r), random_atom(&mut r)),
+            1 => format!("({} OR {})", random_nested(&mut r), random_nested(&mut r)),
+            _ => random_nested(&mut r),
+        };
+        let anon = r.next(4) == 0;
+        create(&store, &format!("n{i}"), &text, anon).await;
+        defs.push((format!("n{i}"), text, anon));
+    }
+    let as_of = END - 3 * DAY;
+    audiences::compute::compute(
+        &store,
+        &Space::default(),
+        &audiences::identity::IdentityRules::default(),
+        as_of,
+        &[],
+    )
+    .await
+    .unwrap();
+    let w = world(&store).await;
+    let none = BTreeMap::new();
+    let cx = Ctx {
+        w: &w,
+        as_of,
+        created_at: 0,
+        backfill: true,
+        audiences: &none,
+    };
+    let mut nonempty = 0;
+    for (key, text, anon) in &defs {
+        let cond = audiences::lang::parse(text).unwrap();
+        let want = reference(&cx, &cond, *anon);
+        let got = members(&store, key).await;
+        assert_eq!(got, want, "{key}: {text} (anonymous included: {anon})");
+        nonempty += usize::from(!want.is_empty() && want.len() < w.profiles.len());
+    }
+    assert!(nonempty >= 25, "too many trivial definitions: {nonempty}");
 }
 
 fn m(id: &str, user: &str, event: &str, ts: i64, props: J) -> J {

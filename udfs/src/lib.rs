@@ -1,6 +1,15 @@
 //! DataFusion UDFs and UDAFs for audience evaluation: one file per function, registered by
-//! [`register_all`]. The funnel and dynamic-reference functions arrive with the funnels issue;
-//! the registry contract (no name registered twice) is pinned by the test below already.
+//! [`register_all`] (a test pins that no name is registered twice or shadows a built-in).
+//!
+//! - [`nested_events`]: the per-profile evaluator of nested event queries (funnels, N-step
+//!   sequences, abandonment, parent-property references) that compiled audiences call;
+//!   its program format is [`program`].
+//! - [`window_funnel`]: ClickHouse-style `window_funnel(window, timestamp, step1, step2, ...)`
+//!   for SQL users, with each step measured from the previous one.
+
+pub mod nested_events;
+pub mod program;
+pub mod window_funnel;
 
 use datafusion::error::Result;
 use datafusion::logical_expr::{AggregateUDF, ScalarUDF};
@@ -13,7 +22,10 @@ pub fn scalar_functions() -> Vec<ScalarUDF> {
 
 /// Every aggregate function of this crate.
 pub fn aggregate_functions() -> Vec<AggregateUDF> {
-    Vec::new()
+    vec![
+        AggregateUDF::from(nested_events::NestedEvents::default()),
+        AggregateUDF::from(window_funnel::WindowFunnel::default()),
+    ]
 }
 
 /// Register every function of this crate with `ctx`.
