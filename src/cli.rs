@@ -715,9 +715,22 @@ async fn members(g: &Global, a: &MembersArgs) -> Result<i32> {
         );
         return Ok(1);
     };
+    // Profile audiences list (profile_id, profile_idx, ...), account audiences (account_id, ...).
     let batches: Vec<arrow::array::RecordBatch> = batches
         .iter()
-        .map(|b| b.project(&[1, 2, 3, 4, 5]))
+        .map(|b| crate::compute::conform(b, "members"))
+        .collect::<Result<_>>()?;
+    let accounts = batches
+        .iter()
+        .any(|b| b.column(6).null_count() < b.num_rows());
+    let cols: &[usize] = if accounts {
+        &[6, 3, 4, 5]
+    } else {
+        &[1, 2, 3, 4, 5]
+    };
+    let batches: Vec<arrow::array::RecordBatch> = batches
+        .iter()
+        .map(|b| b.project(cols))
         .collect::<std::result::Result<_, _>>()?;
     let fmt = if g.json && a.format == "table" {
         "json"
@@ -753,7 +766,7 @@ async fn members(g: &Global, a: &MembersArgs) -> Result<i32> {
             let schema = batches.first().map(|b| b.schema()).unwrap_or_else(|| {
                 std::sync::Arc::new(
                     crate::compute::schema("members")
-                        .project(&[1, 2, 3, 4, 5])
+                        .project(cols)
                         .unwrap_or_else(|_| arrow::datatypes::Schema::empty()),
                 )
             });

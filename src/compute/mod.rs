@@ -21,7 +21,7 @@ use crate::events::schema::ts_type;
 use crate::events::writer::{encode_parquet, writer_properties};
 use crate::identity::IdentityRules;
 use crate::identity::persist::{ts_array, typed_json};
-use crate::lang::definition::Kind;
+use crate::lang::definition::{Kind, Level};
 use crate::plan::{Inputs, compile_audience, compile_trait};
 use crate::store::keys::{self, Key};
 use crate::store::log::{CommitDraft, CommitEntry, FileAdd, Snapshot};
@@ -33,37 +33,90 @@ pub const MEMBERSHIPS: TableName = TableName::Named("memberships");
 /// Schema of each kind of file in the memberships log.
 pub fn schema(kind: &str) -> SchemaRef {
     let s = |n: &str, null: bool| Field::new(n, DataType::Utf8, null);
-    let i = |n: &str| Field::new(n, DataType::Int64, false);
+    let i = |n: &str, null: bool| Field::new(n, DataType::Int64, null);
     let t = |n: &str| Field::new(n, ts_type(), false);
+    // Profile-level rows carry profile_id and profile_idx; account-level rows carry account_id.
     Arc::new(Schema::new(match kind {
         "members" => vec![
             s("audience_key", false),
-            s("profile_id", false),
-            i("profile_idx"),
+            s("profile_id", true),
+            i("profile_idx", true),
             t("entered_at"),
             t("as_of"),
-            i("version"),
+            i("version", false),
+            s("account_id", true),
         ],
         "changes" => vec![
             s("audience_key", false),
-            s("profile_id", false),
-            i("profile_idx"),
+            s("profile_id", true),
+            i("profile_idx", true),
             s("change", false),
-            i("version"),
+            i("version", false),
             t("as_of"),
+            s("account_id", true),
         ],
         _ => vec![
             s("key", false),
-            s("profile_id", false),
-            i("profile_idx"),
+            s("profile_id", true),
+            i("profile_idx", true),
             s("value", false),
             s("value_str", true),
             Field::new("value_num", DataType::Float64, true),
             Field::new("value_bool", DataType::Boolean, true),
-            i("version"),
+            i("version", false),
             t("as_of"),
+            s("account_id", true),
         ],
     }))
+}
+
+/// A batch of a memberships file in the current schema of its kind (columns added since the
+/// file was written are null).
+pub fn conform(batch: &RecordBatch, kind: &str) -> Result<RecordBatch> {
+    let target = schema(kind);
+    let cols = target
+        .fields()
+        .iter()
+        .map(|f| match batch.column_by_name(f.name()) {
+            Some(c) => Ok(Arc::clone(c)),
+            None if f.is_nullable() => Ok(arrow::array::new_null_array(
+                f.data_type(),
+                batch.num_rows(),
+            )),
+            None => Err(Error::Usage(format!(
+                "memberships file without column {}",
+                f.name()
+            ))),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(RecordBatch::try_new(target, cols)?)
+}
+
+/// The `profile_id` and `account_id` columns of member keys at `level`.
+fn member_columns<'a>(
+    keys: impl Iterator<Item = &'a str>,
+    level: Level,
+) -> (arrow::array::ArrayRef, arrow::array::ArrayRef) {
+    let keys: Vec<&str> = keys.collect();
+    let some = Arc::new(StringArray::from_iter_values(keys.iter().copied()));
+    let none = arrow::array::new_null_array(&DataType::Utf8, keys.len());
+    match level {
+        Level::Users => (some, none),
+        Level::Accounts => (none, some),
+    }
+}
+
+/// Members of an audience version: member key (profile id or account id) → profile_idx.
+type Members = BTreeMap<String, Option<i64>>;
+
+fn member_key(
+    pid: Option<&arrow::array::StringArray>,
+    acc: Option<&arrow::array::StringArray>,
+    r: usize,
+) -> Option<String> {
+    pid.filter(|p| p.is_valid(r))
+        .or(acc.filter(|a| a.is_valid(r)))
+        .map(|a| a.value(r).to_string())
 }
 
 /// What happened to one definition.
@@ -135,31 +188,31 @@ pub async fn read_file(store: &Store, f: &FileAdd) -> Result<Vec<RecordBatch>> {
     Ok(reader.collect::<std::result::Result<Vec<_>, _>>()?)
 }
 
-/// Current members of an audience: profile_idx → (profile_id, entered_at).
+/// Current members of an audience: member key → (profile_idx, entered_at).
 async fn current_members(
     store: &Store,
     v: Option<&VersionRef>,
-) -> Result<HashMap<i64, (String, i64)>> {
+) -> Result<HashMap<String, (Option<i64>, i64)>> {
     let mut out = HashMap::new();
     let Some(v) = v else { return Ok(out) };
     for b in read_file(store, &v.data).await? {
-        let idx = b
-            .column_by_name("profile_idx")
-            .and_then(|c| c.as_primitive_opt::<Int64Type>());
-        let pid = b
-            .column_by_name("profile_id")
-            .and_then(|c| c.as_string_opt::<i32>());
+        let b = conform(&b, "members")?;
+        let idx = b.column(2).as_primitive::<Int64Type>();
+        let pid = b.column(1).as_string_opt::<i32>();
+        let acc = b.column(6).as_string_opt::<i32>();
         let ent = b
-            .column_by_name("entered_at")
-            .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>());
-        let (Some(idx), Some(pid), Some(ent)) = (idx, pid, ent) else {
-            return Err(Error::Usage(format!(
-                "members file {} has an unexpected schema",
-                v.data.path
-            )));
-        };
+            .column(3)
+            .as_primitive_opt::<TimestampMicrosecondType>()
+            .ok_or_else(|| {
+                Error::Usage(format!(
+                    "members file {} has an unexpected schema",
+                    v.data.path
+                ))
+            })?;
         for r in 0..b.num_rows() {
-            out.insert(idx.value(r), (pid.value(r).to_string(), ent.value(r)));
+            if let Some(k) = member_key(pid, acc, r) {
+                out.insert(k, (idx.is_valid(r).then(|| idx.value(r)), ent.value(r)));
+            }
         }
     }
     Ok(out)
@@ -184,20 +237,34 @@ async fn put_batch(
     })
 }
 
-fn members_of(batches: &[RecordBatch]) -> Result<BTreeMap<i64, String>> {
+/// Members from a compiled audience's output (`profile_idx, profile_id` or `account_id`).
+fn members_of(batches: &[RecordBatch], level: Level) -> Result<Members> {
     let mut out = BTreeMap::new();
     for b in batches {
-        let idx = b
-            .column(0)
-            .as_primitive_opt::<Int64Type>()
-            .ok_or_else(|| Error::Usage("plan returned no profile_idx".into()))?;
-        let pid = b
-            .column(1)
-            .as_string_opt::<i32>()
-            .ok_or_else(|| Error::Usage("plan returned no profile_id".into()))?;
-        for r in 0..b.num_rows() {
-            if idx.is_valid(r) {
-                out.insert(idx.value(r), pid.value(r).to_string());
+        match level {
+            Level::Users => {
+                let idx = b
+                    .column(0)
+                    .as_primitive_opt::<Int64Type>()
+                    .ok_or_else(|| Error::Usage("plan returned no profile_idx".into()))?;
+                let pid = b
+                    .column(1)
+                    .as_string_opt::<i32>()
+                    .ok_or_else(|| Error::Usage("plan returned no profile_id".into()))?;
+                for r in 0..b.num_rows() {
+                    if idx.is_valid(r) && pid.is_valid(r) {
+                        out.insert(pid.value(r).to_string(), Some(idx.value(r)));
+                    }
+                }
+            }
+            Level::Accounts => {
+                let acc = arrow::compute::cast(b.column(0), &DataType::Utf8)?;
+                let acc = acc.as_string::<i32>();
+                for r in 0..b.num_rows() {
+                    if acc.is_valid(r) {
+                        out.insert(acc.value(r).to_string(), None);
+                    }
+                }
             }
         }
     }
@@ -233,23 +300,30 @@ async fn commit_version(
     Err(log.conflict_error())
 }
 
-/// Register the current members of `key` as `__members_<key>` (for audience references).
+/// Register the current members of `key` as `__members_<key>` (for audience references):
+/// a `profile_idx` column, or `account_id` for account audiences.
 fn register_members(
     ctx: &SessionContext,
     key: &str,
-    members: &BTreeMap<i64, String>,
+    members: &Members,
+    level: Level,
 ) -> Result<()> {
-    let schema = Arc::new(Schema::new(vec![Field::new(
-        "profile_idx",
-        DataType::Int64,
-        false,
-    )]));
-    let batch = RecordBatch::try_new(
-        Arc::clone(&schema),
-        vec![Arc::new(Int64Array::from_iter_values(
-            members.keys().copied(),
-        ))],
-    )?;
+    let (schema, col): (_, arrow::array::ArrayRef) = match level {
+        Level::Users => (
+            Schema::new(vec![Field::new("profile_idx", DataType::Int64, false)]),
+            Arc::new(Int64Array::from_iter_values(
+                members.values().flatten().copied(),
+            )),
+        ),
+        Level::Accounts => (
+            Schema::new(vec![Field::new("account_id", DataType::Utf8, false)]),
+            Arc::new(StringArray::from_iter_values(
+                members.keys().map(String::as_str),
+            )),
+        ),
+    };
+    let schema = Arc::new(schema);
+    let batch = RecordBatch::try_new(Arc::clone(&schema), vec![col])?;
     let name = format!("__members_{key}");
     let _ = ctx.deregister_table(name.as_str());
     ctx.register_table(
@@ -317,15 +391,26 @@ pub async fn compute_with_progress(
     for v in versions(&snap) {
         latest.insert(v.key.clone(), v);
     }
+    let account_keys: BTreeSet<String> = defs
+        .iter()
+        .filter(|(_, s)| s.file.level == Level::Accounts)
+        .map(|(k, _)| k.clone())
+        .collect();
     for k in &computed {
         if let Some(v) = latest.get(k) {
-            trait_values.insert(k.clone(), read_file(store, &v.data).await?);
+            let batches = read_file(store, &v.data).await?;
+            let batches = batches
+                .iter()
+                .map(|b| conform(b, "trait_values"))
+                .collect::<Result<Vec<_>>>()?;
+            trait_values.insert(k.clone(), batches);
         }
     }
     for (k, s) in &defs {
         if s.file.kind == Kind::Audience && !wanted.contains(k) {
             let m = current_members(store, latest.get(k)).await?;
-            register_members(&ctx, k, &m.into_iter().map(|(i, (p, _))| (i, p)).collect())?;
+            let m: Members = m.into_iter().map(|(k, (i, _))| (k, i)).collect();
+            register_members(&ctx, k, &m, s.file.level)?;
         }
     }
     let mut reports = Vec::new();
@@ -338,6 +423,7 @@ pub async fn compute_with_progress(
             as_of,
             created_at: stored.created_at,
             computed_traits: &computed,
+            account_keys: &account_keys,
         };
         let prev = latest.get(key);
         let version = prev.map_or(1, |p| p.version + 1);
@@ -349,22 +435,24 @@ pub async fn compute_with_progress(
                     .map_err(fail)?;
                 tracing::trace!(key = %key, plan = %plan.frame.logical_plan().display_indent(), "compiled");
                 let batches = plan.frame.collect().await.map_err(|e| fail(e.into()))?;
-                let members = members_of(&batches)?;
+                let level = plan.level;
+                let members = members_of(&batches, level)?;
                 let old = current_members(store, prev).await?;
-                let mut entered = Vec::new();
-                let mut exited = Vec::new();
-                for (idx, pid) in &members {
-                    if !old.contains_key(idx) {
-                        entered.push((*idx, pid.clone()));
+                let mut entered: Vec<(String, Option<i64>)> = Vec::new();
+                let mut exited: Vec<(String, Option<i64>)> = Vec::new();
+                for (k, idx) in &members {
+                    if !old.contains_key(k) {
+                        entered.push((k.clone(), *idx));
                     }
                 }
-                for (idx, (pid, _)) in &old {
-                    if !members.contains_key(idx) {
-                        exited.push((*idx, pid.clone()));
+                for (k, (idx, _)) in &old {
+                    if !members.contains_key(k) {
+                        exited.push((k.clone(), *idx));
                     }
                 }
                 exited.sort();
                 let n = members.len();
+                let (pids, accs) = member_columns(members.keys().map(String::as_str), level);
                 let mb = RecordBatch::try_new(
                     schema("members"),
                     vec![
@@ -372,14 +460,12 @@ pub async fn compute_with_progress(
                             key.as_str(),
                             n,
                         ))),
-                        Arc::new(StringArray::from_iter_values(
-                            members.values().map(String::as_str),
-                        )),
-                        Arc::new(Int64Array::from_iter_values(members.keys().copied())),
+                        pids,
+                        Arc::new(Int64Array::from_iter(members.values().copied())),
                         ts_array(
                             members
                                 .keys()
-                                .map(|i| old.get(i).map_or(as_of, |(_, t)| *t))
+                                .map(|k| old.get(k).map_or(as_of, |(_, t)| *t))
                                 .collect(),
                         ),
                         ts_array(vec![as_of; n]),
@@ -387,14 +473,16 @@ pub async fn compute_with_progress(
                             version as i64,
                             n,
                         ))),
+                        accs,
                     ],
                 )?;
-                let changes: Vec<(i64, String, &str)> = entered
+                let changes: Vec<(&str, Option<i64>, &str)> = entered
                     .iter()
-                    .map(|(i, p)| (*i, p.clone(), "entered"))
-                    .chain(exited.iter().map(|(i, p)| (*i, p.clone(), "exited")))
+                    .map(|(k, i)| (k.as_str(), *i, "entered"))
+                    .chain(exited.iter().map(|(k, i)| (k.as_str(), *i, "exited")))
                     .collect();
                 let c = changes.len();
+                let (pids, accs) = member_columns(changes.iter().map(|x| x.0), level);
                 let cb = RecordBatch::try_new(
                     schema("changes"),
                     vec![
@@ -402,23 +490,22 @@ pub async fn compute_with_progress(
                             key.as_str(),
                             c,
                         ))),
-                        Arc::new(StringArray::from_iter_values(
-                            changes.iter().map(|x| x.1.as_str()),
-                        )),
-                        Arc::new(Int64Array::from_iter_values(changes.iter().map(|x| x.0))),
+                        pids,
+                        Arc::new(Int64Array::from_iter(changes.iter().map(|x| x.1))),
                         Arc::new(StringArray::from_iter_values(changes.iter().map(|x| x.2))),
                         Arc::new(Int64Array::from_iter_values(std::iter::repeat_n(
                             version as i64,
                             c,
                         ))),
                         ts_array(vec![as_of; c]),
+                        accs,
                     ],
                 )?;
                 let adds = vec![
                     put_batch(store, space, "members", &mb).await?,
                     put_batch(store, space, "changes", &cb).await?,
                 ];
-                register_members(&ctx, key, &members)?;
+                register_members(&ctx, key, &members, level)?;
                 let report = KeyReport {
                     key: key.clone(),
                     kind: "audience".into(),
@@ -434,7 +521,7 @@ pub async fn compute_with_progress(
                 let plan = compile_trait(&inputs, &stored.file).await.map_err(fail)?;
                 tracing::trace!(key = %key, plan = %plan.frame.logical_plan().display_indent(), "compiled");
                 let batches = plan.frame.collect().await.map_err(|e| fail(e.into()))?;
-                let tb = trait_batch(key, version, as_of, &batches)?;
+                let tb = trait_batch(key, version, as_of, &batches, plan.level)?;
                 let n = tb.num_rows();
                 trait_values.insert(key.clone(), vec![tb.clone()]);
                 let adds = vec![put_batch(store, space, "trait_values", &tb).await?];
@@ -478,26 +565,34 @@ pub async fn compute_with_progress(
     Ok(reports)
 }
 
-/// Build a trait-values batch from a compiled trait's output.
+/// Build a trait-values batch from a compiled trait's output (`profile_idx, profile_id` or
+/// `account_id`, then the typed value columns).
 fn trait_batch(
     key: &str,
     version: u64,
     as_of: i64,
     batches: &[RecordBatch],
+    level: Level,
 ) -> Result<RecordBatch> {
-    let mut idx = Vec::new();
-    let mut pid = Vec::new();
+    let mut idx: Vec<Option<i64>> = Vec::new();
+    let mut who = Vec::new();
     let mut json = Vec::new();
+    let first = match level {
+        Level::Users => 2,
+        Level::Accounts => 1,
+    };
     for b in batches {
-        let i = b.column(0).as_primitive::<Int64Type>();
-        let p = b.column(1).as_string::<i32>();
-        let s = b.column(2).as_string_opt::<i32>();
+        let i = b.column(0).as_primitive_opt::<Int64Type>();
+        let p = arrow::compute::cast(b.column(first - 1), &DataType::Utf8)?;
+        let p = p.as_string::<i32>();
+        let s = arrow::compute::cast(b.column(first), &DataType::Utf8)?;
+        let s = s.as_string::<i32>();
         let n = b
-            .column(3)
+            .column(first + 1)
             .as_primitive_opt::<arrow::datatypes::Float64Type>();
-        let bo = b.column(4).as_boolean_opt();
+        let bo = b.column(first + 2).as_boolean_opt();
         for r in 0..b.num_rows() {
-            let v = if let Some(s) = s.filter(|s| s.is_valid(r)) {
+            let v = if s.is_valid(r) {
                 serde_json::Value::String(s.value(r).to_string())
             } else if let Some(n) = n.filter(|n| n.is_valid(r)) {
                 let x = n.value(r);
@@ -511,21 +606,26 @@ fn trait_batch(
             } else {
                 continue;
             };
-            idx.push(i.value(r));
-            pid.push(p.value(r).to_string());
+            if !p.is_valid(r) {
+                continue;
+            }
+            idx.push(match (level, i) {
+                (Level::Users, Some(i)) => Some(i.value(r)),
+                _ => None,
+            });
+            who.push(p.value(r).to_string());
             json.push(v.to_string());
         }
     }
     let n = idx.len();
     let typed = typed_json(json.iter().map(String::as_str));
+    let (pids, accs) = member_columns(who.iter().map(String::as_str), level);
     Ok(RecordBatch::try_new(
         schema("trait_values"),
         vec![
             Arc::new(StringArray::from_iter_values(std::iter::repeat_n(key, n))),
-            Arc::new(StringArray::from_iter_values(
-                pid.iter().map(String::as_str),
-            )),
-            Arc::new(Int64Array::from_iter_values(idx)),
+            pids,
+            Arc::new(Int64Array::from_iter(idx)),
             Arc::new(StringArray::from_iter_values(
                 json.iter().map(String::as_str),
             )),
@@ -537,6 +637,7 @@ fn trait_batch(
                 n,
             ))),
             ts_array(vec![as_of; n]),
+            accs,
         ],
     )?)
 }

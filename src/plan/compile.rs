@@ -28,13 +28,18 @@ pub struct Inputs<'a> {
     pub created_at: i64,
     /// Keys of computed traits of this space (a `trait('k')` reads their values).
     pub computed_traits: &'a std::collections::BTreeSet<String>,
+    /// Keys of account-level definitions of this space.
+    pub account_keys: &'a std::collections::BTreeSet<String>,
 }
 
 /// A compiled definition.
 pub struct Compiled {
-    /// The plan: `(profile_idx, profile_id)` for audiences; plus `value` (JSON text) and the
-    /// typed `value_str`, `value_num`, `value_bool` for computed traits.
+    /// The plan. Profile level: `(profile_idx, profile_id)` for audiences, plus the typed
+    /// `value_str`, `value_num`, `value_bool` for computed traits. Account level: `account_id`
+    /// instead of the two profile columns.
     pub frame: DataFrame,
+    /// The level.
+    pub level: Level,
 }
 
 fn ts_lit(micros: i64) -> Expr {
@@ -266,6 +271,8 @@ pub(super) struct Parts {
 /// Compiles one definition; accumulates the aggregates and joins it needs.
 pub(super) struct Compiler<'a> {
     pub(super) inp: &'a Inputs<'a>,
+    /// Whose values are computed: profiles or accounts (events of all linked profiles).
+    level: Level,
     schema_cols: std::collections::HashSet<String>,
     /// Aggregate expressions over events, by alias.
     aggs: Vec<Expr>,
@@ -286,6 +293,14 @@ pub(super) struct Compiler<'a> {
 }
 
 impl<'a> Compiler<'a> {
+    /// The column that identifies whose value is computed.
+    pub(super) fn key(&self) -> &'static str {
+        match self.level {
+            Level::Users => "profile_idx",
+            Level::Accounts => "account_id",
+        }
+    }
+
     fn prop(&self, prefix: &str, path: &str) -> Typed {
         let c = |k: LeafKind, t: DataType| {
             let name = dynamic_column(prefix, path, k);
@@ -630,7 +645,7 @@ pub(super) fn value_text(v: &Typed) -> Expr {
     ])
 }
 
-fn profile_condition(c: &mut Compiler, cond: &Condition) -> Result<Expr> {
+pub(super) fn profile_condition(c: &mut Compiler, cond: &Condition) -> Result<Expr> {
     Ok(match cond {
         Condition::And { items } => {
             let mut e = lit(true);
@@ -657,22 +672,32 @@ fn profile_condition(c: &mut Compiler, cond: &Condition) -> Result<Expr> {
         }
         Condition::Bare { value } => false_if_null(c.profile_value(value)?.b.eq(lit(true))),
         Condition::Any { .. } | Condition::All { .. } | Condition::AllNot { .. } => {
-            return Err(Error::Usage("ANY/ALL need level: accounts (account audiences are compiled by the funnel engine, not yet available)".into()));
+            return Err(Error::Usage(
+                "ANY/ALL/ALL NOT are account-level junctions: use them in a definition with \"level\": \"accounts\"".into(),
+            ));
         }
     })
 }
 
 /// Build the per-profile frame: universe ⟕ aggregates ⟕ modes ⟕ traits ⟕ audiences.
-async fn assemble(c: &Compiler<'_>, include_anonymous: bool) -> Result<DataFrame> {
+pub(super) async fn assemble(c: &Compiler<'_>, include_anonymous: bool) -> Result<DataFrame> {
     let ctx = c.inp.ctx;
-    let mut frame = ctx.table("profiles").await?.select(vec![
-        col("profile_idx"),
-        col("profile_id"),
-        col("known"),
-    ])?;
-    if !include_anonymous {
-        frame = frame.filter(col("known"))?;
-    }
+    let key = c.key();
+    let mut frame = match c.level {
+        Level::Users => {
+            let f = ctx.table("profiles").await?.select(vec![
+                col("profile_idx"),
+                col("profile_id"),
+                col("known"),
+            ])?;
+            if include_anonymous {
+                f
+            } else {
+                f.filter(col("known"))?
+            }
+        }
+        Level::Accounts => super::account::accounts(ctx).await?,
+    };
     let events_lo = if c.lower_bounds.iter().all(Option::is_some) {
         c.lower_bounds.iter().flatten().min().copied()
     } else {
@@ -687,11 +712,19 @@ async fn assemble(c: &Compiler<'_>, include_anonymous: bool) -> Result<DataFrame
         if let Some(lo) = events_lo {
             ev = ev.filter(col("timestamp").gt_eq(ts_lit(lo)))?;
         }
-        for (key, alias) in &c.row_traits {
-            let t = trait_frame(c, key, alias).await?;
+        if c.level == Level::Accounts {
+            let links = super::account::links(ctx)
+                .await?
+                .select(vec![col("account_id"), col("profile_idx").alias("__lp")])?;
+            ev = ev
+                .join(links, JoinType::Inner, &["profile_idx"], &["__lp"], None)?
+                .drop_columns(&["__lp"])?;
+        }
+        for (tkey, alias) in &c.row_traits {
+            let t = trait_frame(c, tkey, alias).await?;
             let p = format!("{alias}_p");
             ev = ev
-                .join(t, JoinType::Left, &["profile_idx"], &[p.as_str()], None)?
+                .join(t, JoinType::Left, &[key], &[p.as_str()], None)?
                 .drop_columns(&[p.as_str()])?;
         }
         Ok::<_, Error>(ev)
@@ -706,9 +739,9 @@ async fn assemble(c: &Compiler<'_>, include_anonymous: bool) -> Result<DataFrame
         let agg = scan()
             .await?
             .filter(rows)?
-            .aggregate(vec![col("profile_idx").alias("__p")], c.aggs.clone())?;
+            .aggregate(vec![col(key).alias("__p")], c.aggs.clone())?;
         frame = frame
-            .join(agg, JoinType::Left, &["profile_idx"], &["__p"], None)?
+            .join(agg, JoinType::Left, &[key], &["__p"], None)?
             .drop_columns(&["__p"])?;
     }
     for (name, pred, text, min_count) in &c.modes {
@@ -717,7 +750,7 @@ async fn assemble(c: &Compiler<'_>, include_anonymous: bool) -> Result<DataFrame
             .await?
             .filter(pred.clone().and(text.clone().is_not_null()))?
             .aggregate(
-                vec![col("profile_idx").alias("__mp"), text.clone().alias("__mv")],
+                vec![col(key).alias("__mp"), text.clone().alias("__mv")],
                 vec![count(lit(1)).alias("__mc")],
             )?
             .filter(col("__mc").gt_eq(lit(*min_count as i64)))?;
@@ -735,62 +768,96 @@ async fn assemble(c: &Compiler<'_>, include_anonymous: bool) -> Result<DataFrame
             ],
         )?;
         frame = frame
-            .join(best, JoinType::Left, &["profile_idx"], &["__mp"], None)?
+            .join(best, JoinType::Left, &[key], &["__mp"], None)?
             .drop_columns(&["__mp"])?;
     }
-    for (key, alias) in &c.traits {
-        let t = trait_frame(c, key, alias).await?;
+    for (tkey, alias) in &c.traits {
+        let t = trait_frame(c, tkey, alias).await?;
         let p = format!("{alias}_p");
         frame = frame
-            .join(t, JoinType::Left, &["profile_idx"], &[p.as_str()], None)?
+            .join(t, JoinType::Left, &[key], &[p.as_str()], None)?
             .drop_columns(&[p.as_str()])?;
     }
-    for (key, alias) in &c.audiences {
+    for (akey, alias) in &c.audiences {
         let m = ctx
             .table(
-                ident(format!("__members_{key}"))
+                ident(format!("__members_{akey}"))
                     .to_string()
                     .trim_matches('"'),
             )
             .await?
             .select(vec![
-                col("profile_idx").alias(format!("{alias}_p")),
+                col(key).alias(format!("{alias}_p")),
                 lit(true).alias(alias.clone()),
             ])?;
         let p = format!("{alias}_p");
         frame = frame
-            .join(m, JoinType::Left, &["profile_idx"], &[p.as_str()], None)?
+            .join(m, JoinType::Left, &[key], &[p.as_str()], None)?
             .drop_columns(&[p.as_str()])?;
     }
     Ok(frame)
 }
 
-/// The values of trait `key` per profile, as `{alias}_p` (profile_idx) and typed columns.
-async fn trait_frame(c: &Compiler<'_>, key: &str, alias: &str) -> Result<DataFrame> {
+/// The values of trait `key` per profile (or account), as `{alias}_p` (the key column) and
+/// typed columns.
+pub(super) async fn trait_frame(c: &Compiler<'_>, key: &str, alias: &str) -> Result<DataFrame> {
     let ctx = c.inp.ctx;
+    let kc = c.key();
     let t = if c.inp.computed_traits.contains(key) {
-        ctx.table("__computed_traits")
-            .await?
-            .filter(col("key").eq(lit(key.to_string())))?
+        ctx.table("__computed_traits").await?.filter(
+            col("key")
+                .eq(lit(key.to_string()))
+                .and(col(kc).is_not_null()),
+        )?
     } else {
+        let entity = match c.level {
+            Level::Users => "profile",
+            Level::Accounts => "account",
+        };
         ctx.table("traits").await?.filter(
             col("entity")
-                .eq(lit("profile"))
+                .eq(lit(entity))
                 .and(col("key").eq(lit(key.to_string()))),
         )?
     };
     Ok(t.select(vec![
-        col("profile_idx").alias(format!("{alias}_p")),
+        col(kc).alias(format!("{alias}_p")),
         col("value_str").alias(format!("{alias}_s")),
         col("value_num").alias(format!("{alias}_n")),
         col("value_bool").alias(format!("{alias}_b")),
     ])?)
 }
 
-async fn compiler<'a>(inp: &'a Inputs<'a>, def: &DefinitionFile) -> Result<Compiler<'a>> {
+async fn compiler<'a>(
+    inp: &'a Inputs<'a>,
+    def: &DefinitionFile,
+    level: Level,
+) -> Result<Compiler<'a>> {
+    new_compiler(
+        inp,
+        (!def.historical_backfill).then_some(inp.created_at),
+        level,
+    )
+    .await
+}
+
+impl<'a> Compiler<'a> {
+    /// A fresh compiler over the same inputs (for the profile-level part of an account
+    /// definition).
+    pub(super) async fn sub_compiler(&self, level: Level) -> Result<Compiler<'a>> {
+        new_compiler(self.inp, self.backfill_from, level).await
+    }
+}
+
+async fn new_compiler<'a>(
+    inp: &'a Inputs<'a>,
+    backfill_from: Option<i64>,
+    level: Level,
+) -> Result<Compiler<'a>> {
     let schema = inp.ctx.table("events").await?.schema().clone();
     Ok(Compiler {
         inp,
+        level,
         schema_cols: schema.fields().iter().map(|f| f.name().clone()).collect(),
         aggs: Vec::new(),
         lower_bounds: Vec::new(),
@@ -799,7 +866,7 @@ async fn compiler<'a>(inp: &'a Inputs<'a>, def: &DefinitionFile) -> Result<Compi
         audiences: BTreeMap::new(),
         row_traits: BTreeMap::new(),
         modes: Vec::new(),
-        backfill_from: (!def.historical_backfill).then_some(inp.created_at),
+        backfill_from,
     })
 }
 
@@ -811,19 +878,32 @@ pub async fn compile_audience(inp: &Inputs<'_>, def: &DefinitionFile) -> Result<
     else {
         return Err(Error::Usage(format!("{} is not an audience", def.key)));
     };
-    if def.level == Level::Accounts {
-        return Err(Error::Usage(format!(
-            "{}: account-level audiences arrive with the funnel engine",
-            def.key
-        )));
-    }
-    let mut c = compiler(inp, def).await?;
-    let pred = profile_condition(&mut c, &cond)?;
-    let frame = assemble(&c, def.include_anonymous)
-        .await?
-        .filter(pred)?
-        .select(vec![col("profile_idx"), col("profile_id")])?;
-    Ok(Compiled { frame })
+    let mut c = compiler(inp, def, def.level).await?;
+    let frame = match def.level {
+        Level::Users => {
+            let pred = profile_condition(&mut c, &cond)?;
+            assemble(&c, def.include_anonymous)
+                .await?
+                .filter(pred)?
+                .select(vec![col("profile_idx"), col("profile_id")])?
+        }
+        Level::Accounts => {
+            let mut junctions = Vec::new();
+            let pred = c.account_condition(&cond, &mut junctions)?;
+            let mut frame = assemble(&c, def.include_anonymous).await?;
+            if !junctions.is_empty() {
+                let j = c.junction_frame(&junctions, def.include_anonymous).await?;
+                frame = frame
+                    .join(j, JoinType::Left, &["account_id"], &["__ja"], None)?
+                    .drop_columns(&["__ja"])?;
+            }
+            frame.filter(pred)?.select(vec![col("account_id")])?
+        }
+    };
+    Ok(Compiled {
+        frame,
+        level: def.level,
+    })
 }
 
 /// Compile a computed trait into a plan of `(profile_idx, profile_id, value_str, value_num,
@@ -835,22 +915,25 @@ pub async fn compile_trait(inp: &Inputs<'_>, def: &DefinitionFile) -> Result<Com
     else {
         return Err(Error::Usage(format!("{} is not a computed trait", def.key)));
     };
-    let mut c = compiler(inp, def).await?;
+    let mut c = compiler(inp, def, def.level).await?;
     let v = c.profile_value(&value)?;
-    let frame = assemble(&c, true)
-        .await?
-        .select(vec![
-            col("profile_idx"),
-            col("profile_id"),
-            v.s.alias("value_str"),
-            v.n.alias("value_num"),
-            v.b.alias("value_bool"),
-        ])?
-        .filter(
-            col("value_str")
-                .is_not_null()
-                .or(col("value_num").is_not_null())
-                .or(col("value_bool").is_not_null()),
-        )?;
-    Ok(Compiled { frame })
+    let mut cols = match def.level {
+        Level::Users => vec![col("profile_idx"), col("profile_id")],
+        Level::Accounts => vec![col("account_id")],
+    };
+    cols.extend([
+        v.s.alias("value_str"),
+        v.n.alias("value_num"),
+        v.b.alias("value_bool"),
+    ]);
+    let frame = assemble(&c, true).await?.select(cols)?.filter(
+        col("value_str")
+            .is_not_null()
+            .or(col("value_num").is_not_null())
+            .or(col("value_bool").is_not_null()),
+    )?;
+    Ok(Compiled {
+        frame,
+        level: def.level,
+    })
 }

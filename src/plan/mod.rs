@@ -15,6 +15,7 @@
 //! Values are carried in three typed forms (string, number, boolean), mirroring the shredded
 //! storage: a string literal compares with the string form, a number with the numeric form.
 
+mod account;
 pub mod compile;
 mod nested;
 

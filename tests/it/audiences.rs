@@ -14,6 +14,7 @@ use crate::common::*;
 const DAY: i64 = 86_400_000_000;
 
 /// One event as the reference sees it.
+#[derive(Clone)]
 struct Ev {
     message_id: String,
     kind: String,
@@ -32,6 +33,10 @@ struct World {
     profiles: BTreeMap<String, bool>,
     /// profile_id → trait key → JSON value
     traits: BTreeMap<String, BTreeMap<String, J>>,
+    /// account_id → linked (canonical) profile ids
+    links: BTreeMap<String, BTreeSet<String>>,
+    /// account_id → account trait key → JSON value
+    account_traits: BTreeMap<String, BTreeMap<String, J>>,
 }
 
 async fn world(store: &Store) -> World {
@@ -84,10 +89,41 @@ async fn world(store: &Store) -> World {
                 serde_json::from_str(r["value"].as_str().unwrap()).unwrap(),
             );
     }
+    let mut links: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for r in sql_rows(
+        store,
+        "default",
+        "SELECT account_id, profile_id FROM account_links",
+    )
+    .await
+    {
+        links
+            .entry(r["account_id"].as_str().unwrap().into())
+            .or_default()
+            .insert(r["profile_id"].as_str().unwrap().into());
+    }
+    let mut account_traits: BTreeMap<String, BTreeMap<String, J>> = BTreeMap::new();
+    for r in sql_rows(
+        store,
+        "default",
+        "SELECT account_id, key, value FROM traits WHERE entity = 'account'",
+    )
+    .await
+    {
+        account_traits
+            .entry(r["account_id"].as_str().unwrap().into())
+            .or_default()
+            .insert(
+                r["key"].as_str().unwrap().into(),
+                serde_json::from_str(r["value"].as_str().unwrap()).unwrap(),
+            );
+    }
     World {
         events,
         profiles,
         traits,
+        links,
+        account_traits,
     }
 }
 
@@ -690,6 +726,7 @@ async fn create(store: &Store, key: &str, text: &str, include_anonymous: bool) {
         .unwrap_or_else(|e| panic!("{text}: {e}"));
 }
 
+/// Current members: profile ids, or account ids for account audiences.
 async fn members(store: &Store, key: &str) -> BTreeSet<String> {
     let (_, batches) = audiences::compute::members(store, &Space::default(), key, None)
         .await
@@ -698,8 +735,11 @@ async fn members(store: &Store, key: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for b in batches {
         use arrow::array::AsArray;
-        let p = b.column_by_name("profile_id").unwrap().as_string::<i32>();
-        out.extend(p.iter().flatten().map(String::from));
+        for c in ["profile_id", "account_id"] {
+            if let Some(p) = b.column_by_name(c) {
+                out.extend(p.as_string::<i32>().iter().flatten().map(String::from));
+            }
+        }
     }
     out
 }
@@ -811,6 +851,294 @@ async fn random_nested_events_agree_with_the_reference_evaluator() {
         nonempty += usize::from(!want.is_empty() && want.len() < w.profiles.len());
     }
     assert!(nonempty >= 25, "too many trivial definitions: {nonempty}");
+}
+
+/// Whether an account-level condition reads profiles (and so means `ANY(...)`).
+fn reads_profiles(c: &Condition, account_keys: &BTreeSet<String>) -> bool {
+    let v = |v: &Value| match v {
+        Value::Aggregate { .. } => true,
+        Value::Audience { key } => !account_keys.contains(key),
+        _ => false,
+    };
+    match c {
+        Condition::Compare { value, operand, .. } => {
+            v(value) || matches!(operand, Some(Operand::Value { value }) if v(value))
+        }
+        Condition::Bare { value } => v(value),
+        _ => false,
+    }
+}
+
+/// The reference for account audiences.
+struct AccountCx<'a> {
+    cx: Ctx<'a>,
+    include_anonymous: bool,
+    account_keys: BTreeSet<String>,
+    /// account audience key → member account ids
+    account_audiences: BTreeMap<String, BTreeSet<String>>,
+}
+
+fn account_eval(ax: &AccountCx, c: &Condition, acct: &str) -> bool {
+    let none = BTreeSet::new();
+    let profiles: Vec<&String> = ax
+        .cx
+        .w
+        .links
+        .get(acct)
+        .unwrap_or(&none)
+        .iter()
+        .filter(|p| ax.include_anonymous || ax.cx.w.profiles.get(*p) == Some(&true))
+        .collect();
+    let matching = |item: &Condition| profiles.iter().filter(|p| eval(&ax.cx, item, p)).count();
+    match c {
+        Condition::And { items } => items.iter().all(|i| account_eval(ax, i, acct)),
+        Condition::Or { items } => items.iter().any(|i| account_eval(ax, i, acct)),
+        Condition::Not { item } => !account_eval(ax, item, acct),
+        Condition::Any { item } => matching(item) > 0,
+        Condition::All { item } => !profiles.is_empty() && matching(item) == profiles.len(),
+        Condition::AllNot { item } => matching(item) == 0,
+        c if reads_profiles(c, &ax.account_keys) => matching(c) > 0,
+        Condition::Compare { value, op, operand } => {
+            let val = |v: &Value| match v {
+                Value::Literal { value } => lit(value),
+                Value::Trait { key } => {
+                    from_json(ax.cx.w.account_traits.get(acct).and_then(|t| t.get(key)))
+                }
+                _ => panic!("not in the tested subset"),
+            };
+            let rhs = match operand {
+                Some(Operand::Value { value }) => Some(val(value)),
+                _ => None,
+            };
+            cmp(
+                &val(value),
+                *op,
+                operand.as_ref(),
+                rhs.as_ref(),
+                ax.cx.as_of,
+            )
+        }
+        Condition::Bare {
+            value: Value::Audience { key },
+        } => ax.account_audiences[key].contains(acct),
+        _ => panic!("not in the tested subset"),
+    }
+}
+
+fn all_accounts(w: &World) -> BTreeSet<String> {
+    w.links
+        .keys()
+        .chain(w.account_traits.keys())
+        .cloned()
+        .collect()
+}
+
+fn random_account_condition(r: &mut Rng, depth: u32) -> String {
+    if depth > 0 && r.next(3) == 0 {
+        return match r.next(3) {
+            0 => format!(
+                "{} AND {}",
+                random_account_condition(r, depth - 1),
+                random_account_condition(r, depth - 1)
+            ),
+            1 => format!(
+                "({} OR {})",
+                random_account_condition(r, depth - 1),
+                random_account_condition(r, depth - 1)
+            ),
+            _ => format!("NOT ({})", random_account_condition(r, depth - 1)),
+        };
+    }
+    match r.next(7) {
+        0 => format!(
+            "trait('plan') = '{}'",
+            r.pick(&["free", "pro", "business", "enterprise"])
+        ),
+        1 => format!("trait('employees') > {}", r.next(5000)),
+        2 => format!("ANY({})", random_condition(r, 1)),
+        3 => format!("ALL({})", random_condition(r, 1)),
+        4 => format!("ALL NOT ({})", random_condition(r, 1)),
+        5 => format!("ANY({})", random_nested(r)),
+        _ => random_atom(r),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn account_audiences_and_traits_agree_with_the_reference_evaluator() {
+    let store = generated_store(40_000, 11).await;
+    let mut r = Rng(0x2545F4914F6CDD1D);
+    let mut defs: Vec<(String, String, bool)> = vec![
+        // BENCH.md query 8 and its variants
+        (
+            "q8_all".into(),
+            "trait('plan') = 'business' AND ALL(event('Logged In').within(30 days).count() >= 1)"
+                .into(),
+            false,
+        ),
+        (
+            "q8_any".into(),
+            "trait('plan') = 'business' AND ANY(event('Logged In').within(30 days).count() >= 1)"
+                .into(),
+            false,
+        ),
+        (
+            "q8_none".into(),
+            "trait('plan') = 'business' AND ALL NOT (event('Logged In').within(30 days).count() >= 1)"
+                .into(),
+            false,
+        ),
+    ];
+    for i in 0..30 {
+        defs.push((
+            format!("c{i}"),
+            random_account_condition(&mut r, 2),
+            r.next(3) == 0,
+        ));
+    }
+    defs.push((
+        "cref".into(),
+        "audience('q8_any') AND NOT (audience('c0'))".into(),
+        false,
+    ));
+    for (key, text, anon) in &defs {
+        let f: audiences::lang::definition::DefinitionFile = serde_json::from_value(json!({
+            "key": key, "kind": "audience", "level": "accounts", "definition": text,
+            "include_anonymous": anon
+        }))
+        .unwrap();
+        audiences::definitions::create(&store, &Space::default(), &f)
+            .await
+            .unwrap_or_else(|e| panic!("{text}: {e}"));
+    }
+    let traits = [
+        "event('Order Completed').within(90 days).count()",
+        "event('Order Completed').sum(property('price'))",
+        "event('Product Viewed').unique(property('category')).count()",
+        "event('Product Viewed').last(property('category'))",
+        "event('Checkout Started').where(event('Order Completed').within(parent: 7 days).count() = 0).count()",
+    ];
+    for (i, t) in traits.iter().enumerate() {
+        let f: audiences::lang::definition::DefinitionFile = serde_json::from_value(json!({
+            "key": format!("at{i}"), "kind": "computed_trait", "level": "accounts", "definition": t
+        }))
+        .unwrap();
+        audiences::definitions::create(&store, &Space::default(), &f)
+            .await
+            .unwrap_or_else(|e| panic!("{t}: {e}"));
+    }
+    let as_of = END - 3 * DAY;
+    audiences::compute::compute(
+        &store,
+        &Space::default(),
+        &audiences::identity::IdentityRules::default(),
+        as_of,
+        &[],
+    )
+    .await
+    .unwrap();
+    let w = world(&store).await;
+    let accounts = all_accounts(&w);
+    assert!(accounts.len() >= 20, "only {} accounts", accounts.len());
+    let none = BTreeMap::new();
+    let account_keys: BTreeSet<String> = defs.iter().map(|d| d.0.clone()).collect();
+    let mut account_audiences = BTreeMap::new();
+    let mut nonempty = 0;
+    for (key, text, anon) in &defs {
+        let ax = AccountCx {
+            cx: Ctx {
+                w: &w,
+                as_of,
+                created_at: 0,
+                backfill: true,
+                audiences: &none,
+            },
+            include_anonymous: *anon,
+            account_keys: account_keys.clone(),
+            account_audiences: account_audiences.clone(),
+        };
+        let cond = audiences::lang::parse(text).unwrap();
+        let want: BTreeSet<String> = accounts
+            .iter()
+            .filter(|a| account_eval(&ax, &cond, a))
+            .cloned()
+            .collect();
+        let got = members(&store, key).await;
+        assert_eq!(got, want, "{key}: {text} (anonymous included: {anon})");
+        nonempty += usize::from(!want.is_empty() && want.len() < accounts.len());
+        account_audiences.insert(key.clone(), want);
+    }
+    assert!(nonempty >= 15, "too many trivial definitions: {nonempty}");
+    // account computed traits: reducers over the events of every linked profile
+    let cx = Ctx {
+        w: &w,
+        as_of,
+        created_at: 0,
+        backfill: true,
+        audiences: &none,
+    };
+    for (i, t) in traits.iter().enumerate() {
+        let rows = sql_rows(
+            &store,
+            "default",
+            &format!("SELECT account_id, value FROM computed_traits WHERE key = 'at{i}'"),
+        )
+        .await;
+        let got: BTreeMap<String, J> = rows
+            .into_iter()
+            .map(|r| {
+                (
+                    r["account_id"].as_str().unwrap().to_string(),
+                    serde_json::from_str(r["value"].as_str().unwrap()).unwrap(),
+                )
+            })
+            .collect();
+        let Condition::Compare {
+            value: Value::Aggregate { events, reducer },
+            ..
+        } = audiences::lang::parse(&format!("{t} = 0")).unwrap()
+        else {
+            panic!()
+        };
+        let mut want = BTreeMap::new();
+        for a in &accounts {
+            let mut evs: Vec<&Ev> = Vec::new();
+            for p in w.links.get(a).into_iter().flatten() {
+                evs.extend(w.events.get(p).into_iter().flatten());
+            }
+            evs.sort_by(|a, b| (a.ts, &a.message_id).cmp(&(b.ts, &b.message_id)));
+            let owned: Vec<Ev> = evs.iter().map(|e| (*e).clone()).collect();
+            let who = Who {
+                pid: a,
+                evs: &owned,
+            };
+            let v = reduce(&cx, &who, &selected(&cx, &who, &events, None), &reducer);
+            let j = match v {
+                RV::Missing => continue,
+                RV::N(n) if n.fract() == 0.0 => json!(n as i64),
+                RV::N(n) => json!(n),
+                RV::S(s) => json!(s),
+                RV::B(b) => json!(b),
+            };
+            want.insert(a.clone(), j);
+        }
+        let close = |a: &J, b: &J| match (a.as_f64(), b.as_f64()) {
+            (Some(x), Some(y)) => (x - y).abs() <= 1e-9 * y.abs().max(1.0),
+            _ => a == b,
+        };
+        assert!(
+            got.len() == want.len()
+                && got
+                    .iter()
+                    .zip(&want)
+                    .all(|(g, w)| g.0 == w.0 && close(g.1, w.1)),
+            "account trait {t}:\n got {got:?}\nwant {want:?}"
+        );
+        assert!(
+            want.len() >= 10,
+            "account trait {t}: only {} values",
+            want.len()
+        );
+    }
 }
 
 fn m(id: &str, user: &str, event: &str, ts: i64, props: J) -> J {
@@ -956,6 +1284,7 @@ async fn a_simple_definition_compiles_to_the_hand_built_plan() {
         as_of: END,
         created_at: 0,
         computed_traits: &computed,
+        account_keys: &computed,
     };
     let compiled = audiences::plan::compile_audience(&inputs, &def)
         .await
