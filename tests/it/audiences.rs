@@ -1257,6 +1257,135 @@ async fn window_edges_missing_values_and_type_conflicts_by_hand() {
     }
 }
 
+/// Funnels, sequences and dynamic references on hand-made histories: a child at its parent's
+/// instant, children exactly at and just past the window edge, repeated and simultaneous
+/// parents, missing reference properties, traits inside `where`.
+#[tokio::test(flavor = "multi_thread")]
+async fn funnels_and_dynamic_references_by_hand() {
+    const H: i64 = 3_600_000_000;
+    let store = Store::memory();
+    let t = END - 10 * DAY;
+    let mut msgs = vec![
+        m("1", "same", "Checkout Started", t, json!({})),
+        m("2", "same", "Order Completed", t, json!({})),
+        m("3", "edge", "Checkout Started", t, json!({})),
+        m("4", "edge", "Order Completed", t + 7 * DAY, json!({})),
+        m("5", "late", "Checkout Started", t, json!({})),
+        m("6", "late", "Order Completed", t + 7 * DAY + 1, json!({})),
+        m("7", "repeat", "Checkout Started", t, json!({})),
+        m("8", "repeat", "Checkout Started", t + DAY, json!({})),
+        m("9", "repeat", "Order Completed", t + 2 * DAY, json!({})),
+        m("10", "twins", "Checkout Started", t, json!({"n": 1})),
+        m("11", "twins", "Checkout Started", t, json!({"n": 2})),
+        m("12", "twins", "Order Completed", t + H, json!({})),
+        m(
+            "13",
+            "ref",
+            "Product Viewed",
+            t,
+            json!({"product_id": "a", "price": 150}),
+        ),
+        m(
+            "14",
+            "ref",
+            "Order Completed",
+            t + H,
+            json!({"product_id": "a"}),
+        ),
+        m(
+            "15",
+            "noref",
+            "Product Viewed",
+            t,
+            json!({"product_id": "a", "price": 150}),
+        ),
+        m("16", "noref", "Order Completed", t + H, json!({})),
+        m("17", "otherref", "Product Viewed", t, json!({"price": 90})),
+        m(
+            "18",
+            "otherref",
+            "Order Completed",
+            t + H,
+            json!({"product_id": "a"}),
+        ),
+        m("19", "seq", "Product Viewed", t, json!({})),
+        m("20", "seq", "Product Added", t + H, json!({})),
+        m("21", "seq", "Checkout Started", t + 2 * H, json!({})),
+        m("22", "gap", "Product Viewed", t, json!({})),
+        m("23", "gap", "Product Added", t + H, json!({})),
+        m("24", "gap", "Checkout Started", t + 3 * H, json!({})),
+    ];
+    for (id, user, limit) in [("25", "ref", 100), ("26", "noref", 200)] {
+        msgs.push(json!({"type": "identify", "messageId": id, "userId": user,
+            "traits": {"limit": limit},
+            "timestamp": audiences::events::message::format_timestamp(t - DAY)}));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let text: String = msgs.iter().map(|x| x.to_string() + "\n").collect();
+    let p = dir.path().join("e.ndjson");
+    std::fs::write(&p, text).unwrap();
+    ingest_files(&store, "default", &[p], &dir.path().join("d")).await;
+    let funnel = |inner: &str| {
+        format!(
+            "event('Checkout Started').where(event('Order Completed').within(parent: 7 days).count() {inner}).count() >= 1"
+        )
+    };
+    let cases: Vec<(String, &[&str])> = vec![
+        (funnel(">= 1"), &["edge", "repeat", "twins"]),
+        (funnel("= 0"), &["same", "late", "seq", "gap"]),
+        (
+            "event('Checkout Started').where(event('Order Completed').within(parent: 7 days).count() >= 1).count() >= 2".into(),
+            &["repeat", "twins"],
+        ),
+        (
+            "event('Checkout Started').where(event('Order Completed').between(parent: 1 day, 7 days).count() >= 1).count() >= 1".into(),
+            &["edge", "repeat"],
+        ),
+        (
+            "event('Product Viewed').where(event('Order Completed').where(property('product_id') = property(parent: 'product_id')).within(parent: 1 day).count() >= 1).count() >= 1".into(),
+            &["ref"],
+        ),
+        (
+            "event('Product Viewed').where(event('Order Completed').where(property('product_id') != property(parent: 'product_id')).within(parent: 1 day).count() >= 1).count() >= 1".into(),
+            &[],
+        ),
+        (
+            "event('Product Viewed').where(event('Order Completed').where(NOT (property('product_id') = property(parent: 'product_id'))).within(parent: 1 day).count() >= 1).count() >= 1".into(),
+            &["noref", "otherref"],
+        ),
+        (
+            "event('Product Viewed').where(property('price') >= trait('limit')).count() >= 1".into(),
+            &["ref"],
+        ),
+        (
+            "event('Product Viewed').where(event('Product Added').where(event('Checkout Started').within(parent: 90 minutes).count() >= 1).within(parent: 90 minutes).count() >= 1).count() >= 1".into(),
+            &["seq"],
+        ),
+    ];
+    for (i, (text, _)) in cases.iter().enumerate() {
+        create(&store, &format!("f{i}"), text, false).await;
+    }
+    audiences::compute::compute(
+        &store,
+        &Space::default(),
+        &audiences::identity::IdentityRules::default(),
+        END,
+        &[],
+    )
+    .await
+    .unwrap();
+    let pid = |u: &str| {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        h.update(b"user_id\0");
+        h.update(u.as_bytes());
+        format!("p-{:016x}", h.digest())
+    };
+    for (i, (text, want)) in cases.iter().enumerate() {
+        let want: BTreeSet<String> = want.iter().map(|u| pid(u)).collect();
+        assert_eq!(members(&store, &format!("f{i}")).await, want, "{text}");
+    }
+}
+
 /// The compiled plan of a simple definition equals one built by hand with the DataFrame API.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_simple_definition_compiles_to_the_hand_built_plan() {
