@@ -6,7 +6,7 @@ use crate::events::{IngestOptions, Input};
 use crate::generate::GenConfig;
 
 /// The sample definitions the demo creates.
-const SAMPLE_DEFINITIONS: [(&str, &str); 7] = [
+const SAMPLE_DEFINITIONS: [(&str, &str); 12] = [
     (
         "revenue_180d.json",
         include_str!("../data/definitions/revenue_180d.json"),
@@ -34,6 +34,26 @@ const SAMPLE_DEFINITIONS: [(&str, &str); 7] = [
     (
         "q7_high_value.json",
         include_str!("../data/definitions/q7_high_value.json"),
+    ),
+    (
+        "funnels/cart_abandoners.json",
+        include_str!("../data/definitions/funnels/cart_abandoners.json"),
+    ),
+    (
+        "q5_checkout_funnel.json",
+        include_str!("../data/definitions/q5_checkout_funnel.json"),
+    ),
+    (
+        "q6_bought_viewed_product.json",
+        include_str!("../data/definitions/q6_bought_viewed_product.json"),
+    ),
+    (
+        "q8_business_all.json",
+        include_str!("../data/definitions/q8_business_all.json"),
+    ),
+    (
+        "q8_business_none.json",
+        include_str!("../data/definitions/q8_business_none.json"),
     ),
 ];
 
@@ -177,10 +197,20 @@ pub async fn run(g: &Global, a: &DemoArgs) -> Result<()> {
             .find(|d| d.key == r.key)
             .map(|d| d.definition.as_str())
             .unwrap_or("");
-        println!("   {:<20} {:<15} {:>6} {}", r.key, r.kind, r.size, d);
+        println!("   {:<24} {:<15} {:>7} {}", r.key, r.kind, r.size, d);
     }
     let batches = q("SELECT m.profile_id, round(t.value_num, 2) AS revenue_180d FROM memberships m JOIN computed_traits t ON t.profile_id = m.profile_id AND t.key = 'revenue_180d' WHERE m.audience_key = 'high_value' ORDER BY t.value_num DESC LIMIT 3").await?;
     println!("   top members of high_value with their computed revenue:");
+    crate::cli::print_batches(g.json, &batches)?;
+    let batches = q("SELECT m.profile_id, count(*) AS checkouts_30d FROM memberships m JOIN events e ON e.profile_id = m.profile_id AND e.event = 'Checkout Started' AND e.timestamp >= TIMESTAMP '2025-12-02T00:00:00Z' WHERE m.audience_key = 'cart_abandoners' GROUP BY m.profile_id ORDER BY checkouts_30d DESC, m.profile_id LIMIT 3").await?;
+    println!(
+        "   cart abandoners (a checkout with no order within 7 days after it), with their recent checkouts:"
+    );
+    crate::cli::print_batches(g.json, &batches)?;
+    let batches = q("SELECT m.audience_key, m.account_id, t.value_str AS plan, count(l.profile_id) AS linked_profiles FROM memberships m JOIN traits t ON t.account_id = m.account_id AND t.entity = 'account' AND t.key = 'plan' LEFT JOIN account_links l ON l.account_id = m.account_id WHERE m.account_id IS NOT NULL GROUP BY m.audience_key, m.account_id, t.value_str ORDER BY m.audience_key, linked_profiles DESC, m.account_id LIMIT 6").await?;
+    println!(
+        "   account audiences (business accounts where all / none of the users logged in within 30 days):"
+    );
     crate::cli::print_batches(g.json, &batches)?;
     let _ = std::fs::remove_dir_all(&dir);
     println!(

@@ -6,6 +6,7 @@ mod audiences;
 mod commit_log;
 mod common;
 mod crash;
+mod demo;
 mod duckdb;
 mod identity;
 mod ingest;
