@@ -184,9 +184,11 @@ def main():
     for f in files:
         kind = "trait" if "revenue" in f else "audience"
         subprocess.run([a.bin, "--store", store, kind, "create", os.path.join(defs, f)], check=True, stdout=subprocess.DEVNULL)
-    # Identities (and the trait, if q7 runs) once: q7 then recomputes it, as a scheduled compute would.
-    subprocess.run([a.bin, "--store", store, "compute", "--as-of", AS_OF] + (["revenue_180d"] if "revenue_180d.json" in files else ["--help"][:0]) + ([] if "revenue_180d.json" in files else [q[1] for q in queries[:1]]),
-                   check=True, env=env, stdout=subprocess.DEVNULL)
+    # Identities once (and the trait, if q7 runs: `compute high_value` then recomputes it, as a
+    # scheduled compute would); every timed compute finds the identity state up to date.
+    subprocess.run([a.bin, "--store", store, "identity"], check=True, env=env, stdout=subprocess.DEVNULL)
+    if "revenue_180d.json" in files:
+        subprocess.run([a.bin, "--store", store, "compute", "--as-of", AS_OF, "revenue_180d"], check=True, env=env, stdout=subprocess.DEVNULL)
     import pyarrow as pa
     tables = {"keys": os.path.join(work, "keys.parquet")}
     export(a.bin, store, env, "SELECT i.identity_key, i.profile_id, p.known FROM identities i JOIN profiles p USING (profile_id) WHERE i.id_type IN ('user_id', 'anonymous_id')",
