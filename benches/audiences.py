@@ -123,6 +123,9 @@ out = chdb.query(sql, "JSONEachRow").bytes().decode()
 print(json.dumps(sorted(next(iter(json.loads(l).values())) for l in out.splitlines() if l.strip())))
 '''
 
+def num(v, fmt, suffix=""):
+    return "nan".rjust(len(format(0.0, fmt)) + len(suffix)) if v != v else format(v, fmt) + suffix
+
 def run(cmd, env):
     t = time.perf_counter()
     p = subprocess.run(["/usr/bin/time", "-f", "%M"] + cmd, capture_output=True, text=True, env=env)
@@ -242,11 +245,11 @@ def main():
         peak = lambda xs: max(k for _, k in xs) / 1024 if xs else nan
         o, d, f, c = med(ours), med(duck), med(dfpy), med(ch)
         rows.append((lab, key, len(ours_set), o, d, f, c, ch_mark, peak(ours), peak(duck), peak(ch)))
-        print(f"{lab:<6} {key:<24} members {len(ours_set):>8}  ours {o:6.2f}s  duckdb {d:6.2f}s  datafusion-python {f:6.2f}s  chdb {c:6.2f}s{ch_mark}  ratio {d/o:5.2f}x", flush=True)
+        print(f"{lab:<6} {key:<24} members {len(ours_set):>8}  ours {o:6.2f}s  duckdb {d:6.2f}s  datafusion-python {num(f, '6.2f', 's')}  chdb {num(c, '6.2f', 's')}{ch_mark}  ratio {d/o:5.2f}x", flush=True)
     print(f"\n| query | members | audiences s | DuckDB s | datafusion-python s | chDB s | speed-up vs DuckDB | vs datafusion-python | vs chDB | peak RSS ours / DuckDB / chDB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for lab, key, n, o, d, f, c, m, ko, kd, kc in rows:
-        print(f"| {lab} {key} | {n:,} | {o:.2f} | {d:.2f} | {f:.2f} | {c:.2f}{m} | {d/o:.2f}x | {f/o:.2f}x | {c/o:.2f}x{m} | {ko:.0f} / {kd:.0f} / {kc:.0f} MiB |")
+        print(f"| {lab} {key} | {n:,} | {o:.2f} | {d:.2f} | {num(f, '.2f')} | {num(c, '.2f')}{m} | {d/o:.2f}x | {num(f/o, '.2f', 'x')} | {num(c/o, '.2f', 'x')}{m} | {ko:.0f} / {kd:.0f} / {num(kc, '.0f')} MiB |")
     if any(r[7] for r in rows):
         print("\n* chDB membership differs only by the documented same-timestamp tie shape (see BENCH.md)")
     shutil.rmtree(work, ignore_errors=True)
