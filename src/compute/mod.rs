@@ -521,7 +521,7 @@ pub async fn compute_with_progress(
                 let plan = compile_trait(&inputs, &stored.file).await.map_err(fail)?;
                 tracing::trace!(key = %key, plan = %plan.frame.logical_plan().display_indent(), "compiled");
                 let batches = plan.frame.collect().await.map_err(|e| fail(e.into()))?;
-                let tb = trait_batch(key, version, as_of, &batches, plan.level)?;
+                let tb = trait_batch(key, version, as_of, &batches, plan.level, plan.json_value)?;
                 let n = tb.num_rows();
                 trait_values.insert(key.clone(), vec![tb.clone()]);
                 let adds = vec![put_batch(store, space, "trait_values", &tb).await?];
@@ -573,6 +573,7 @@ fn trait_batch(
     as_of: i64,
     batches: &[RecordBatch],
     level: Level,
+    json_value: bool,
 ) -> Result<RecordBatch> {
     let mut idx: Vec<Option<i64>> = Vec::new();
     let mut who = Vec::new();
@@ -592,7 +593,9 @@ fn trait_batch(
             .as_primitive_opt::<arrow::datatypes::Float64Type>();
         let bo = b.column(first + 2).as_boolean_opt();
         for r in 0..b.num_rows() {
-            let v = if s.is_valid(r) {
+            let v = if s.is_valid(r) && json_value {
+                serde_json::from_str(s.value(r))?
+            } else if s.is_valid(r) {
                 serde_json::Value::String(s.value(r).to_string())
             } else if let Some(n) = n.filter(|n| n.is_valid(r)) {
                 let x = n.value(r);
@@ -618,7 +621,13 @@ fn trait_batch(
         }
     }
     let n = idx.len();
-    let typed = typed_json(json.iter().map(String::as_str));
+    let mut typed = typed_json(json.iter().map(String::as_str));
+    if json_value {
+        // a list compares through its JSON text
+        typed.0 = Arc::new(StringArray::from_iter_values(
+            json.iter().map(String::as_str),
+        ));
+    }
     let (pids, accs) = member_columns(who.iter().map(String::as_str), level);
     Ok(RecordBatch::try_new(
         schema("trait_values"),

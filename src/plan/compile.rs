@@ -40,6 +40,8 @@ pub struct Compiled {
     pub frame: DataFrame,
     /// The level.
     pub level: Level,
+    /// The value column holds JSON text (a `unique(..)` list) rather than a string.
+    pub json_value: bool,
 }
 
 fn ts_lit(micros: i64) -> Expr {
@@ -597,9 +599,12 @@ impl<'a> Compiler<'a> {
                     lit("ASC"),
                     lit("NULLS LAST"),
                 );
-                // Lists are compared through their JSON-like text form.
+                // The list as JSON array text: the trait's value is that array, and string
+                // comparators see the text.
+                let json =
+                    datafusion::execution::FunctionRegistry::udf(self.inp.ctx, "json_array")?;
                 Typed {
-                    s: cast(sorted, DataType::Utf8),
+                    s: json.call(vec![sorted]),
                     ..Typed::nulls()
                 }
             }
@@ -903,6 +908,7 @@ pub async fn compile_audience(inp: &Inputs<'_>, def: &DefinitionFile) -> Result<
     Ok(Compiled {
         frame,
         level: def.level,
+        json_value: false,
     })
 }
 
@@ -935,5 +941,12 @@ pub async fn compile_trait(inp: &Inputs<'_>, def: &DefinitionFile) -> Result<Com
     Ok(Compiled {
         frame,
         level: def.level,
+        json_value: matches!(
+            value,
+            Value::Aggregate {
+                reducer: Reducer::Unique { .. },
+                ..
+            }
+        ),
     })
 }

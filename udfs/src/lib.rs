@@ -4,9 +4,11 @@
 //! - [`nested_events`]: the per-profile evaluator of nested event queries (funnels, N-step
 //!   sequences, abandonment, parent-property references) that compiled audiences call;
 //!   its program format is [`program`].
+//! - [`json_array`]: a list of strings as JSON array text (the value of `unique(..)` traits).
 //! - [`window_funnel`]: ClickHouse-style `window_funnel(window, timestamp, step1, step2, ...)`
 //!   for SQL users, with each step measured from the previous one.
 
+pub mod json_array;
 pub mod nested_events;
 pub mod program;
 pub mod window_funnel;
@@ -17,7 +19,7 @@ use datafusion::prelude::SessionContext;
 
 /// Every scalar function of this crate.
 pub fn scalar_functions() -> Vec<ScalarUDF> {
-    Vec::new()
+    vec![ScalarUDF::from(json_array::JsonArray::default())]
 }
 
 /// Every aggregate function of this crate.

@@ -749,7 +749,10 @@ impl<'a> Eval<'a> {
                 } else if set.is_empty() {
                     X::Missing
                 } else {
-                    X::S(Cow::Owned(format!("[{}]", set.join(", "))))
+                    // JSON array text, like `json_array` over the plain path
+                    X::S(Cow::Owned(
+                        serde_json::to_string(&set).unwrap_or_else(|_| "[]".into()),
+                    ))
                 }
             }
         }

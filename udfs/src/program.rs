@@ -176,7 +176,7 @@ pub enum Reducer {
         /// Minimum occurrences.
         min_count: u64,
     },
-    /// Sorted distinct text values, as `[a, b]`.
+    /// Sorted distinct text values, as JSON array text (`["a","b"]`).
     Unique(usize),
     /// Number of distinct text values.
     UniqueCount(usize),
