@@ -211,6 +211,9 @@ pub struct IngestArgs {
     /// Accepted events per commit.
     #[arg(long, env = "AUDIENCES_CHUNK_ROWS", default_value_t = 1_000_000)]
     pub chunk_rows: usize,
+    /// Do not compact date partitions that reach 4 files after the ingest.
+    #[arg(long, env = "AUDIENCES_NO_COMPACT")]
+    pub no_compact: bool,
 }
 
 /// `sql` options.
@@ -407,6 +410,7 @@ async fn ingest(g: &Global, a: &IngestArgs) -> Result<i32> {
         dead_letter: a.dead_letter.clone(),
         received_now: None,
         progress: true,
+        compact: !a.no_compact,
     };
     let report = crate::events::ingest(&store, &g.space()?, inputs, opts).await?;
     print_ingest(g, &report)?;
@@ -423,6 +427,7 @@ fn print_ingest(g: &Global, r: &crate::events::IngestReport) -> Result<()> {
             serde_json::json!({
                 "accepted": r.accepted, "rejected": r.rejected, "duplicates": r.duplicates,
                 "dead_letter": r.dead_letter, "submitted": r.submitted, "versions": r.versions,
+                "compaction": r.compaction,
             })
         );
     } else {
@@ -432,6 +437,12 @@ fn print_ingest(g: &Global, r: &crate::events::IngestReport) -> Result<()> {
         );
         if let Some(p) = &r.dead_letter {
             println!("rejected messages and their reasons: {}", p.display());
+        }
+        if r.compaction.dates > 0 {
+            println!(
+                "compacted {} date partitions: {} files -> {}",
+                r.compaction.dates, r.compaction.files_removed, r.compaction.files_added
+            );
         }
     }
     Ok(())

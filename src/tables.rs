@@ -270,7 +270,8 @@ impl TableProvider for CommittedTable {
 /// A DataFusion session over one space of the store, with every committed table registered and
 /// our UDFs available.
 pub async fn session(store: &Store, space: &Space) -> Result<SessionContext> {
-    let config = SessionConfig::new()
+    // DataFusion settings can be tuned with DATAFUSION_* environment variables.
+    let config = SessionConfig::from_env()?
         .with_information_schema(true)
         .with_target_partitions(std::thread::available_parallelism().map_or(2, |n| n.get()));
     let ctx = SessionContext::new_with_config(config);

@@ -67,6 +67,8 @@ pub struct IngestOptions {
     pub received_now: Option<i64>,
     /// Show progress on stderr.
     pub progress: bool,
+    /// Compact date partitions that reach [`crate::events::compact::MIN_FILES`] files.
+    pub compact: bool,
 }
 
 impl Default for IngestOptions {
@@ -76,6 +78,7 @@ impl Default for IngestOptions {
             dead_letter: None,
             received_now: None,
             progress: false,
+            compact: true,
         }
     }
 }
@@ -95,6 +98,8 @@ pub struct IngestReport {
     pub dead_letter: Option<PathBuf>,
     /// Versions of the events table committed.
     pub versions: Vec<u64>,
+    /// The compaction that followed.
+    pub compaction: crate::events::compact::CompactReport,
 }
 
 /// One message read from an input, parsed or rejected.
@@ -162,6 +167,20 @@ pub async fn ingest(
     dead.flush()?;
     sink.flush(&mut report).await?;
     progress.finish_and_clear();
+    if opts.compact && !report.versions.is_empty() {
+        // Only what identity resolution has already read (it reads new commits by version).
+        let identity = CommitLog::new(store, space, crate::identity::persist::IDENTITY)
+            .snapshot()
+            .await?;
+        report.compaction = crate::events::compact::compact(
+            store,
+            space,
+            crate::events::compact::MIN_FILES,
+            None,
+            crate::identity::persist::last_events_version(&identity),
+        )
+        .await?;
+    }
     report.dead_letter = dead.path_if_used();
     debug_assert_eq!(
         report.submitted,

@@ -18,12 +18,17 @@ use crate::store::log::{ColumnSpec, FileAdd};
 /// Rows per Parquet row group.
 pub const ROW_GROUP_ROWS: usize = 128 * 1024;
 
+/// Rows per data page (a soft limit, checked every 1024 rows): small pages let the page index
+/// skip the rows of other event types.
+pub const PAGE_ROWS: usize = 2048;
+
 /// Writer settings shared by every Parquet file we produce.
 pub fn writer_properties(sorting: Option<Vec<SortingColumn>>) -> WriterProperties {
     WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::default()))
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+        .set_data_page_row_count_limit(PAGE_ROWS)
         .set_sorting_columns(sorting)
         .build()
 }
@@ -37,7 +42,17 @@ pub fn encode_parquet(batch: &RecordBatch, props: WriterProperties) -> Result<by
     Ok(bytes::Bytes::from(buf))
 }
 
-/// Sort an events batch by (identity_key, timestamp).
+/// The sort order of event files: (type, event, identity_key, timestamp). Audience conditions
+/// select events by type and name, so with small pages the page index skips every other kind of
+/// event; within one kind, a profile's events are contiguous and in time order.
+pub const SORT_COLUMNS: [&str; 4] = ["type", "event", "identity_key", "timestamp"];
+
+const NULLS_LAST: arrow::compute::SortOptions = arrow::compute::SortOptions {
+    descending: false,
+    nulls_first: false,
+};
+
+/// Sort an events batch by [`SORT_COLUMNS`] (nulls last, as declared in the file).
 pub fn sort_events(batch: &RecordBatch) -> Result<RecordBatch> {
     let col = |n: &str| -> Result<Arc<dyn Array>> {
         Ok(Arc::clone(batch.column(batch.schema().index_of(n)?)))
@@ -45,12 +60,20 @@ pub fn sort_events(batch: &RecordBatch) -> Result<RecordBatch> {
     let idx = lexsort_to_indices(
         &[
             SortColumn {
+                values: col("type")?,
+                options: Some(NULLS_LAST),
+            },
+            SortColumn {
+                values: col("event")?,
+                options: Some(NULLS_LAST),
+            },
+            SortColumn {
                 values: col("identity_key")?,
-                options: None,
+                options: Some(NULLS_LAST),
             },
             SortColumn {
                 values: col("timestamp")?,
-                options: None,
+                options: Some(NULLS_LAST),
             },
         ],
         None,
@@ -76,18 +99,16 @@ pub async fn write_events_file(
 ) -> Result<FileAdd> {
     let sorted = sort_events(batch)?;
     let schema = sorted.schema();
-    let sorting = vec![
-        SortingColumn {
-            column_idx: schema.index_of("identity_key")? as i32,
-            descending: false,
-            nulls_first: false,
-        },
-        SortingColumn {
-            column_idx: schema.index_of("timestamp")? as i32,
-            descending: false,
-            nulls_first: false,
-        },
-    ];
+    let sorting = SORT_COLUMNS
+        .iter()
+        .map(|c| {
+            Ok(SortingColumn {
+                column_idx: schema.index_of(c)? as i32,
+                descending: false,
+                nulls_first: false,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     let to_encode = sorted.clone();
     let bytes = tokio::task::spawn_blocking(move || {
         encode_parquet(&to_encode, writer_properties(Some(sorting)))

@@ -486,7 +486,11 @@ pub async fn resolve(
     let events = CommitLog::new(store, space, TableName::Events)
         .snapshot()
         .await?;
-    if !full && snap.version > 0 && watermark == events.version {
+    let fresh = events
+        .entries
+        .iter()
+        .any(|e| e.version > watermark && e.operation != "compact");
+    if !full && snap.version > 0 && !fresh {
         // Nothing new: the committed state is current.
         if let Some(r) = snap
             .entries
@@ -511,7 +515,8 @@ pub async fn resolve(
         events
             .entries
             .iter()
-            .filter(|e| e.version > watermark)
+            // a compaction rewrites committed events and adds none
+            .filter(|e| e.version > watermark && e.operation != "compact")
             .flat_map(|e| e.adds.iter().cloned())
             .collect()
     };
@@ -589,6 +594,15 @@ pub async fn resolve(
         Error::Usage("another identity resolution committed first; run it again".into())
     })?;
     report.version = entry.version;
+    // The files this run has read can now be merged into fewer, larger ones.
+    crate::events::compact::compact(
+        store,
+        space,
+        crate::events::compact::MIN_FILES,
+        None,
+        events.version,
+    )
+    .await?;
     Ok(report)
 }
 

@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use arrow::array::{AsArray, RecordBatch};
+use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{Int64Type, TimestampMicrosecondType};
 use audiences::events::message::parse_message;
 use audiences::events::read::events_from_batch;
@@ -335,7 +335,7 @@ async fn small_chunks_commit_separately_and_dedup_across_them() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn files_are_partitioned_by_utc_date_and_sorted_by_identity_then_time() {
+async fn files_are_partitioned_by_utc_date_and_sorted_by_event_identity_then_time() {
     let dir = tempfile::tempdir().unwrap();
     let p = write(dir.path(), "x.ndjson", &generated(5000, 9));
     let store = Store::memory();
@@ -357,9 +357,13 @@ async fn files_are_partitioned_by_utc_date_and_sorted_by_identity_then_time() {
             .unwrap()
             .build()
             .unwrap();
-        let mut prev: Option<(i64, i64)> = None;
+        // (type, event with nulls last, identity_key, timestamp)
+        type SortKey = (String, (bool, String), i64, i64);
+        let mut prev: Option<SortKey> = None;
         for b in reader {
             let b = b.unwrap();
+            let ty = b.column_by_name("type").unwrap().as_string::<i32>();
+            let ev = b.column_by_name("event").unwrap().as_string::<i32>();
             let k = b
                 .column_by_name("identity_key")
                 .unwrap()
@@ -369,18 +373,30 @@ async fn files_are_partitioned_by_utc_date_and_sorted_by_identity_then_time() {
                 .unwrap()
                 .as_primitive::<TimestampMicrosecondType>();
             for i in 0..b.num_rows() {
-                let cur = (k.value(i), t.value(i));
+                let cur: SortKey = (
+                    ty.value(i).to_string(),
+                    (
+                        ev.is_null(i),
+                        if ev.is_valid(i) {
+                            ev.value(i).to_string()
+                        } else {
+                            String::new()
+                        },
+                    ),
+                    k.value(i),
+                    t.value(i),
+                );
                 assert!(
-                    prev.is_none_or(|p| p <= cur),
+                    prev.as_ref().is_none_or(|p| *p <= cur),
                     "rows out of order in {}",
                     f.path
                 );
-                prev = Some(cur);
-                let d = chrono::DateTime::from_timestamp_micros(cur.1)
+                let d = chrono::DateTime::from_timestamp_micros(cur.3)
                     .unwrap()
                     .format("%Y-%m-%d")
                     .to_string();
                 assert_eq!(d, date);
+                prev = Some(cur);
                 rows += 1;
             }
         }
@@ -395,4 +411,117 @@ async fn files_are_partitioned_by_utc_date_and_sorted_by_identity_then_time() {
     );
     let kept = table.prune(&[col("timestamp").gt_eq(lit(lo))]);
     assert!(!kept.is_empty() && kept.len() <= 2 * 2, "{}", kept.len());
+}
+
+/// Small ingest chunks leave many files per date; compaction merges what identity resolution
+/// has read into one sorted file per date, deletes the replaced files (DuckDB over the
+/// partition directory counts every event once), and neither the events nor the identity graph
+/// change, even with resolutions between chunks.
+#[tokio::test(flavor = "multi_thread")]
+async fn compaction_merges_small_files_without_changing_events_or_identities() {
+    use audiences::events::{IngestOptions, Input};
+    let dir = tempfile::tempdir().unwrap();
+    let data = generated(24_000, 21);
+    let text = String::from_utf8(data).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    // Reference: one chunk, one file per date.
+    let one = Store::memory();
+    let p = write(dir.path(), "all.ndjson", text.as_bytes());
+    ingest_files(&one, "default", &[p], &dir.path().join("d0")).await;
+    audiences::identity::resolve(&one, &Space::default(), &Default::default(), false)
+        .await
+        .unwrap();
+    // Compacted: three parts in chunks of 2,000 rows, identity resolved after the first two.
+    let root = dir.path().join("store");
+    let many = Store::open(root.to_str().unwrap(), &Default::default()).unwrap();
+    let space = Space::default();
+    let parts = [&lines[..9_000], &lines[9_000..15_000], &lines[15_000..]];
+    for (i, part) in parts.iter().enumerate() {
+        let p = write(
+            dir.path(),
+            &format!("p{i}.ndjson"),
+            part.join("\n").as_bytes(),
+        );
+        let r = audiences::events::ingest(
+            &many,
+            &space,
+            vec![Input::File(p)],
+            IngestOptions {
+                chunk_rows: 2_000,
+                dead_letter: Some(dir.path().join(format!("d{i}"))),
+                received_now: Some(END),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.rejected, 0);
+        if i < 2 {
+            audiences::identity::resolve(&many, &space, &Default::default(), false)
+                .await
+                .unwrap();
+        }
+    }
+    let before = CommitLog::new(&many, &space, TableName::Events)
+        .snapshot()
+        .await
+        .unwrap();
+    audiences::identity::resolve(&many, &space, &Default::default(), false)
+        .await
+        .unwrap();
+    let after = CommitLog::new(&many, &space, TableName::Events)
+        .snapshot()
+        .await
+        .unwrap();
+    assert!(
+        after.files.len() * 3 < before.files.len(),
+        "{} files before, {} after",
+        before.files.len(),
+        after.files.len()
+    );
+    let mut per_date = std::collections::BTreeMap::new();
+    for f in &after.files {
+        *per_date.entry(f.date.clone().unwrap()).or_insert(0) += 1;
+    }
+    assert!(
+        per_date
+            .values()
+            .all(|n| *n < audiences::events::compact::MIN_FILES)
+    );
+    assert!(after.entries.iter().any(|e| e.operation == "compact"));
+    // Replaced files are gone from the directory.
+    let on_disk = walk(&root.join("spaces/default/events"))
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
+        .count();
+    assert_eq!(on_disk, after.files.len());
+    // Same events, same attribution, same identity graph.
+    for q in [
+        "SELECT message_id, type, event, CAST(timestamp AS BIGINT) AS ts, profile_id, properties FROM events ORDER BY message_id",
+        "SELECT id_type, id_value, profile_id, CAST(first_seen AS BIGINT) AS fs FROM identities ORDER BY id_type, id_value",
+        "SELECT entity, profile_id, account_id, key, value FROM traits ORDER BY entity, profile_id, account_id, key",
+    ] {
+        let a = sql_rows(&one, "default", q).await;
+        let b = sql_rows(&many, "default", q).await;
+        assert_eq!(a.len(), b.len(), "{q}");
+        assert!(a == b, "{q}: results differ");
+    }
+    let duck = python(
+        "import duckdb, sys; print(duckdb.connect().execute(f\"SELECT count(*), count(DISTINCT message_id) FROM read_parquet('{sys.argv[1]}/spaces/default/events/*/*.parquet', union_by_name = true)\").fetchone())",
+        &[root.to_str().unwrap()],
+    );
+    assert_eq!(duck.trim(), "(24000, 24000)");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }
