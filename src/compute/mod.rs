@@ -354,7 +354,12 @@ pub async fn compute_with_progress(
     progress: bool,
 ) -> Result<Vec<KeyReport>> {
     let bar = crate::progress::counter(progress, "definitions computed");
+    let t0 = std::time::Instant::now();
     crate::identity::resolve(store, space, rules, false).await?;
+    tracing::debug!(
+        millis = t0.elapsed().as_millis() as u64,
+        "identity up to date"
+    );
     let defs = definitions::live(store, space).await?;
     for k in keys {
         if !defs.contains_key(k) {
@@ -378,6 +383,7 @@ pub async fn compute_with_progress(
         w
     };
     let ctx = crate::tables::session(store, space).await?;
+    tracing::debug!(millis = t0.elapsed().as_millis() as u64, "session ready");
     let computed: BTreeSet<String> = defs
         .iter()
         .filter(|(_, s)| s.file.kind == Kind::ComputedTrait)
@@ -396,7 +402,12 @@ pub async fn compute_with_progress(
         .filter(|(_, s)| s.file.level == Level::Accounts)
         .map(|(k, _)| k.clone())
         .collect();
-    for k in &computed {
+    // Committed values and members are read only for what the computed definitions refer to.
+    let referenced: BTreeSet<&String> = wanted
+        .iter()
+        .flat_map(|k| deps.get(k).into_iter().flatten())
+        .collect();
+    for k in computed.iter().filter(|k| referenced.contains(k)) {
         if let Some(v) = latest.get(k) {
             let batches = read_file(store, &v.data).await?;
             let batches = batches
@@ -407,7 +418,7 @@ pub async fn compute_with_progress(
         }
     }
     for (k, s) in &defs {
-        if s.file.kind == Kind::Audience && !wanted.contains(k) {
+        if s.file.kind == Kind::Audience && !wanted.contains(k) && referenced.contains(k) {
             let m = current_members(store, latest.get(k)).await?;
             let m: Members = m.into_iter().map(|(k, (i, _))| (k, i)).collect();
             register_members(&ctx, k, &m, s.file.level)?;
@@ -434,7 +445,9 @@ pub async fn compute_with_progress(
                     .await
                     .map_err(fail)?;
                 tracing::trace!(key = %key, plan = %plan.frame.logical_plan().display_indent(), "compiled");
+                tracing::debug!(key = %key, millis = t.elapsed().as_millis() as u64, "compiled");
                 let batches = plan.frame.collect().await.map_err(|e| fail(e.into()))?;
+                tracing::debug!(key = %key, millis = t.elapsed().as_millis() as u64, "evaluated");
                 let level = plan.level;
                 let members = members_of(&batches, level)?;
                 let old = current_members(store, prev).await?;
@@ -546,6 +559,7 @@ pub async fn compute_with_progress(
                 "size": report.size, "entered": report.entered, "exited": report.exited,
             }),
         };
+        tracing::debug!(key = %key, millis = t.elapsed().as_millis() as u64, "files written");
         commit_version(store, space, key, draft, &snap).await?;
         snap = mlog.snapshot().await?;
         for v in versions(&snap) {

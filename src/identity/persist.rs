@@ -498,6 +498,7 @@ pub async fn resolve(
             .and_then(|e| e.info.get("report"))
             .and_then(|r| serde_json::from_value::<IdentityReport>(r.clone()).ok())
         {
+            compact_read_files(store, space, watermark).await?;
             return Ok(IdentityReport {
                 events_read: 0,
                 ..r
@@ -594,16 +595,31 @@ pub async fn resolve(
         Error::Usage("another identity resolution committed first; run it again".into())
     })?;
     report.version = entry.version;
-    // The files this run has read can now be merged into fewer, larger ones.
-    crate::events::compact::compact(
+    compact_read_files(store, space, events.version).await?;
+    Ok(report)
+}
+
+/// The event files identity resolution has read (up to `watermark`) can be merged into fewer,
+/// larger ones.
+async fn compact_read_files(store: &Store, space: &Space, watermark: u64) -> Result<()> {
+    let t = std::time::Instant::now();
+    let r = crate::events::compact::compact(
         store,
         space,
         crate::events::compact::MIN_FILES,
         None,
-        events.version,
+        watermark,
     )
     .await?;
-    Ok(report)
+    if r.files_removed > 0 {
+        tracing::info!(
+            millis = t.elapsed().as_millis() as u64,
+            files_removed = r.files_removed,
+            files_added = r.files_added,
+            "compaction after identity resolution"
+        );
+    }
+    Ok(())
 }
 
 /// The events version the committed identity state covers.

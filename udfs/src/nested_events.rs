@@ -162,7 +162,8 @@ fn groups_accumulator(args: &AccumulatorArgs) -> Result<NestedEventsGroups> {
     }
     Ok(NestedEventsGroups {
         program: Arc::new(program),
-        groups: Vec::new(),
+        rows: Rows::default(),
+        n_groups: 0,
         strings: Interner::default(),
         scratch: Scratch::default(),
     })
@@ -207,13 +208,32 @@ enum V {
     B(bool),
 }
 
-/// The rows of one group (unsorted).
+/// Rows of many groups in one arena (columns; `group` says whose), unsorted. One arena per
+/// accumulator instead of one vector per group: no allocation per profile.
 #[derive(Default)]
 struct Rows {
+    group: Vec<u32>,
     ts: Vec<i64>,
     mask: Vec<u64>,
     ord: Vec<u32>,
     vals: Vec<V>,
+}
+
+impl Rows {
+    fn len(&self) -> usize {
+        self.ts.len()
+    }
+
+    /// Append row `r` of `from` (with `k` slots) under group `g`.
+    fn push_from(&mut self, from: &Rows, r: usize, k: usize, g: u32) {
+        self.group.push(g);
+        self.ts.push(from.ts[r]);
+        self.mask.push(from.mask[r]);
+        if let Some(o) = from.ord.get(r) {
+            self.ord.push(*o);
+        }
+        self.vals.extend_from_slice(&from.vals[r * k..(r + 1) * k]);
+    }
 }
 
 /// Reusable buffers for evaluation.
@@ -298,7 +318,8 @@ impl Cols {
 /// The groups accumulator of `nested_events`.
 pub struct NestedEventsGroups {
     program: Arc<Program>,
-    groups: Vec<Rows>,
+    rows: Rows,
+    n_groups: usize,
     strings: Interner,
     scratch: Scratch,
 }
@@ -308,7 +329,8 @@ impl NestedEventsGroups {
         if c.ts.is_null(i) || c.mask.is_null(i) || c.mask.value(i) == 0 {
             return;
         }
-        let rows = &mut self.groups[g];
+        let rows = &mut self.rows;
+        rows.group.push(g as u32);
         rows.ts.push(c.ts.value(i));
         rows.mask.push(c.mask.value(i) as u64);
         if self.program.ordered {
@@ -325,17 +347,59 @@ impl NestedEventsGroups {
             } else {
                 V::Missing
             };
-            self.groups[g].vals.push(v);
+            self.rows.vals.push(v);
         }
     }
 
-    /// Evaluate one group.
-    fn eval_group(&mut self, g: &Rows) -> Out {
-        let n = g.ts.len();
+    /// Take the rows of the groups `emit_to` names, grouped: the rows in group order and the
+    /// offsets of each group's run. Remaining groups are renumbered from 0.
+    fn take(&mut self, emit_to: EmitTo) -> (Rows, Vec<usize>) {
+        let n = match emit_to {
+            EmitTo::All => self.n_groups,
+            EmitTo::First(n) => n.min(self.n_groups),
+        };
+        let k = self.program.slots;
+        let mut offsets = vec![0usize; n + 1];
+        for &g in &self.rows.group {
+            if (g as usize) < n {
+                offsets[g as usize + 1] += 1;
+            }
+        }
+        for i in 0..n {
+            offsets[i + 1] += offsets[i];
+        }
+        let taken_len = offsets[n];
+        let mut order = vec![0u32; taken_len];
+        let mut next = offsets.clone();
+        let mut rest = Rows::default();
+        for r in 0..self.rows.len() {
+            let g = self.rows.group[r] as usize;
+            if g < n {
+                order[next[g]] = r as u32;
+                next[g] += 1;
+            } else if n > 0 {
+                rest.push_from(&self.rows, r, k, (g - n) as u32);
+            }
+        }
+        let mut taken = Rows::default();
+        for &r in &order {
+            let r = r as usize;
+            let g = self.rows.group[r];
+            taken.push_from(&self.rows, r, k, g);
+        }
+        if n > 0 {
+            self.rows = rest;
+        }
+        self.n_groups -= n;
+        (taken, offsets)
+    }
+
+    /// Evaluate the group whose rows are `range` of `g`.
+    fn eval_group(&mut self, g: &Rows, range: std::ops::Range<usize>) -> Out {
         let k = self.program.slots;
         let sc = &mut self.scratch;
         sc.perm.clear();
-        sc.perm.extend(0..n as u32);
+        sc.perm.extend(range.start as u32..range.end as u32);
         if self.program.ordered {
             let strings = &self.strings;
             sc.perm.sort_by(|&a, &b| {
@@ -369,42 +433,35 @@ impl NestedEventsGroups {
             .into_out()
     }
 
-    fn state_array(&self, groups: &[Rows]) -> Result<ArrayRef> {
+    /// The state of grouped rows (`offsets` delimit the groups) as a list per group.
+    fn state_array(&self, g: &Rows, offsets: &[usize]) -> Result<ArrayRef> {
         let k = self.program.slots;
-        let total: usize = groups.iter().map(|g| g.ts.len()).sum();
-        let mut ts = Vec::with_capacity(total);
         let mut ord = StringBuilder::new();
-        let mut mask = Vec::with_capacity(total);
         let mut s: Vec<StringBuilder> = (0..k).map(|_| StringBuilder::new()).collect();
         let mut n: Vec<Float64Builder> = (0..k).map(|_| Float64Builder::new()).collect();
         let mut b: Vec<BooleanBuilder> = (0..k).map(|_| BooleanBuilder::new()).collect();
-        let mut offsets = Vec::with_capacity(groups.len() + 1);
-        offsets.push(0i32);
-        for g in groups {
-            for r in 0..g.ts.len() {
-                ts.push(g.ts[r]);
-                mask.push(g.mask[r] as i64);
-                match g.ord.get(r) {
-                    Some(o) => ord.append_value(self.strings.get(*o)),
-                    None => ord.append_null(),
-                }
-                for j in 0..k {
-                    let v = g.vals[r * k + j];
-                    match v {
-                        V::S(x) => s[j].append_value(self.strings.get(x)),
-                        _ => s[j].append_null(),
-                    }
-                    n[j].append_option(if let V::N(x) = v { Some(x) } else { None });
-                    b[j].append_option(if let V::B(x) = v { Some(x) } else { None });
-                }
+        for r in 0..g.len() {
+            match g.ord.get(r) {
+                Some(o) => ord.append_value(self.strings.get(*o)),
+                None => ord.append_null(),
             }
-            let last = *offsets.last().unwrap_or(&0);
-            offsets.push(last + g.ts.len() as i32);
+            for j in 0..k {
+                let v = g.vals[r * k + j];
+                match v {
+                    V::S(x) => s[j].append_value(self.strings.get(x)),
+                    _ => s[j].append_null(),
+                }
+                n[j].append_option(if let V::N(x) = v { Some(x) } else { None });
+                b[j].append_option(if let V::B(x) = v { Some(x) } else { None });
+            }
         }
+        let offsets: Vec<i32> = offsets.iter().map(|o| *o as i32).collect();
         let mut cols: Vec<ArrayRef> = vec![
-            Arc::new(Int64Array::from(ts)),
+            Arc::new(Int64Array::from(g.ts.clone())),
             Arc::new(ord.finish()),
-            Arc::new(Int64Array::from(mask)),
+            Arc::new(Int64Array::from_iter_values(
+                g.mask.iter().map(|m| *m as i64),
+            )),
         ];
         for j in 0..k {
             cols.push(Arc::new(s[j].finish()));
@@ -475,7 +532,7 @@ impl GroupsAccumulator for NestedEventsGroups {
         opt_filter: Option<&BooleanArray>,
         total_num_groups: usize,
     ) -> Result<()> {
-        self.groups.resize_with(total_num_groups, Rows::default);
+        self.n_groups = self.n_groups.max(total_num_groups);
         let c = Cols::new(&values[1..], self.program.slots)?;
         for (i, &g) in group_indices.iter().enumerate() {
             if opt_filter.is_some_and(|f| !f.is_valid(i) || !f.value(i)) {
@@ -487,14 +544,17 @@ impl GroupsAccumulator for NestedEventsGroups {
     }
 
     fn evaluate(&mut self, emit_to: EmitTo) -> Result<ArrayRef> {
-        let groups = emit_to.take_needed(&mut self.groups);
-        let outs = groups.iter().map(|g| self.eval_group(g)).collect();
+        let (rows, offsets) = self.take(emit_to);
+        let outs = offsets
+            .windows(2)
+            .map(|w| self.eval_group(&rows, w[0]..w[1]))
+            .collect();
         Ok(out_array(outs))
     }
 
     fn state(&mut self, emit_to: EmitTo) -> Result<Vec<ArrayRef>> {
-        let groups = emit_to.take_needed(&mut self.groups);
-        Ok(vec![self.state_array(&groups)?])
+        let (rows, offsets) = self.take(emit_to);
+        Ok(vec![self.state_array(&rows, &offsets)?])
     }
 
     fn merge_batch(
@@ -503,7 +563,7 @@ impl GroupsAccumulator for NestedEventsGroups {
         group_indices: &[usize],
         total_num_groups: usize,
     ) -> Result<()> {
-        self.groups.resize_with(total_num_groups, Rows::default);
+        self.n_groups = self.n_groups.max(total_num_groups);
         let Some(list) = values.first().and_then(|v| v.as_list_opt::<i32>()) else {
             return exec_err!("nested_events: state is not a list");
         };
@@ -545,13 +605,12 @@ impl GroupsAccumulator for NestedEventsGroups {
     }
 
     fn size(&self) -> usize {
-        let k = self.program.slots.max(1);
-        self.groups.capacity() * std::mem::size_of::<Rows>()
-            + self
-                .groups
-                .iter()
-                .map(|g| g.ts.capacity() * (16 + 4 + k * std::mem::size_of::<V>()))
-                .sum::<usize>()
+        let r = &self.rows;
+        r.group.capacity() * 4
+            + r.ts.capacity() * 8
+            + r.mask.capacity() * 8
+            + r.ord.capacity() * 4
+            + r.vals.capacity() * std::mem::size_of::<V>()
             + self.strings.bytes
             + self.strings.strings.capacity() * 16
             + self.strings.table.capacity() * 8
@@ -574,22 +633,21 @@ impl Accumulator for NestedEventsAccumulator {
         self.0.update_batch(values, &vec![0; n], None, 1)
     }
     fn evaluate(&mut self) -> Result<ScalarValue> {
-        self.0.groups.resize_with(1, Rows::default);
-        let g = std::mem::take(&mut self.0.groups[0]);
-        let out = self.0.eval_group(&g);
-        self.0.groups[0] = g;
+        // every row is group 0
+        let rows = std::mem::take(&mut self.0.rows);
+        let out = self.0.eval_group(&rows, 0..rows.len());
+        self.0.rows = rows;
         ScalarValue::try_from_array(&out_array(vec![out]), 0)
     }
     fn size(&self) -> usize {
         self.0.size()
     }
     fn state(&mut self) -> Result<Vec<ScalarValue>> {
-        self.0.groups.resize_with(1, Rows::default);
-        let a = self.0.state_array(&self.0.groups)?;
+        let a = self.0.state_array(&self.0.rows, &[0, self.0.rows.len()])?;
         Ok(vec![ScalarValue::try_from_array(&a, 0)?])
     }
     fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
-        self.0.groups.resize_with(1, Rows::default);
+        self.0.n_groups = 1;
         let Some(list) = states.first().and_then(|v| v.as_list_opt::<i32>()) else {
             return exec_err!("nested_events: state is not a list");
         };
@@ -945,7 +1003,8 @@ mod tests {
     fn acc(p: &Program) -> NestedEventsGroups {
         NestedEventsGroups {
             program: Arc::new(p.clone()),
-            groups: Vec::new(),
+            rows: Rows::default(),
+            n_groups: 0,
             strings: Interner::default(),
             scratch: Scratch::default(),
         }
@@ -1000,6 +1059,29 @@ mod tests {
         a.update_batch(&input(&rows), &groups, None, 3).unwrap();
         let out = a.evaluate(EmitTo::All).unwrap();
         assert_eq!(counts(&out), vec![Some(0.0), Some(2.0), Some(0.0)]);
+    }
+
+    #[test]
+    fn emitting_the_first_groups_keeps_and_renumbers_the_rest() {
+        let rows = [
+            (DAY, 1, Some("x")),
+            (2 * DAY, 2, Some("x")),
+            (DAY, 1, Some("x")),
+            (DAY, 1, Some("y")),
+            (2 * DAY, 2, Some("y")),
+            (3 * DAY, 1, Some("y")),
+            (4 * DAY, 2, Some("y")),
+        ];
+        let mut a = acc(&funnel(Op::Gte, 1.0));
+        a.update_batch(&input(&rows), &[0, 0, 1, 2, 2, 2, 2], None, 3)
+            .unwrap();
+        let first = a.evaluate(EmitTo::First(2)).unwrap();
+        assert_eq!(counts(&first), vec![Some(1.0), Some(0.0)]);
+        // group 2 is now group 0; an x-parent arrives for it (its x-child goes to group 1)
+        a.update_batch(&input(&rows[..2]), &[0, 1], None, 2)
+            .unwrap();
+        let rest = a.evaluate(EmitTo::All).unwrap();
+        assert_eq!(counts(&rest), vec![Some(2.0), Some(0.0)]);
     }
 
     #[test]
