@@ -356,6 +356,29 @@ pub async fn session(store: &Store, space: &Space) -> Result<SessionContext> {
         .join(keys, JoinType::Left, &["identity_key"], &["__key"], None)?
         .drop_columns(&["__key"])?;
     ctx.register_table("events", events.into_view())?;
+    // `events_indexed`: every event with its canonical profile_idx only, through the integer
+    // `identity_keys` table (what compiled plans read). Identity states written before that
+    // table existed fall back to the identities join.
+    let has_keys = identity
+        .files
+        .iter()
+        .any(|f| f.kind.as_deref() == Some("identity_keys"));
+    let keys = if has_keys {
+        ctx.table("identity_keys")
+            .await?
+            .select(vec![col("identity_key").alias("__key"), col("profile_idx")])?
+    } else {
+        ctx.table("identities")
+            .await?
+            .filter(col("id_type").in_list(vec![lit("user_id"), lit("anonymous_id")], false))?
+            .select(vec![col("identity_key").alias("__key"), col("profile_idx")])?
+    };
+    let indexed = ctx
+        .table("events_raw")
+        .await?
+        .join(keys, JoinType::Left, &["identity_key"], &["__key"], None)?
+        .drop_columns(&["__key"])?;
+    ctx.register_table("events_indexed", indexed.into_view())?;
     Ok(ctx)
 }
 

@@ -86,6 +86,7 @@ pub fn schema(kind: &str) -> SchemaRef {
             t("updated_at", false),
             s("message_id", false),
         ],
+        "identity_keys" => vec![i("identity_key", false), i("profile_idx", false)],
         "account_links" => vec![
             s("profile_id", false),
             i("profile_idx", false),
@@ -97,7 +98,8 @@ pub fn schema(kind: &str) -> SchemaRef {
 }
 
 /// Every identity table kind.
-pub const KINDS: [&str; 5] = [
+pub const KINDS: [&str; 6] = [
+    "identity_keys",
     "identities",
     "profiles",
     "profile_merges",
@@ -293,7 +295,23 @@ fn batches(g: &Graph) -> Result<Vec<(&'static str, RecordBatch)>> {
             ts_array(links.iter().map(|l| l.2).collect()),
         ],
     )?;
+    // identity key → canonical profile of the ids events are keyed by, sorted by key: what
+    // every plan joins events with (two integer columns, no strings to decode)
+    let keyed: Vec<&(i64, (&String, &String), &IdInfo)> = ids
+        .iter()
+        .filter(|(_, k, _)| k.0 == "user_id" || k.0 == "anonymous_id")
+        .collect();
+    let identity_keys = RecordBatch::try_new(
+        schema("identity_keys"),
+        vec![
+            Arc::new(Int64Array::from_iter_values(keyed.iter().map(|x| x.0))),
+            Arc::new(Int64Array::from_iter_values(
+                keyed.iter().map(|x| canon(x.2.profile) as i64),
+            )),
+        ],
+    )?;
     Ok(vec![
+        ("identity_keys", identity_keys),
         ("identities", identities),
         ("profiles", profiles),
         ("profile_merges", merges),

@@ -709,7 +709,7 @@ pub(super) async fn assemble(c: &Compiler<'_>, include_anonymous: bool) -> Resul
         None
     };
     let scan = || async {
-        let mut ev = ctx.table("events").await?.filter(
+        let mut ev = ctx.table("events_indexed").await?.filter(
             col("profile_idx")
                 .is_not_null()
                 .and(col("timestamp").lt_eq(ts_lit(c.inp.as_of))),
@@ -859,7 +859,7 @@ async fn new_compiler<'a>(
     backfill_from: Option<i64>,
     level: Level,
 ) -> Result<Compiler<'a>> {
-    let schema = inp.ctx.table("events").await?.schema().clone();
+    let schema = inp.ctx.table("events_indexed").await?.schema().clone();
     Ok(Compiler {
         inp,
         level,

@@ -1440,7 +1440,7 @@ async fn a_simple_definition_compiles_to_the_hand_built_plan() {
         .and(col("timestamp").gt_eq(ts(lo)))
         .and(col("timestamp").lt_eq(ts(END)));
     let events = ctx
-        .table("events")
+        .table("events_indexed")
         .await
         .unwrap()
         .filter(
