@@ -57,6 +57,8 @@ HAVING windowFunnel({7 * DAY_US}, 'strict_increase')(toUInt64(toUnixTimestamp64M
   e.event = 'Order Completed') = 2
 SETTINGS max_threads = 2"""
 
+Q7 = "SELECT profile_id FROM ev WHERE event = 'Order Completed' AND timestamp >= T0 - INTERVAL 180 DAY AND timestamp <= T0 GROUP BY profile_id HAVING sum(\"properties.revenue:num\") > 500"
+
 # label, key, level, definition file, DuckDB SQL, chDB SQL, datafusion-python SQL (None: as DuckDB's)
 QUERIES = [
     ("q1", "repeat_buyers", "profiles", "repeat_buyers.json",
@@ -76,9 +78,11 @@ SELECT DISTINCT a.profile_id FROM a ASOF JOIN b ON a.profile_id = b.profile_id A
      """WITH a AS (SELECT profile_id, "properties.product_id:str" AS pid, timestamp AS ts FROM ev WHERE event = 'Product Viewed' AND timestamp >= T0 - INTERVAL 30 DAY AND timestamp <= T0),
  b AS (SELECT profile_id, "properties.product_id:str" AS pid, timestamp AS ts FROM ev WHERE event = 'Order Completed' AND timestamp >= T0 - INTERVAL 30 DAY AND timestamp <= T0)
 SELECT DISTINCT a.profile_id FROM a JOIN b ON a.profile_id = b.profile_id AND a.pid = b.pid AND b.ts > a.ts AND b.ts <= a.ts + INTERVAL 7 DAY""", None, None),
-    # DuckDB recomputes the sum; we recompute the committed trait, then the audience (see BENCHMARKS.md).
-    ("q7", "high_value", "profiles", "q7_high_value.json",
-     "SELECT profile_id FROM ev WHERE event = 'Order Completed' AND timestamp >= T0 - INTERVAL 180 DAY AND timestamp <= T0 GROUP BY profile_id HAVING sum(\"properties.revenue:num\") > 500", None, None),
+    # q7: `compute high_value` reuses the committed trait when it was computed from the same
+    # inputs (as a scheduled compute would have); q7t recomputes and commits the trait too.
+    # DuckDB recomputes the sum in both (see BENCHMARKS.md).
+    ("q7", "high_value", "profiles", "q7_high_value.json", Q7, None, None),
+    ("q7t", "high_value", "profiles", "q7_high_value.json", Q7, None, None),
     ("q8all", "business_logged_in_all", "accounts", "q8_business_all.json",
      Q8.replace("COND", "coalesce(j.n, 0) > 0 AND j.m = j.n"), None, None),
     ("q8any", "business_logged_in_any", "accounts", "q8_business_any.json",
@@ -183,12 +187,12 @@ def main():
     subprocess.run([a.bin, "--store", store, "ingest", src, "--dead-letter", os.path.join(work, "dead")], check=True, env=env, stdout=subprocess.DEVNULL)
     os.remove(src)
     defs = os.path.join(ROOT, "data", "definitions")
-    files = (["revenue_180d.json"] if any(q[1] == "high_value" for q in queries) else []) + [q[3] for q in queries]
+    files = (["revenue_180d.json"] if any(q[1] == "high_value" for q in queries) else []) + list(dict.fromkeys(q[3] for q in queries))
     for f in files:
         kind = "trait" if "revenue" in f else "audience"
         subprocess.run([a.bin, "--store", store, kind, "create", os.path.join(defs, f)], check=True, stdout=subprocess.DEVNULL)
-    # Identities once (and the trait, if q7 runs: `compute high_value` then recomputes it, as a
-    # scheduled compute would); every timed compute finds the identity state up to date.
+    # Identities once (and the trait, if q7 runs); every timed compute finds the identity state
+    # up to date.
     subprocess.run([a.bin, "--store", store, "identity"], check=True, env=env, stdout=subprocess.DEVNULL)
     if "revenue_180d.json" in files:
         subprocess.run([a.bin, "--store", store, "compute", "--as-of", AS_OF, "revenue_180d"], check=True, env=env, stdout=subprocess.DEVNULL)
@@ -224,7 +228,8 @@ def main():
         ours, duck, dfpy, ch = [], [], [], []
         ours_set, ch_mark = None, ""
         for i in range(a.runs + 1):
-            dt, kb, _ = run([a.bin, "--store", store, "--json", "compute", "--as-of", AS_OF, key], env)
+            keys = ["revenue_180d", key] if lab == "q7t" else [key]
+            dt, kb, _ = run([a.bin, "--store", store, "--json", "compute", "--as-of", AS_OF] + keys, env)
             if i: ours.append((dt, kb))
             if ours_set is None:
                 ours_set = members()

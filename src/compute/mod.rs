@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::events::schema::ts_type;
 use crate::events::writer::{encode_parquet, writer_properties};
 use crate::identity::IdentityRules;
-use crate::identity::persist::{ts_array, typed_json};
+use crate::identity::persist::ts_array;
 use crate::lang::definition::{Kind, Level};
 use crate::plan::{Inputs, compile_audience, compile_trait};
 use crate::store::keys::{self, Key};
@@ -151,6 +151,9 @@ pub struct VersionRef {
     pub data: FileAdd,
     /// The changes file (audiences).
     pub changes: Option<FileAdd>,
+    /// What it was computed from: definition version, identity version, events version and
+    /// as-of (a later compute with the same inputs may reuse it).
+    pub inputs: Option<String>,
 }
 
 /// Every version of every key, in commit order.
@@ -175,6 +178,11 @@ pub fn versions(snap: &Snapshot) -> Vec<VersionRef> {
                 .iter()
                 .find(|f| f.kind.as_deref() == Some("changes"))
                 .cloned(),
+            inputs: e
+                .info
+                .get("inputs")
+                .and_then(|v| v.as_str())
+                .map(String::from),
         });
     }
     out
@@ -355,7 +363,7 @@ pub async fn compute_with_progress(
 ) -> Result<Vec<KeyReport>> {
     let bar = crate::progress::counter(progress, "definitions computed");
     let t0 = std::time::Instant::now();
-    crate::identity::resolve(store, space, rules, false).await?;
+    let identity = crate::identity::resolve(store, space, rules, false).await?;
     tracing::debug!(
         millis = t0.elapsed().as_millis() as u64,
         "identity up to date"
@@ -428,6 +436,24 @@ pub async fn compute_with_progress(
     for key in order.iter().filter(|k| wanted.contains(*k)) {
         let t = std::time::Instant::now();
         let stored: &Stored = &defs[key];
+        let inputs_id = format!(
+            "{}:{}:{}:{as_of}",
+            stored.version, identity.version, identity.events_version
+        );
+        let prev = latest.get(key);
+        // A dependency (not asked for by name) already computed from the same inputs is reused.
+        if !keys.is_empty()
+            && !keys.contains(key)
+            && prev.is_some_and(|p| p.inputs.as_deref() == Some(inputs_id.as_str()))
+        {
+            if stored.file.kind == Kind::Audience {
+                let m = current_members(store, prev).await?;
+                let m: Members = m.into_iter().map(|(k, (i, _))| (k, i)).collect();
+                register_members(&ctx, key, &m, stored.file.level)?;
+            }
+            tracing::debug!(key = %key, "dependency current: reused");
+            continue;
+        }
         register_trait_values(&ctx, &trait_values)?;
         let inputs = Inputs {
             ctx: &ctx,
@@ -436,7 +462,6 @@ pub async fn compute_with_progress(
             computed_traits: &computed,
             account_keys: &account_keys,
         };
-        let prev = latest.get(key);
         let version = prev.map_or(1, |p| p.version + 1);
         let fail = |e: Error| Error::Usage(format!("computing '{key}': {e}"));
         let (adds, report) = match stored.file.kind {
@@ -534,6 +559,7 @@ pub async fn compute_with_progress(
                 let plan = compile_trait(&inputs, &stored.file).await.map_err(fail)?;
                 tracing::trace!(key = %key, plan = %plan.frame.logical_plan().display_indent(), "compiled");
                 let batches = plan.frame.collect().await.map_err(|e| fail(e.into()))?;
+                tracing::debug!(key = %key, millis = t.elapsed().as_millis() as u64, "evaluated");
                 let tb = trait_batch(key, version, as_of, &batches, plan.level, plan.json_value)?;
                 let n = tb.num_rows();
                 trait_values.insert(key.clone(), vec![tb.clone()]);
@@ -556,6 +582,7 @@ pub async fn compute_with_progress(
             removes: prev.map(|p| vec![p.data.path.clone()]).unwrap_or_default(),
             info: serde_json::json!({
                 "key": key, "version": version, "as_of": as_of, "definition_version": stored.version,
+                "inputs": inputs_id,
                 "size": report.size, "entered": report.entered, "exited": report.exited,
             }),
         };
@@ -589,9 +616,18 @@ fn trait_batch(
     level: Level,
     json_value: bool,
 ) -> Result<RecordBatch> {
+    use arrow::array::{BooleanBuilder, Float64Builder, StringBuilder};
+    use std::fmt::Write as _;
     let mut idx: Vec<Option<i64>> = Vec::new();
-    let mut who = Vec::new();
-    let mut json = Vec::new();
+    let mut who = StringBuilder::new();
+    // the JSON value and its typed forms, built directly (no JSON round trip)
+    let mut value = StringBuilder::new();
+    let (mut vs, mut vn, mut vb) = (
+        StringBuilder::new(),
+        Float64Builder::new(),
+        BooleanBuilder::new(),
+    );
+    let mut buf = String::new();
     let first = match level {
         Level::Users => 2,
         Level::Accounts => 1,
@@ -607,54 +643,60 @@ fn trait_batch(
             .as_primitive_opt::<arrow::datatypes::Float64Type>();
         let bo = b.column(first + 2).as_boolean_opt();
         for r in 0..b.num_rows() {
-            let v = if s.is_valid(r) && json_value {
-                serde_json::from_str(s.value(r))?
-            } else if s.is_valid(r) {
-                serde_json::Value::String(s.value(r).to_string())
-            } else if let Some(n) = n.filter(|n| n.is_valid(r)) {
-                let x = n.value(r);
-                if x.fract() == 0.0 && x.abs() < 9e15 {
-                    serde_json::json!(x as i64)
-                } else {
-                    serde_json::json!(x)
-                }
-            } else if let Some(bo) = bo.filter(|b| b.is_valid(r)) {
-                serde_json::Value::Bool(bo.value(r))
-            } else {
-                continue;
-            };
             if !p.is_valid(r) {
                 continue;
             }
+            buf.clear();
+            if s.is_valid(r) && json_value {
+                // a list as JSON array text (json_array): the value and its text form
+                buf.push_str(s.value(r));
+                vs.append_value(s.value(r));
+                vn.append_null();
+                vb.append_null();
+            } else if s.is_valid(r) {
+                buf.push_str(&serde_json::to_string(s.value(r))?);
+                vs.append_value(s.value(r));
+                vn.append_null();
+                vb.append_null();
+            } else if let Some(n) = n.filter(|n| n.is_valid(r)) {
+                let x = n.value(r);
+                if x.fract() == 0.0 && x.abs() < 9e15 {
+                    let _ = write!(buf, "{}", x as i64);
+                } else {
+                    buf.push_str(&serde_json::to_string(&x)?);
+                }
+                vs.append_null();
+                vn.append_value(x);
+                vb.append_null();
+            } else if let Some(bo) = bo.filter(|b| b.is_valid(r)) {
+                buf.push_str(if bo.value(r) { "true" } else { "false" });
+                vs.append_null();
+                vn.append_null();
+                vb.append_value(bo.value(r));
+            } else {
+                continue;
+            }
+            value.append_value(&buf);
             idx.push(match (level, i) {
                 (Level::Users, Some(i)) => Some(i.value(r)),
                 _ => None,
             });
-            who.push(p.value(r).to_string());
-            json.push(v.to_string());
+            who.append_value(p.value(r));
         }
     }
     let n = idx.len();
-    let mut typed = typed_json(json.iter().map(String::as_str));
-    if json_value {
-        // a list compares through its JSON text
-        typed.0 = Arc::new(StringArray::from_iter_values(
-            json.iter().map(String::as_str),
-        ));
-    }
-    let (pids, accs) = member_columns(who.iter().map(String::as_str), level);
+    let who = who.finish();
+    let (pids, accs) = member_columns(who.iter().flatten(), level);
     Ok(RecordBatch::try_new(
         schema("trait_values"),
         vec![
             Arc::new(StringArray::from_iter_values(std::iter::repeat_n(key, n))),
             pids,
             Arc::new(Int64Array::from_iter(idx)),
-            Arc::new(StringArray::from_iter_values(
-                json.iter().map(String::as_str),
-            )),
-            typed.0,
-            typed.1,
-            typed.2,
+            Arc::new(value.finish()),
+            Arc::new(vs.finish()),
+            Arc::new(vn.finish()),
+            Arc::new(vb.finish()),
             Arc::new(Int64Array::from_iter_values(std::iter::repeat_n(
                 version as i64,
                 n,

@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
+use futures::StreamExt as _;
 use object_store::ObjectStoreExt;
 
 use crate::error::{Error, Result};
@@ -150,7 +151,8 @@ pub async fn compact(
     let mut adds = Vec::new();
     let mut removes = Vec::new();
     let mut touched = std::collections::BTreeSet::new();
-    for (date, files) in &groups {
+    // Two groups at a time: reading and sorting one while the other is encoded.
+    let merged = groups.iter().map(|(date, files)| async move {
         let (batch, cols) = read_merged(store, files).await?;
         let rows: u64 = files.iter().map(|f| f.rows).sum();
         if batch.num_rows() as u64 != rows {
@@ -159,11 +161,35 @@ pub async fn compact(
                 batch.num_rows()
             )));
         }
-        adds.push(write_events_file(store, space, date, &batch, &cols).await?);
+        let add = write_events_file(store, space, date, &batch, &cols).await?;
+        Ok::<_, Error>((date, files, rows, add))
+    });
+    let mut stream = futures::stream::iter(merged).buffered(2);
+    let mut failed = None;
+    while let Some(done) = futures::StreamExt::next(&mut stream).await {
+        let (date, files, rows, add) = match done {
+            Ok(x) => x,
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        };
+        adds.push(add);
         removes.extend(files.iter().map(|f| f.path.clone()));
         report.files_removed += files.len() as u64;
         report.rows += rows;
         touched.insert(date.clone());
+    }
+    drop(stream);
+    if let Some(e) = failed {
+        // nothing was committed: the files written so far are not part of the table
+        for f in &adds {
+            let _ = store
+                .object_store()
+                .delete(Key::from_committed(&f.path).path())
+                .await;
+        }
+        return Err(e);
     }
     crate::fault::hit("compact_after_data_files");
     let mut base = snap.version;

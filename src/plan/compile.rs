@@ -686,6 +686,17 @@ pub(super) fn profile_condition(c: &mut Compiler, cond: &Condition) -> Result<Ex
 
 /// Build the per-profile frame: universe ⟕ aggregates ⟕ modes ⟕ traits ⟕ audiences.
 pub(super) async fn assemble(c: &Compiler<'_>, include_anonymous: bool) -> Result<DataFrame> {
+    assemble_with(c, include_anonymous, false).await
+}
+
+/// [`assemble`]; with `only_with_events`, keep only the profiles (accounts) the event
+/// aggregates (or, without those, the most-frequent-value plans) have rows for: for a value
+/// that is missing without events, the other profiles could not have one anyway.
+async fn assemble_with(
+    c: &Compiler<'_>,
+    include_anonymous: bool,
+    only_with_events: bool,
+) -> Result<DataFrame> {
     let ctx = c.inp.ctx;
     let key = c.key();
     let mut frame = match c.level {
@@ -745,8 +756,13 @@ pub(super) async fn assemble(c: &Compiler<'_>, include_anonymous: bool) -> Resul
             .await?
             .filter(rows)?
             .aggregate(vec![col(key).alias("__p")], c.aggs.clone())?;
+        let how = if only_with_events {
+            JoinType::Inner
+        } else {
+            JoinType::Left
+        };
         frame = frame
-            .join(agg, JoinType::Left, &[key], &["__p"], None)?
+            .join(agg, how, &[key], &["__p"], None)?
             .drop_columns(&["__p"])?;
     }
     for (name, pred, text, min_count) in &c.modes {
@@ -773,7 +789,17 @@ pub(super) async fn assemble(c: &Compiler<'_>, include_anonymous: bool) -> Resul
             ],
         )?;
         frame = frame
-            .join(best, JoinType::Left, &[key], &["__mp"], None)?
+            .join(
+                best,
+                if only_with_events && c.aggs.is_empty() {
+                    JoinType::Inner
+                } else {
+                    JoinType::Left
+                },
+                &[key],
+                &["__mp"],
+                None,
+            )?
             .drop_columns(&["__mp"])?;
     }
     for (tkey, alias) in &c.traits {
@@ -932,12 +958,21 @@ pub async fn compile_trait(inp: &Inputs<'_>, def: &DefinitionFile) -> Result<Com
         v.n.alias("value_num"),
         v.b.alias("value_bool"),
     ]);
-    let frame = assemble(&c, true).await?.select(cols)?.filter(
-        col("value_str")
-            .is_not_null()
-            .or(col("value_num").is_not_null())
-            .or(col("value_bool").is_not_null()),
-    )?;
+    // A reduced value other than a count is missing for profiles without selected events.
+    let only_with_events = matches!(
+        &value,
+        Value::Aggregate { reducer, .. }
+            if !matches!(reducer, Reducer::Count | Reducer::UniqueCount { .. })
+    );
+    let frame = assemble_with(&c, true, only_with_events)
+        .await?
+        .select(cols)?
+        .filter(
+            col("value_str")
+                .is_not_null()
+                .or(col("value_num").is_not_null())
+                .or(col("value_bool").is_not_null()),
+        )?;
     Ok(Compiled {
         frame,
         level: def.level,

@@ -1731,3 +1731,63 @@ async fn random_computed_traits_agree_with_the_reference_evaluator() {
 fn w_events<'a>(w: &'a World, p: &str) -> &'a [Ev] {
     w.events.get(p).map(Vec::as_slice).unwrap_or(&[])
 }
+
+/// `compute KEY` recomputes a dependency unless its latest version was computed from the same
+/// inputs (definition version, identity and events versions, as-of).
+#[tokio::test(flavor = "multi_thread")]
+async fn dependencies_computed_from_the_same_inputs_are_reused() {
+    let store = generated_store(3_000, 4).await;
+    let space = Space::default();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/definitions");
+    for f in ["revenue_180d", "q7_high_value"] {
+        let text = std::fs::read_to_string(root.join(format!("{f}.json"))).unwrap();
+        let (def, _) = audiences::lang::definition::DefinitionFile::parse(&text).unwrap();
+        audiences::definitions::create(&store, &space, &def)
+            .await
+            .unwrap();
+    }
+    let rules = audiences::identity::IdentityRules::default();
+    let run = |as_of: i64| {
+        let store = store.clone();
+        let space = space.clone();
+        let rules = rules.clone();
+        async move {
+            audiences::compute::compute(&store, &space, &rules, as_of, &["high_value".into()])
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| (r.key, r.version))
+                .collect::<Vec<_>>()
+        }
+    };
+    let k = |s: &str, v: u64| (s.to_string(), v);
+    assert_eq!(
+        run(END).await,
+        vec![k("revenue_180d", 1), k("high_value", 1)]
+    );
+    assert_eq!(run(END).await, vec![k("high_value", 2)]);
+    assert_eq!(
+        run(END - DAY).await,
+        vec![k("revenue_180d", 2), k("high_value", 3)]
+    );
+    // new events: the trait is recomputed
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("more.ndjson");
+    std::fs::write(
+        &p,
+        m(
+            "late-1",
+            "u-new",
+            "Order Completed",
+            END - 2 * DAY,
+            json!({"revenue": 900}),
+        )
+        .to_string(),
+    )
+    .unwrap();
+    ingest_files(&store, "default", &[p], &dir.path().join("d")).await;
+    assert_eq!(
+        run(END - DAY).await,
+        vec![k("revenue_180d", 3), k("high_value", 4)]
+    );
+}
