@@ -1149,6 +1149,43 @@ async fn account_audiences_and_traits_agree_with_the_reference_evaluator() {
     }
 }
 
+/// Create each hand-written case as an audience `{prefix}{i}`, compute at `as_of`, and compare
+/// the members with the hand-computed user ids.
+async fn check_hand_cases<T: AsRef<str>>(
+    store: &Store,
+    prefix: &str,
+    as_of: i64,
+    cases: &[(T, &[&str])],
+) {
+    for (i, (text, _)) in cases.iter().enumerate() {
+        create(store, &format!("{prefix}{i}"), text.as_ref(), false).await;
+    }
+    audiences::compute::compute(
+        store,
+        &Space::default(),
+        &audiences::identity::IdentityRules::default(),
+        as_of,
+        &[],
+    )
+    .await
+    .unwrap();
+    let pid = |u: &str| {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        h.update(b"user_id\0");
+        h.update(u.as_bytes());
+        format!("p-{:016x}", h.digest())
+    };
+    for (i, (text, want)) in cases.iter().enumerate() {
+        let want: BTreeSet<String> = want.iter().map(|u| pid(u)).collect();
+        assert_eq!(
+            members(store, &format!("{prefix}{i}")).await,
+            want,
+            "{}",
+            text.as_ref()
+        );
+    }
+}
+
 fn m(id: &str, user: &str, event: &str, ts: i64, props: J) -> J {
     json!({"type": "track", "messageId": id, "userId": user, "event": event, "properties": props,
            "timestamp": audiences::events::message::format_timestamp(ts),
@@ -1241,28 +1278,7 @@ async fn window_edges_missing_values_and_type_conflicts_by_hand() {
             &["edge30", "over30", "atasof"],
         ),
     ];
-    for (i, (text, _)) in cases.iter().enumerate() {
-        create(&store, &format!("h{i}"), text, false).await;
-    }
-    audiences::compute::compute(
-        &store,
-        &Space::default(),
-        &audiences::identity::IdentityRules::default(),
-        t0,
-        &[],
-    )
-    .await
-    .unwrap();
-    let pid = |u: &str| {
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
-        h.update(b"user_id\0");
-        h.update(u.as_bytes());
-        format!("p-{:016x}", h.digest())
-    };
-    for (i, (text, want)) in cases.iter().enumerate() {
-        let want: BTreeSet<String> = want.iter().map(|u| pid(u)).collect();
-        assert_eq!(members(&store, &format!("h{i}")).await, want, "{text}");
-    }
+    check_hand_cases(&store, "h", t0, &cases).await;
 }
 
 /// Funnels, sequences and dynamic references on hand-made histories: a child at its parent's
@@ -1370,28 +1386,7 @@ async fn funnels_and_dynamic_references_by_hand() {
             &["seq"],
         ),
     ];
-    for (i, (text, _)) in cases.iter().enumerate() {
-        create(&store, &format!("f{i}"), text, false).await;
-    }
-    audiences::compute::compute(
-        &store,
-        &Space::default(),
-        &audiences::identity::IdentityRules::default(),
-        END,
-        &[],
-    )
-    .await
-    .unwrap();
-    let pid = |u: &str| {
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
-        h.update(b"user_id\0");
-        h.update(u.as_bytes());
-        format!("p-{:016x}", h.digest())
-    };
-    for (i, (text, want)) in cases.iter().enumerate() {
-        let want: BTreeSet<String> = want.iter().map(|u| pid(u)).collect();
-        assert_eq!(members(&store, &format!("f{i}")).await, want, "{text}");
-    }
+    check_hand_cases(&store, "f", END, &cases).await;
 }
 
 /// The compiled plan of a simple definition equals one built by hand with the DataFrame API.
