@@ -1278,7 +1278,7 @@ async fn window_edges_missing_values_and_type_conflicts_by_hand() {
             &["edge30", "over30", "atasof"],
         ),
     ];
-    check_hand_cases(&store, "h", t0, &cases).await;
+    check_hand_cases(&store, "h", t0, cases).await;
 }
 
 /// Funnels, sequences and dynamic references on hand-made histories: a child at its parent's
