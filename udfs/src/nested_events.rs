@@ -883,13 +883,22 @@ fn order(a: &X, b: &X) -> Option<std::cmp::Ordering> {
     }
 }
 
+/// A text value as a UTC microsecond time, exactly as the compiled plans' `try_cast` of the
+/// text to `Timestamp(µs, UTC)` reads it (unparseable: none).
 fn time_of(x: &X) -> Option<i64> {
-    match x {
-        X::S(s) => arrow::compute::kernels::cast_utils::string_to_timestamp_nanos(s)
-            .ok()
-            .map(|n| n.div_euclid(1000)),
-        _ => None,
-    }
+    let X::S(s) = x else { return None };
+    let a = arrow::array::StringArray::from(vec![s.as_ref()]);
+    let t = arrow::compute::cast_with_options(
+        &a,
+        &DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, Some("UTC".into())),
+        &arrow::compute::CastOptions {
+            safe: true,
+            ..Default::default()
+        },
+    )
+    .ok()?;
+    let t = t.as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+    t.is_valid(0).then(|| t.value(0))
 }
 
 /// Two-valued comparison, with the semantics of the compiled filters: a missing value makes
@@ -1158,6 +1167,8 @@ mod tests {
         let list = [Lit::Number(3.0), Lit::String("x".into())];
         assert!(compare(&X::N(3.0), Op::OneOf, &Rhs::List(&list), 0));
         assert!(!compare(&s("3"), Op::OneOf, &Rhs::List(&list), 0));
+        assert_eq!(time_of(&s("not a time")), None);
+        assert_eq!(time_of(&s("2026-01-01")), Some(1_767_225_600_000_000));
         let t = s("2026-01-02T00:00:00Z");
         let d = 1_767_225_600_000_000; // 2026-01-01
         assert!(compare(&t, Op::AfterDate, &Rhs::Time(d), 0));
