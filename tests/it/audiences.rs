@@ -73,22 +73,7 @@ async fn world(store: &Store) -> World {
             )
         })
         .collect();
-    let mut traits: BTreeMap<String, BTreeMap<String, J>> = BTreeMap::new();
-    for r in sql_rows(
-        store,
-        "default",
-        "SELECT profile_id, key, value FROM traits WHERE entity = 'profile'",
-    )
-    .await
-    {
-        traits
-            .entry(r["profile_id"].as_str().unwrap().into())
-            .or_default()
-            .insert(
-                r["key"].as_str().unwrap().into(),
-                serde_json::from_str(r["value"].as_str().unwrap()).unwrap(),
-            );
-    }
+    let traits = trait_map(store, "profile", "profile_id").await;
     let mut links: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for r in sql_rows(
         store,
@@ -102,22 +87,7 @@ async fn world(store: &Store) -> World {
             .or_default()
             .insert(r["profile_id"].as_str().unwrap().into());
     }
-    let mut account_traits: BTreeMap<String, BTreeMap<String, J>> = BTreeMap::new();
-    for r in sql_rows(
-        store,
-        "default",
-        "SELECT account_id, key, value FROM traits WHERE entity = 'account'",
-    )
-    .await
-    {
-        account_traits
-            .entry(r["account_id"].as_str().unwrap().into())
-            .or_default()
-            .insert(
-                r["key"].as_str().unwrap().into(),
-                serde_json::from_str(r["value"].as_str().unwrap()).unwrap(),
-            );
-    }
+    let account_traits = trait_map(store, "account", "account_id").await;
     World {
         events,
         profiles,
@@ -125,6 +95,21 @@ async fn world(store: &Store) -> World {
         links,
         account_traits,
     }
+}
+
+/// Custom traits of one entity kind: id → key → JSON value.
+async fn trait_map(store: &Store, entity: &str, id: &str) -> BTreeMap<String, BTreeMap<String, J>> {
+    let mut out: BTreeMap<String, BTreeMap<String, J>> = BTreeMap::new();
+    let sql = format!("SELECT {id} AS id, key, value FROM traits WHERE entity = '{entity}'");
+    for r in sql_rows(store, "default", &sql).await {
+        out.entry(r["id"].as_str().unwrap().into())
+            .or_default()
+            .insert(
+                r["key"].as_str().unwrap().into(),
+                serde_json::from_str(r["value"].as_str().unwrap()).unwrap(),
+            );
+    }
+    out
 }
 
 /// A reference value.
