@@ -267,6 +267,32 @@ struct Ctx<'a> {
     audiences: &'a BTreeMap<String, BTreeSet<String>>,
 }
 
+impl<'a> Ctx<'a> {
+    /// The reference at `as_of`, with historical backfill on.
+    fn at(w: &'a World, as_of: i64, audiences: &'a BTreeMap<String, BTreeSet<String>>) -> Self {
+        Ctx {
+            w,
+            as_of,
+            created_at: 0,
+            backfill: true,
+            audiences,
+        }
+    }
+}
+
+/// Compute every live definition of the default space at `as_of`.
+async fn compute_all(store: &Store, as_of: i64) -> Vec<audiences::compute::KeyReport> {
+    audiences::compute::compute(
+        store,
+        &Space::default(),
+        &audiences::identity::IdentityRules::default(),
+        as_of,
+        &[],
+    )
+    .await
+    .unwrap()
+}
+
 /// One profile's (or account's) events, for the reference.
 struct Who<'a> {
     pid: &'a str,
@@ -757,41 +783,21 @@ async fn random_definitions_agree_with_the_reference_evaluator() {
     )
     .await;
     let as_of = END - 3 * DAY;
-    let reports = audiences::compute::compute(
-        &store,
-        &Space::default(),
-        &audiences::identity::IdentityRules::default(),
-        as_of,
-        &[],
-    )
-    .await
-    .unwrap();
+    let reports = compute_all(&store, as_of).await;
     assert_eq!(reports.len(), 61);
     let w = world(&store).await;
     let mut memberships: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut nonempty = 0;
     for (key, text, anon) in &defs {
         let cond = audiences::lang::parse(text).unwrap();
-        let cx = Ctx {
-            w: &w,
-            as_of,
-            created_at: 0,
-            backfill: true,
-            audiences: &memberships,
-        };
+        let cx = Ctx::at(&w, as_of, &memberships);
         let want = reference(&cx, &cond, *anon);
         let got = members(&store, key).await;
         assert_eq!(got, want, "{key}: {text} (anonymous included: {anon})");
         nonempty += usize::from(!want.is_empty() && want.len() < w.profiles.len());
         memberships.insert(key.clone(), want);
     }
-    let cx = Ctx {
-        w: &w,
-        as_of,
-        created_at: 0,
-        backfill: true,
-        audiences: &memberships,
-    };
+    let cx = Ctx::at(&w, as_of, &memberships);
     let want = reference(
         &cx,
         &audiences::lang::parse("audience('a0') OR NOT (audience('a1'))").unwrap(),
@@ -817,24 +823,10 @@ async fn random_nested_events_agree_with_the_reference_evaluator() {
         defs.push((format!("n{i}"), text, anon));
     }
     let as_of = END - 3 * DAY;
-    audiences::compute::compute(
-        &store,
-        &Space::default(),
-        &audiences::identity::IdentityRules::default(),
-        as_of,
-        &[],
-    )
-    .await
-    .unwrap();
+    compute_all(&store, as_of).await;
     let w = world(&store).await;
     let none = BTreeMap::new();
-    let cx = Ctx {
-        w: &w,
-        as_of,
-        created_at: 0,
-        backfill: true,
-        audiences: &none,
-    };
+    let cx = Ctx::at(&w, as_of, &none);
     let mut nonempty = 0;
     for (key, text, anon) in &defs {
         let cond = audiences::lang::parse(text).unwrap();
@@ -1020,15 +1012,7 @@ async fn account_audiences_and_traits_agree_with_the_reference_evaluator() {
             .unwrap_or_else(|e| panic!("{t}: {e}"));
     }
     let as_of = END - 3 * DAY;
-    audiences::compute::compute(
-        &store,
-        &Space::default(),
-        &audiences::identity::IdentityRules::default(),
-        as_of,
-        &[],
-    )
-    .await
-    .unwrap();
+    compute_all(&store, as_of).await;
     let w = world(&store).await;
     let accounts = all_accounts(&w);
     assert!(accounts.len() >= 20, "only {} accounts", accounts.len());
@@ -1038,13 +1022,7 @@ async fn account_audiences_and_traits_agree_with_the_reference_evaluator() {
     let mut nonempty = 0;
     for (key, text, anon) in &defs {
         let ax = AccountCx {
-            cx: Ctx {
-                w: &w,
-                as_of,
-                created_at: 0,
-                backfill: true,
-                audiences: &none,
-            },
+            cx: Ctx::at(&w, as_of, &none),
             include_anonymous: *anon,
             account_keys: account_keys.clone(),
             account_audiences: account_audiences.clone(),
@@ -1062,13 +1040,7 @@ async fn account_audiences_and_traits_agree_with_the_reference_evaluator() {
     }
     assert!(nonempty >= 15, "too many trivial definitions: {nonempty}");
     // account computed traits: reducers over the events of every linked profile
-    let cx = Ctx {
-        w: &w,
-        as_of,
-        created_at: 0,
-        backfill: true,
-        audiences: &none,
-    };
+    let cx = Ctx::at(&w, as_of, &none);
     for (i, t) in traits.iter().enumerate() {
         let rows = sql_rows(
             &store,
@@ -1145,15 +1117,7 @@ async fn check_hand_cases<T: AsRef<str>>(
     for (i, (text, _)) in cases.iter().enumerate() {
         create(store, &format!("{prefix}{i}"), text.as_ref(), false).await;
     }
-    audiences::compute::compute(
-        store,
-        &Space::default(),
-        &audiences::identity::IdentityRules::default(),
-        as_of,
-        &[],
-    )
-    .await
-    .unwrap();
+    compute_all(store, as_of).await;
     let pid = |u: &str| {
         let mut h = xxhash_rust::xxh3::Xxh3::new();
         h.update(b"user_id\0");
@@ -1630,15 +1594,7 @@ async fn random_computed_traits_agree_with_the_reference_evaluator() {
         defs.push((format!("t{i}"), text));
     }
     let as_of = END - 2 * DAY;
-    audiences::compute::compute(
-        &store,
-        &Space::default(),
-        &audiences::identity::IdentityRules::default(),
-        as_of,
-        &[],
-    )
-    .await
-    .unwrap();
+    compute_all(&store, as_of).await;
     let w = world(&store).await;
     let mut got: BTreeMap<String, BTreeMap<String, J>> = BTreeMap::new();
     for row in sql_rows(
@@ -1659,13 +1615,7 @@ async fn random_computed_traits_agree_with_the_reference_evaluator() {
     let mut nontrivial = 0;
     for (key, text) in &defs {
         let value = audiences::lang::parse_value(text).unwrap();
-        let cx = Ctx {
-            w: &w,
-            as_of,
-            created_at: 0,
-            backfill: true,
-            audiences: &none,
-        };
+        let cx = Ctx::at(&w, as_of, &none);
         let mut want: BTreeMap<String, RV> = BTreeMap::new();
         for p in w.profiles.keys() {
             match profile_value(&cx, &value, p) {
