@@ -78,6 +78,12 @@ pub enum Command {
     /// Full recompute of identities, computed traits and audiences (all, or KEYs and their
     /// dependencies), each committed as a new version.
     Compute(ComputeArgs),
+    /// One micro-batch: continue every audience and computed trait from its last version,
+    /// reading only what arrived since (plus the time slices the as-of moved over).
+    Refresh(RefreshArgs),
+    /// Run refreshes continuously (realtime definitions every --refresh-interval, batch ones on
+    /// their schedule).
+    Serve(ServeArgs),
     /// Members of an audience (current version, or --version N).
     Members(MembersArgs),
     /// Manage audiences: create FILE | edit FILE | delete KEY | list | show KEY.
@@ -96,6 +102,25 @@ pub struct ComputeArgs {
     pub as_of: Option<String>,
     /// Keys to compute (default: all).
     pub keys: Vec<String>,
+}
+
+/// `refresh` options.
+#[derive(Debug, Args)]
+pub struct RefreshArgs {
+    /// Evaluation time (RFC 3339; default now).
+    #[arg(long, env = "AUDIENCES_AS_OF")]
+    pub as_of: Option<String>,
+}
+
+/// `serve` options.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Time between refreshes of realtime definitions (e.g. 5s, 500ms, 1m).
+    #[arg(long, env = "AUDIENCES_REFRESH_INTERVAL", default_value = "5s")]
+    pub refresh_interval: String,
+    /// Stop after this many refreshes (default: run until interrupted).
+    #[arg(long, env = "AUDIENCES_SERVE_REFRESHES")]
+    pub refreshes: Option<u64>,
 }
 
 /// `members` options.
@@ -122,10 +147,14 @@ pub enum DefinitionCommand {
         /// Definition JSON file.
         file: PathBuf,
     },
-    /// New version of an existing key from a definition file.
+    /// New version of an existing key from a definition file, recomputed at once (the key is
+    /// locked against further edits until that recompute has committed).
     Edit {
         /// Definition JSON file.
         file: PathBuf,
+        /// Evaluation time of the recompute (RFC 3339; default now).
+        #[arg(long, env = "AUDIENCES_AS_OF")]
+        as_of: Option<String>,
     },
     /// Delete (the key is never reused).
     Delete {
@@ -134,6 +163,15 @@ pub enum DefinitionCommand {
     },
     /// List live definitions.
     List,
+    /// Evaluate a definition file without saving it: size, sample, and for an existing key
+    /// how many would enter and exit.
+    Preview {
+        /// Definition JSON file.
+        file: PathBuf,
+        /// Evaluation time (RFC 3339; default now).
+        #[arg(long, env = "AUDIENCES_AS_OF")]
+        as_of: Option<String>,
+    },
     /// Show one definition.
     Show {
         /// Key.
@@ -294,6 +332,8 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         Command::Check(a) => check(&a),
         Command::Compute(a) => compute(&g, &a).await.map(|_| 0),
         Command::Members(a) => members(&g, &a).await,
+        Command::Refresh(a) => refresh(&g, &a).await.map(|_| 0),
+        Command::Serve(a) => serve(&g, &a).await.map(|_| 0),
         Command::Audience(c) => definition(&g, crate::lang::definition::Kind::Audience, c).await,
         Command::Trait(c) => definition(&g, crate::lang::definition::Kind::ComputedTrait, c).await,
     }
@@ -640,14 +680,50 @@ async fn definition(
             crate::definitions::create(&store, &space, &def).await?;
             println!("created {noun} '{}' (version 1)", def.key);
         }
-        DefinitionCommand::Edit { file } => {
+        DefinitionCommand::Edit { file, as_of } => {
             let def = read_definition(&file, kind)?;
-            crate::definitions::edit(&store, &space, &def).await?;
-            let v = crate::definitions::load(&store, &space)
-                .await?
-                .get(&def.key)
-                .map_or(0, |s| s.version);
-            println!("edited {noun} '{}' (version {v})", def.key);
+            let as_of = as_of_or_now(as_of.as_deref())?;
+            let (v, reports) = crate::compute::lifecycle::edit(
+                &store,
+                &space,
+                &g.identity_rules()?,
+                &def,
+                as_of,
+            )
+            .await?;
+            if g.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"key": def.key, "version": v, "computed": reports})
+                    )?
+                );
+            } else {
+                println!("edited {noun} '{}' (version {v}), recomputed:", def.key);
+                print_reports(&reports);
+            }
+        }
+        DefinitionCommand::Preview { file, as_of } => {
+            let def = read_definition(&file, kind)?;
+            let as_of = as_of_or_now(as_of.as_deref())?;
+            let p = crate::compute::lifecycle::preview(&store, &space, &def, as_of).await?;
+            if g.json {
+                println!("{}", serde_json::to_string_pretty(&p)?);
+            } else {
+                println!(
+                    "preview of {noun} '{}': size {} ({} ms)",
+                    p.key, p.size, p.millis
+                );
+                if p.existing {
+                    println!(
+                        "against the current version: {} would enter, {} would exit",
+                        p.would_enter, p.would_exit
+                    );
+                }
+                for m in &p.sample {
+                    println!("  {m}");
+                }
+            }
         }
         DefinitionCommand::Delete { key } => {
             let defs = crate::definitions::live(&store, &space).await?;
@@ -686,12 +762,94 @@ async fn definition(
     Ok(0)
 }
 
+fn as_of_or_now(t: Option<&str>) -> Result<i64> {
+    match t {
+        Some(t) => parse_time_arg(t, "--as-of"),
+        None => Ok(chrono::Utc::now().timestamp_micros()),
+    }
+}
+
+fn print_reports(reports: &[crate::compute::KeyReport]) {
+    for r in reports {
+        println!(
+            "{:<32} {:<15} v{:<4} size {:<9} +{:<7} -{:<7} {} ms",
+            r.key, r.kind, r.version, r.size, r.entered, r.exited, r.millis
+        );
+    }
+}
+
+fn print_refresh(json: bool, r: &crate::compute::refresh::RefreshReport) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(r)?);
+        return Ok(());
+    }
+    let at = chrono::DateTime::from_timestamp_micros(r.as_of)
+        .map(|t| t.to_rfc3339())
+        .unwrap_or_default();
+    println!(
+        "refresh at {at}: read {} new event rows in {} files; {} in {} ms",
+        r.new_event_rows,
+        r.new_event_files,
+        match r.committed {
+            Some(v) => format!("committed memberships version {v}"),
+            None => "nothing changed".into(),
+        },
+        r.millis
+    );
+    for k in &r.keys {
+        println!(
+            "  {:<30} {:<11} {:<11} affected {:<8} size {:<8} +{:<6} -{:<6} ~{:<6} {:>5} ms {}",
+            k.key,
+            k.kind,
+            k.mode,
+            k.affected,
+            k.size,
+            k.entered,
+            k.exited,
+            k.changed,
+            k.millis,
+            k.reason.as_deref().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+async fn refresh(g: &Global, a: &RefreshArgs) -> Result<()> {
+    let store = g.open_store()?;
+    let opts = crate::compute::refresh::RefreshOptions::at(as_of_or_now(a.as_of.as_deref())?);
+    let r =
+        crate::compute::refresh::refresh(&store, &g.space()?, &g.identity_rules()?, &opts).await?;
+    print_refresh(g.json, &r)
+}
+
+async fn serve(g: &Global, a: &ServeArgs) -> Result<()> {
+    let store = g.open_store()?;
+    let interval = crate::serve::parse_duration(&a.refresh_interval)?;
+    let space = g.space()?;
+    eprintln!(
+        "audiences serve: store {} / space {space}, refreshing every {:?}",
+        store.url(),
+        interval
+    );
+    crate::serve::run(
+        &store,
+        &space,
+        &g.identity_rules()?,
+        interval,
+        a.refreshes,
+        |r| match r {
+            Ok(r) => {
+                let _ = print_refresh(g.json, r);
+            }
+            Err(e) => eprintln!("refresh failed: {e}"),
+        },
+    )
+    .await
+}
+
 async fn compute(g: &Global, a: &ComputeArgs) -> Result<()> {
     let store = g.open_store()?;
-    let as_of = match &a.as_of {
-        Some(t) => parse_time_arg(t, "--as-of")?,
-        None => chrono::Utc::now().timestamp_micros(),
-    };
+    let as_of = as_of_or_now(a.as_of.as_deref())?;
     let reports = crate::compute::compute_with_progress(
         &store,
         &g.space()?,
@@ -704,12 +862,7 @@ async fn compute(g: &Global, a: &ComputeArgs) -> Result<()> {
     if g.json {
         println!("{}", serde_json::to_string_pretty(&reports)?);
     } else {
-        for r in &reports {
-            println!(
-                "{:<32} {:<15} v{:<4} size {:<9} +{:<7} -{:<7} {} ms",
-                r.key, r.kind, r.version, r.size, r.entered, r.exited, r.millis
-            );
-        }
+        print_reports(&reports);
     }
     Ok(())
 }

@@ -67,6 +67,12 @@ pub enum Error {
     /// The user asked for something invalid (exit code 2).
     #[error("{0}")]
     Usage(String),
+    /// Another writer committed first; nothing of this run was committed.
+    #[error("{0}")]
+    Conflict(String),
+    /// The definition is being recomputed after an edit.
+    #[error("{0}")]
+    Locked(String),
     /// Ingest was run with `--strict` and rejected messages.
     #[error("{0} message(s) rejected (see the dead-letter file); --strict makes that a failure")]
     StrictRejections(u64),

@@ -24,6 +24,7 @@ pub mod identity;
 pub mod lang;
 pub mod plan;
 pub mod progress;
+pub mod serve;
 pub mod store;
 pub mod tables;
 

@@ -270,6 +270,16 @@ impl TableProvider for CommittedTable {
 /// A DataFusion session over one space of the store, with every committed table registered and
 /// our UDFs available.
 pub async fn session(store: &Store, space: &Space) -> Result<SessionContext> {
+    session_at(store, space, None).await
+}
+
+/// [`session`] with the events table as of events log version `events_version` (the version
+/// an identity state covers, so every event has its profile); latest when None.
+pub async fn session_at(
+    store: &Store,
+    space: &Space,
+    events_version: Option<u64>,
+) -> Result<SessionContext> {
     // DataFusion settings can be tuned with DATAFUSION_* environment variables.
     let config = SessionConfig::from_env()?
         .with_information_schema(true)
@@ -279,9 +289,11 @@ pub async fn session(store: &Store, space: &Space) -> Result<SessionContext> {
         url::Url::parse(DATAFUSION_URL).map_err(|e| crate::error::Error::Usage(e.to_string()))?;
     ctx.register_object_store(&url, store.object_store());
     audiences_udfs::register_all(&ctx)?;
-    let events = CommitLog::new(store, space, TableName::Events)
-        .snapshot()
-        .await?;
+    let events_log = CommitLog::new(store, space, TableName::Events);
+    let events = match events_version {
+        Some(v) => events_log.snapshot_at(v).await?,
+        None => events_log.snapshot().await?,
+    };
     ctx.register_table("events_raw", Arc::new(EventsTable::new(&events)))?;
     let identity = CommitLog::new(store, space, crate::identity::persist::IDENTITY)
         .snapshot()

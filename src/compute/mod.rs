@@ -6,6 +6,9 @@
 //! audience version; replaced by the next version), `changes` (entered/exited of one version;
 //! kept), `trait_values` (a computed trait version; replaced by the next).
 
+pub mod lifecycle;
+pub mod refresh;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
@@ -93,7 +96,7 @@ pub fn conform(batch: &RecordBatch, kind: &str) -> Result<RecordBatch> {
 }
 
 /// The `profile_id` and `account_id` columns of member keys at `level`.
-fn member_columns<'a>(
+pub(crate) fn member_columns<'a>(
     keys: impl Iterator<Item = &'a str>,
     level: Level,
 ) -> (arrow::array::ArrayRef, arrow::array::ArrayRef) {
@@ -107,7 +110,7 @@ fn member_columns<'a>(
 }
 
 /// Members of an audience version: member key (profile id or account id) → profile_idx.
-type Members = BTreeMap<String, Option<i64>>;
+pub(crate) type Members = BTreeMap<String, Option<i64>>;
 
 fn member_key(
     pid: Option<&arrow::array::StringArray>,
@@ -154,12 +157,67 @@ pub struct VersionRef {
     /// What it was computed from: definition version, identity version, events version and
     /// as-of (a later compute with the same inputs may reuse it).
     pub inputs: Option<String>,
+    /// The same inputs, structured, plus the versions of the definitions it read (what a
+    /// refresh continues from).
+    pub basis: Option<Basis>,
+}
+
+/// What a committed version (or a refresh that found nothing to change) is consistent with:
+/// a refresh continues from it, reading only what came after.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Basis {
+    /// Definition version.
+    pub definition_version: u64,
+    /// Identity log version.
+    pub identity_version: u64,
+    /// Events log version the identity state covered.
+    pub events_version: u64,
+    /// Evaluation time.
+    pub as_of: i64,
+    /// Version of every audience and computed trait the definition reads.
+    #[serde(default)]
+    pub deps: BTreeMap<String, u64>,
+}
+
+impl Basis {
+    /// The `inputs` fingerprint of compute's dependency reuse.
+    pub fn inputs(&self) -> String {
+        format!(
+            "{}:{}:{}:{}",
+            self.definition_version, self.identity_version, self.events_version, self.as_of
+        )
+    }
 }
 
 /// Every version of every key, in commit order.
 pub fn versions(snap: &Snapshot) -> Vec<VersionRef> {
     let mut out = Vec::new();
     for e in &snap.entries {
+        // A refresh commits the versions of several keys in one entry.
+        if let Some(items) = e.info.get("versions").and_then(|v| v.as_array()) {
+            for it in items {
+                let file = |field: &str| {
+                    let path = it.get(field)?.as_str()?;
+                    e.adds.iter().find(|f| f.path == path).cloned()
+                };
+                let (Some(key), Some(data)) = (it.get("key").and_then(|v| v.as_str()), file("data"))
+                else {
+                    continue;
+                };
+                out.push(VersionRef {
+                    key: key.to_string(),
+                    version: it.get("version").and_then(|v| v.as_u64()).unwrap_or(0),
+                    as_of: it.get("as_of").and_then(|v| v.as_i64()).unwrap_or(0),
+                    data,
+                    changes: file("changes"),
+                    inputs: it.get("inputs").and_then(|v| v.as_str()).map(String::from),
+                    basis: it
+                        .get("basis")
+                        .and_then(|b| serde_json::from_value(b.clone()).ok()),
+                });
+            }
+            continue;
+        }
         let Some(key) = e.info.get("key").and_then(|v| v.as_str()) else {
             continue;
         };
@@ -183,7 +241,35 @@ pub fn versions(snap: &Snapshot) -> Vec<VersionRef> {
                 .get("inputs")
                 .and_then(|v| v.as_str())
                 .map(String::from),
+            basis: e
+                .info
+                .get("basis")
+                .and_then(|b| serde_json::from_value(b.clone()).ok()),
         });
+    }
+    out
+}
+
+/// The latest basis of every key: from its latest version, or from a later refresh that found
+/// nothing to change for it.
+pub fn bases(snap: &Snapshot) -> BTreeMap<String, Basis> {
+    let mut out = BTreeMap::new();
+    for e in &snap.entries {
+        let mut one = |it: &serde_json::Value| {
+            if let (Some(k), Some(b)) = (
+                it.get("key").and_then(|v| v.as_str()),
+                it.get("basis")
+                    .and_then(|b| serde_json::from_value::<Basis>(b.clone()).ok()),
+            ) {
+                out.insert(k.to_string(), b);
+            }
+        };
+        one(&e.info);
+        for list in ["versions", "unchanged"] {
+            for it in e.info.get(list).and_then(|v| v.as_array()).into_iter().flatten() {
+                one(it);
+            }
+        }
     }
     out
 }
@@ -197,7 +283,7 @@ pub async fn read_file(store: &Store, f: &FileAdd) -> Result<Vec<RecordBatch>> {
 }
 
 /// Current members of an audience: member key → (profile_idx, entered_at).
-async fn current_members(
+pub(crate) async fn current_members(
     store: &Store,
     v: Option<&VersionRef>,
 ) -> Result<HashMap<String, (Option<i64>, i64)>> {
@@ -226,7 +312,7 @@ async fn current_members(
     Ok(out)
 }
 
-async fn put_batch(
+pub(crate) async fn put_batch(
     store: &Store,
     space: &Space,
     kind: &str,
@@ -246,7 +332,7 @@ async fn put_batch(
 }
 
 /// Members from a compiled audience's output (`profile_idx, profile_id` or `account_id`).
-fn members_of(batches: &[RecordBatch], level: Level) -> Result<Members> {
+pub(crate) fn members_of(batches: &[RecordBatch], level: Level) -> Result<Members> {
     let mut out = BTreeMap::new();
     for b in batches {
         match level {
@@ -310,7 +396,7 @@ async fn commit_version(
 
 /// Register the current members of `key` as `__members_<key>` (for audience references):
 /// a `profile_idx` column, or `account_id` for account audiences.
-fn register_members(
+pub(crate) fn register_members(
     ctx: &SessionContext,
     key: &str,
     members: &Members,
@@ -390,7 +476,7 @@ pub async fn compute_with_progress(
         }
         w
     };
-    let ctx = crate::tables::session(store, space).await?;
+    let ctx = crate::tables::session_at(store, space, Some(identity.events_version)).await?;
     tracing::debug!(millis = t0.elapsed().as_millis() as u64, "session ready");
     let computed: BTreeSet<String> = defs
         .iter()
@@ -476,73 +562,10 @@ pub async fn compute_with_progress(
                 let level = plan.level;
                 let members = members_of(&batches, level)?;
                 let old = current_members(store, prev).await?;
-                let mut entered: Vec<(String, Option<i64>)> = Vec::new();
-                let mut exited: Vec<(String, Option<i64>)> = Vec::new();
-                for (k, idx) in &members {
-                    if !old.contains_key(k) {
-                        entered.push((k.clone(), *idx));
-                    }
-                }
-                for (k, (idx, _)) in &old {
-                    if !members.contains_key(k) {
-                        exited.push((k.clone(), *idx));
-                    }
-                }
-                exited.sort();
+                let (adds, entered, exited) =
+                    audience_files(store, space, key, version, as_of, level, &members, &old)
+                        .await?;
                 let n = members.len();
-                let (pids, accs) = member_columns(members.keys().map(String::as_str), level);
-                let mb = RecordBatch::try_new(
-                    schema("members"),
-                    vec![
-                        Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
-                            key.as_str(),
-                            n,
-                        ))),
-                        pids,
-                        Arc::new(Int64Array::from_iter(members.values().copied())),
-                        ts_array(
-                            members
-                                .keys()
-                                .map(|k| old.get(k).map_or(as_of, |(_, t)| *t))
-                                .collect(),
-                        ),
-                        ts_array(vec![as_of; n]),
-                        Arc::new(Int64Array::from_iter_values(std::iter::repeat_n(
-                            version as i64,
-                            n,
-                        ))),
-                        accs,
-                    ],
-                )?;
-                let changes: Vec<(&str, Option<i64>, &str)> = entered
-                    .iter()
-                    .map(|(k, i)| (k.as_str(), *i, "entered"))
-                    .chain(exited.iter().map(|(k, i)| (k.as_str(), *i, "exited")))
-                    .collect();
-                let c = changes.len();
-                let (pids, accs) = member_columns(changes.iter().map(|x| x.0), level);
-                let cb = RecordBatch::try_new(
-                    schema("changes"),
-                    vec![
-                        Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
-                            key.as_str(),
-                            c,
-                        ))),
-                        pids,
-                        Arc::new(Int64Array::from_iter(changes.iter().map(|x| x.1))),
-                        Arc::new(StringArray::from_iter_values(changes.iter().map(|x| x.2))),
-                        Arc::new(Int64Array::from_iter_values(std::iter::repeat_n(
-                            version as i64,
-                            c,
-                        ))),
-                        ts_array(vec![as_of; c]),
-                        accs,
-                    ],
-                )?;
-                let adds = vec![
-                    put_batch(store, space, "members", &mb).await?,
-                    put_batch(store, space, "changes", &cb).await?,
-                ];
                 register_members(&ctx, key, &members, level)?;
                 let report = KeyReport {
                     key: key.clone(),
@@ -576,13 +599,25 @@ pub async fn compute_with_progress(
                 (adds, report)
             }
         };
+        let basis = Basis {
+            definition_version: stored.version,
+            identity_version: identity.version,
+            events_version: identity.events_version,
+            as_of,
+            deps: deps
+                .get(key)
+                .into_iter()
+                .flatten()
+                .filter_map(|d| latest.get(d).map(|v| (d.clone(), v.version)))
+                .collect(),
+        };
         let draft = CommitDraft {
             operation: "compute".into(),
             adds,
             removes: prev.map(|p| vec![p.data.path.clone()]).unwrap_or_default(),
             info: serde_json::json!({
                 "key": key, "version": version, "as_of": as_of, "definition_version": stored.version,
-                "inputs": inputs_id,
+                "inputs": inputs_id, "basis": basis,
                 "size": report.size, "entered": report.entered, "exited": report.exited,
             }),
         };
@@ -606,9 +641,85 @@ pub async fn compute_with_progress(
     Ok(reports)
 }
 
+/// Write the members and changes files of a new audience version; returns them with the
+/// entered and exited members.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn audience_files(
+    store: &Store,
+    space: &Space,
+    key: &str,
+    version: u64,
+    as_of: i64,
+    level: Level,
+    members: &Members,
+    old: &HashMap<String, (Option<i64>, i64)>,
+) -> Result<(Vec<FileAdd>, Vec<(String, Option<i64>)>, Vec<(String, Option<i64>)>)> {
+    let mut entered: Vec<(String, Option<i64>)> = Vec::new();
+    let mut exited: Vec<(String, Option<i64>)> = Vec::new();
+    for (k, idx) in members {
+        if !old.contains_key(k) {
+            entered.push((k.clone(), *idx));
+        }
+    }
+    for (k, (idx, _)) in old {
+        if !members.contains_key(k) {
+            exited.push((k.clone(), *idx));
+        }
+    }
+    exited.sort();
+    let n = members.len();
+    let (pids, accs) = member_columns(members.keys().map(String::as_str), level);
+    let mb = RecordBatch::try_new(
+        schema("members"),
+        vec![
+            Arc::new(StringArray::from_iter_values(std::iter::repeat_n(key, n))),
+            pids,
+            Arc::new(Int64Array::from_iter(members.values().copied())),
+            ts_array(
+                members
+                    .keys()
+                    .map(|k| old.get(k).map_or(as_of, |(_, t)| *t))
+                    .collect(),
+            ),
+            ts_array(vec![as_of; n]),
+            Arc::new(Int64Array::from_iter_values(std::iter::repeat_n(
+                version as i64,
+                n,
+            ))),
+            accs,
+        ],
+    )?;
+    let changes: Vec<(&str, Option<i64>, &str)> = entered
+        .iter()
+        .map(|(k, i)| (k.as_str(), *i, "entered"))
+        .chain(exited.iter().map(|(k, i)| (k.as_str(), *i, "exited")))
+        .collect();
+    let c = changes.len();
+    let (pids, accs) = member_columns(changes.iter().map(|x| x.0), level);
+    let cb = RecordBatch::try_new(
+        schema("changes"),
+        vec![
+            Arc::new(StringArray::from_iter_values(std::iter::repeat_n(key, c))),
+            pids,
+            Arc::new(Int64Array::from_iter(changes.iter().map(|x| x.1))),
+            Arc::new(StringArray::from_iter_values(changes.iter().map(|x| x.2))),
+            Arc::new(Int64Array::from_iter_values(std::iter::repeat_n(
+                version as i64,
+                c,
+            ))),
+            ts_array(vec![as_of; c]),
+            accs,
+        ],
+    )?;
+    let members_file = put_batch(store, space, "members", &mb).await?;
+    crate::fault::hit("during_changes");
+    let changes_file = put_batch(store, space, "changes", &cb).await?;
+    Ok((vec![members_file, changes_file], entered, exited))
+}
+
 /// Build a trait-values batch from a compiled trait's output (`profile_idx, profile_id` or
 /// `account_id`, then the typed value columns).
-fn trait_batch(
+pub(crate) fn trait_batch(
     key: &str,
     version: u64,
     as_of: i64,
@@ -707,7 +818,7 @@ fn trait_batch(
     )?)
 }
 
-fn register_trait_values(
+pub(crate) fn register_trait_values(
     ctx: &SessionContext,
     values: &BTreeMap<String, Vec<RecordBatch>>,
 ) -> Result<()> {

@@ -10,7 +10,8 @@
 //! A compaction adds no events: identity resolution and refreshes skip `compact` entries when
 //! they look for new data, and only files their watermark already covers are compacted (events
 //! of later commits must stay in files of their own commit until they have been read
-//! incrementally). The replaced files are deleted after the commit, so external readers
+//! incrementally: the bound is the lowest events version the refresh bases of live audiences and
+//! computed traits cover). The replaced files are deleted after the commit, so external readers
 //! of the partition directory (DuckDB over `events/*/*.parquet`) never see an event twice; a
 //! reader still holding an older snapshot may then have to retry.
 
@@ -130,6 +131,11 @@ pub async fn compact(
     dates: Option<&[String]>,
     upto: u64,
 ) -> Result<CompactReport> {
+    // Files a refresh has yet to read stay as they are (it reads new events by file).
+    let upto = match crate::compute::refresh::compaction_bound(store, space).await? {
+        Some(b) => upto.min(b),
+        None => upto,
+    };
     let log = CommitLog::new(store, space, TableName::Events);
     let snap = log.snapshot().await?;
     let mut eligible_paths = std::collections::HashSet::new();

@@ -130,6 +130,7 @@ pub struct CommitLog {
     store: Store,
     space: Space,
     table: TableName,
+    unsafe_overwrite: bool,
 }
 
 /// Outcome of one put-if-absent attempt.
@@ -145,7 +146,16 @@ impl CommitLog {
             store: store.clone(),
             space: space.clone(),
             table,
+            unsafe_overwrite: false,
         }
+    }
+
+    /// A deliberately broken log that commits with a plain overwrite instead of put-if-absent:
+    /// only for tests that show their checks catch a lost commit race.
+    #[doc(hidden)]
+    pub fn with_unsafe_overwrite(mut self, on: bool) -> Self {
+        self.unsafe_overwrite = on;
+        self
     }
 
     /// The table this log belongs to.
@@ -284,7 +294,11 @@ impl CommitLog {
         let key: Key = keys::log_entry(&self.space, self.table, entry.version);
         let body = serde_json::to_vec_pretty(entry)?;
         let opts = PutOptions {
-            mode: PutMode::Create,
+            mode: if self.unsafe_overwrite {
+                PutMode::Overwrite
+            } else {
+                PutMode::Create
+            },
             ..Default::default()
         };
         let mut last_err = None;

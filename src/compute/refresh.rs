@@ -1,0 +1,880 @@
+//! `audiences refresh`: one micro-batch.
+//!
+//! Every committed version of an audience or computed trait records its *basis*: the
+//! definition version, identity version, events version and as-of it is exact for, and the
+//! versions of the definitions it read. A refresh continues each key from its basis. A
+//! profile's result can only differ from the committed one when
+//!
+//! - one of its events was committed after the basis (new or late events: the identity keys of
+//!   the event files committed since, read by their `identity_key` column only);
+//! - identity moved something: an identity key now maps to another profile (a merge moves
+//!   history), or the profile's id or known flag changed (identity tables diffed against the
+//!   basis's identity version);
+//! - time moved a window edge across one of its events: for every window relative to the
+//!   as-of (`within`, `between`, and the `timestamp <= as_of` bound of every query), the events
+//!   whose timestamps lie between the edge at the old and at the new as-of (one time slice per
+//!   edge, read with date-partition pruning);
+//! - a definition it reads changed for that profile in this refresh (entered/exited members,
+//!   changed trait values).
+//!
+//! Those *affected* profiles are re-evaluated with the very plan a full compute uses, over
+//! `profiles` and `events_indexed` restricted to them; every other profile keeps its committed
+//! result, and the entered/exited changes are the difference. That equals a full compute at
+//! the same as-of by construction, for every construct of the language. Where a key cannot be
+//! continued (first version, edited definition, account level, value comparisons relative to
+//! the as-of while the as-of moved, a dependency recomputed outside the refresh, inputs already
+//! vacuumed), it is recomputed in full and the log line says why.
+//!
+//! All new versions of one refresh are committed in one memberships log entry (put-if-absent
+//! on the version the refresh started from): a refresh killed at any point leaves the previous
+//! versions intact, and of two refreshers racing for the same batch exactly one commits.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, Int64Array, RecordBatch};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema};
+use datafusion::common::JoinType;
+use datafusion::dataframe::DataFrame;
+use datafusion::datasource::MemTable;
+use datafusion::prelude::{SessionContext, col, lit};
+use serde::Serialize;
+
+use super::{
+    Basis, MEMBERSHIPS, Members, VersionRef, audience_files, bases, conform, current_members,
+    members_of, put_batch, read_file, register_members, register_trait_values, trait_batch,
+    versions,
+};
+use crate::definitions::{self, Stored};
+use crate::error::{Error, Result};
+use crate::identity::IdentityRules;
+use crate::lang::definition::{Body, DefinitionFile, Kind, Level};
+use crate::plan::{Inputs, compile_audience, compile_trait};
+use crate::store::log::{CommitDraft, FileAdd};
+use crate::store::{CommitLog, Space, Store, TableName};
+use crate::tables::CommittedTable;
+
+/// How to run one refresh.
+#[derive(Clone, Default)]
+pub struct RefreshOptions {
+    /// Evaluation time (UTC microseconds).
+    pub as_of: i64,
+    /// Only these keys (the serve loop passes the keys that are due); all live keys when None.
+    pub keys: Option<BTreeSet<String>>,
+    /// Test hook: wait here right before the commit (to race two refreshers).
+    #[doc(hidden)]
+    pub before_commit: Option<Arc<tokio::sync::Barrier>>,
+    /// Test hook: commit with a plain overwrite instead of put-if-absent (deliberately broken).
+    #[doc(hidden)]
+    pub unsafe_overwrite_commit: bool,
+}
+
+impl RefreshOptions {
+    /// Refresh every live key at `as_of`.
+    pub fn at(as_of: i64) -> Self {
+        RefreshOptions {
+            as_of,
+            ..Default::default()
+        }
+    }
+}
+
+/// What one refresh read and changed.
+#[derive(Debug, Clone, Serialize)]
+pub struct RefreshReport {
+    /// Evaluation time.
+    pub as_of: i64,
+    /// Identity version used.
+    pub identity_version: u64,
+    /// Events version covered.
+    pub events_version: u64,
+    /// Event files committed since the oldest basis, read for their identity keys.
+    pub new_event_files: u64,
+    /// Rows in those files.
+    pub new_event_rows: u64,
+    /// The memberships log version committed (None: nothing changed, nothing committed).
+    pub committed: Option<u64>,
+    /// Per key.
+    pub keys: Vec<KeyRefresh>,
+    /// Milliseconds spent.
+    pub millis: u64,
+}
+
+/// What a refresh did for one key.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyRefresh {
+    /// Key.
+    pub key: String,
+    /// `audience` or `computed_trait`.
+    pub kind: String,
+    /// `incremental` or `full`.
+    pub mode: String,
+    /// Why it was recomputed in full.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Profiles re-evaluated (incremental mode).
+    pub affected: u64,
+    /// The new version (None: unchanged).
+    pub version: Option<u64>,
+    /// Members or profiles with a value.
+    pub size: u64,
+    /// Entered (audiences).
+    pub entered: u64,
+    /// Exited (audiences).
+    pub exited: u64,
+    /// Profiles whose value changed (traits).
+    pub changed: u64,
+    /// Milliseconds spent.
+    pub millis: u64,
+}
+
+/// How a definition depends on the as-of time.
+#[derive(Debug, Default)]
+struct TimeUse {
+    /// Offsets from the as-of of every window edge (0: the `timestamp <= as_of` bound).
+    offsets: BTreeSet<i64>,
+    /// A value is compared with the as-of (`within_last` and friends).
+    relative_compare: bool,
+}
+
+fn time_use(def: &DefinitionFile) -> Result<TimeUse> {
+    let body = def
+        .validate()
+        .map_err(|e| Error::Usage(format!("{}: {e}", def.key)))?;
+    let ast = match &body {
+        Body::Audience(c) => serde_json::to_value(c)?,
+        Body::Trait(v) => serde_json::to_value(v)?,
+    };
+    let mut t = TimeUse::default();
+    t.offsets.insert(0);
+    fn micros(d: Option<&serde_json::Value>) -> Option<i64> {
+        serde_json::from_value::<crate::lang::ast::Duration>(d?.clone())
+            .ok()
+            .map(|d| d.micros())
+    }
+    fn walk(v: &serde_json::Value, t: &mut TimeUse) {
+        match v {
+            serde_json::Value::Object(m) => {
+                match m.get("kind").and_then(|k| k.as_str()) {
+                    Some("within") => t.offsets.extend(micros(m.get("duration"))),
+                    Some("between") => {
+                        t.offsets.extend(micros(m.get("from")));
+                        t.offsets.extend(micros(m.get("to")));
+                    }
+                    _ => {}
+                }
+                if let Some(op) = m.get("op").and_then(|o| o.as_str())
+                    && matches!(op, "within_last" | "within_next" | "before_last" | "after_next")
+                {
+                    t.relative_compare = true;
+                }
+                m.values().for_each(|x| walk(x, t));
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, t)),
+            _ => {}
+        }
+    }
+    walk(&ast, &mut t);
+    Ok(t)
+}
+
+/// Collect a one-column `profile_idx` result into a set.
+async fn idx_set(df: DataFrame) -> Result<HashSet<i64>> {
+    let mut out = HashSet::new();
+    for b in df.collect().await? {
+        let c = b.column(0).as_primitive::<Int64Type>();
+        out.extend(c.iter().flatten());
+    }
+    Ok(out)
+}
+
+/// The lowest events version the bases of live keys cover: compaction leaves later event
+/// files alone so a refresh can read them (None: no key has a basis yet).
+pub async fn compaction_bound(store: &Store, space: &Space) -> Result<Option<u64>> {
+    let snap = CommitLog::new(store, space, MEMBERSHIPS).snapshot().await?;
+    if snap.version == 0 {
+        return Ok(None);
+    }
+    let live = definitions::live(store, space).await?;
+    Ok(bases(&snap)
+        .into_iter()
+        .filter(|(k, _)| live.contains_key(k))
+        .map(|(_, b)| b.events_version)
+        .min())
+}
+
+/// Sets of affected profiles, cached by what they depend on (keys usually share a basis).
+struct Affected<'a> {
+    store: &'a Store,
+    space: &'a Space,
+    ctx: &'a SessionContext,
+    events: crate::store::log::Snapshot,
+    identity_version: u64,
+    events_version: u64,
+    delta: HashMap<u64, std::result::Result<Arc<HashSet<i64>>, String>>,
+    identity: HashMap<u64, std::result::Result<Arc<HashSet<i64>>, String>>,
+    slices: HashMap<(i64, i64, i64), Arc<HashSet<i64>>>,
+    files_read: HashSet<String>,
+    rows_read: u64,
+}
+
+impl Affected<'_> {
+    /// Profiles with events committed after events version `from`.
+    async fn delta(&mut self, from: u64) -> std::result::Result<Arc<HashSet<i64>>, String> {
+        if let Some(r) = self.delta.get(&from) {
+            return r.clone();
+        }
+        let files: Vec<FileAdd> = self
+            .events
+            .entries
+            .iter()
+            .filter(|e| {
+                e.version > from && e.version <= self.events_version && e.operation != "compact"
+            })
+            .flat_map(|e| e.adds.iter().cloned())
+            .collect();
+        let r = if files.is_empty() {
+            Ok(Arc::new(HashSet::new()))
+        } else {
+            for f in &files {
+                if self.files_read.insert(f.path.clone()) {
+                    self.rows_read += f.rows;
+                }
+            }
+            let run = async {
+                let name = "__delta_events";
+                let _ = self.ctx.deregister_table(name);
+                self.ctx
+                    .register_table(name, Arc::new(CommittedTable::events(&files)))?;
+                let keys = self
+                    .ctx
+                    .table(name)
+                    .await?
+                    .select(vec![col("identity_key").alias("__dk")])?
+                    .distinct()?;
+                let df = self
+                    .ctx
+                    .table("identity_keys")
+                    .await?
+                    .join(keys, JoinType::Inner, &["identity_key"], &["__dk"], None)?
+                    .select(vec![col("profile_idx")])?;
+                idx_set(df).await
+            };
+            run.await
+                .map(Arc::new)
+                .map_err(|e| format!("event files since version {from} unreadable: {e}"))
+        };
+        self.delta.insert(from, r.clone());
+        r
+    }
+
+    /// Profiles whose identity changed since identity version `from`: keys mapped elsewhere
+    /// (old and new profile), profiles new, merged, renamed or newly known.
+    async fn identity(&mut self, from: u64) -> std::result::Result<Arc<HashSet<i64>>, String> {
+        if from == self.identity_version {
+            return Ok(Arc::new(HashSet::new()));
+        }
+        if let Some(r) = self.identity.get(&from) {
+            return r.clone();
+        }
+        let run = async {
+            let log = CommitLog::new(self.store, self.space, crate::identity::persist::IDENTITY);
+            let old = log.snapshot_at(from).await?;
+            if !old
+                .files
+                .iter()
+                .any(|f| f.kind.as_deref() == Some("identity_keys"))
+            {
+                return Err(Error::Usage(format!(
+                    "identity version {from} has no identity_keys table"
+                )));
+            }
+            for kind in ["identity_keys", "profiles"] {
+                let files = old
+                    .files
+                    .iter()
+                    .filter(|f| f.kind.as_deref() == Some(kind))
+                    .cloned()
+                    .collect();
+                let name = format!("__old_{kind}");
+                let _ = self.ctx.deregister_table(name.as_str());
+                self.ctx.register_table(
+                    name.as_str(),
+                    Arc::new(CommittedTable::plain(
+                        crate::identity::persist::schema(kind),
+                        files,
+                    )),
+                )?;
+            }
+            // Fixed internal tables only: no user text reaches this SQL.
+            let df = self
+                .ctx
+                .sql(
+                    "SELECT o.profile_idx AS a, n.profile_idx AS b \
+                     FROM __old_identity_keys o FULL JOIN identity_keys n \
+                       ON o.identity_key = n.identity_key \
+                     WHERE (o.profile_idx IS DISTINCT FROM n.profile_idx) \
+                     UNION ALL \
+                     SELECT o.canonical_idx AS a, n.canonical_idx AS b \
+                     FROM __old_profiles o FULL JOIN profile_index n \
+                       ON o.profile_idx = n.profile_idx \
+                     WHERE (o.canonical_idx IS DISTINCT FROM n.canonical_idx) \
+                        OR (o.known IS DISTINCT FROM n.known) \
+                        OR (o.profile_id IS DISTINCT FROM n.profile_id) \
+                     UNION ALL \
+                     SELECT o.profile_idx AS a, n.canonical_idx AS b \
+                     FROM __old_profiles o JOIN profile_index n \
+                       ON o.profile_idx = n.profile_idx \
+                     WHERE (o.canonical_idx IS DISTINCT FROM n.canonical_idx)",
+                )
+                .await?;
+            let mut out = HashSet::new();
+            for b in df.collect().await? {
+                for c in b.columns() {
+                    out.extend(c.as_primitive::<Int64Type>().iter().flatten());
+                }
+            }
+            Ok::<_, Error>(out)
+        };
+        let r = run
+            .await
+            .map(Arc::new)
+            .map_err(|e| format!("identity version {from} unreadable: {e}"));
+        self.identity.insert(from, r.clone());
+        r
+    }
+
+    /// Profiles with an event whose timestamp lies between `t0 - offset` and `t1 - offset`.
+    async fn slice(&mut self, t0: i64, t1: i64, offset: i64) -> Result<Arc<HashSet<i64>>> {
+        let (a, b) = (t0.min(t1) - offset, t0.max(t1) - offset);
+        if let Some(r) = self.slices.get(&(a, b, 0)) {
+            return Ok(Arc::clone(r));
+        }
+        let ts = |m: i64| {
+            lit(datafusion::common::ScalarValue::TimestampMicrosecond(
+                Some(m),
+                Some("UTC".into()),
+            ))
+        };
+        let df = self
+            .ctx
+            .table("__events_all")
+            .await?
+            .filter(
+                col("timestamp")
+                    .gt_eq(ts(a))
+                    .and(col("timestamp").lt_eq(ts(b)))
+                    .and(col("profile_idx").is_not_null()),
+            )?
+            .select(vec![col("profile_idx")])?
+            .distinct()?;
+        let r = Arc::new(idx_set(df).await?);
+        self.slices.insert((a, b, 0), Arc::clone(&r));
+        Ok(r)
+    }
+}
+
+/// Register `profiles` and `events_indexed` restricted to `affected` (None: unrestricted).
+async fn restrict(ctx: &SessionContext, affected: Option<&HashSet<i64>>) -> Result<()> {
+    for t in ["profiles", "events_indexed"] {
+        let _ = ctx.deregister_table(t);
+    }
+    let Some(affected) = affected else {
+        ctx.register_table("profiles", ctx.table("__profiles_all").await?.into_view())?;
+        ctx.register_table(
+            "events_indexed",
+            ctx.table("__events_all").await?.into_view(),
+        )?;
+        return Ok(());
+    };
+    let schema = Arc::new(Schema::new(vec![Field::new(
+        "__a",
+        DataType::Int64,
+        false,
+    )]));
+    let mut ids: Vec<i64> = affected.iter().copied().collect();
+    ids.sort_unstable();
+    let batch = RecordBatch::try_new(
+        Arc::clone(&schema),
+        vec![Arc::new(Int64Array::from(ids))],
+    )?;
+    let _ = ctx.deregister_table("__affected");
+    ctx.register_table(
+        "__affected",
+        Arc::new(MemTable::try_new(schema, vec![vec![batch]])?),
+    )?;
+    let profiles = ctx
+        .table("__affected")
+        .await?
+        .join(
+            ctx.table("__profiles_all").await?,
+            JoinType::Inner,
+            &["__a"],
+            &["profile_idx"],
+            None,
+        )?
+        .drop_columns(&["__a"])?;
+    ctx.register_table("profiles", profiles.into_view())?;
+    let keys = ctx
+        .table("__affected")
+        .await?
+        .join(
+            ctx.table("identity_keys").await?,
+            JoinType::Inner,
+            &["__a"],
+            &["profile_idx"],
+            None,
+        )?
+        .select(vec![col("identity_key").alias("__key"), col("profile_idx")])?;
+    let events = keys
+        .join(
+            ctx.table("events_raw").await?,
+            JoinType::Inner,
+            &["__key"],
+            &["identity_key"],
+            None,
+        )?
+        .drop_columns(&["__key"])?;
+    ctx.register_table("events_indexed", events.into_view())?;
+    Ok(())
+}
+
+/// Trait values per profile_idx (JSON text), from trait-values batches.
+fn trait_map(batches: &[RecordBatch]) -> HashMap<i64, String> {
+    let mut out = HashMap::new();
+    for b in batches {
+        let idx = b.column(2).as_primitive::<Int64Type>();
+        let val = b.column(3).as_string::<i32>();
+        for r in 0..b.num_rows() {
+            if idx.is_valid(r) {
+                out.insert(idx.value(r), val.value(r).to_string());
+            }
+        }
+    }
+    out
+}
+
+/// Account trait values: account id → JSON text.
+fn account_values(batches: &[RecordBatch]) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for b in batches {
+        let acc = b.column(9).as_string::<i32>();
+        let val = b.column(3).as_string::<i32>();
+        for r in 0..b.num_rows() {
+            if acc.is_valid(r) {
+                out.insert(acc.value(r).to_string(), val.value(r).to_string());
+            }
+        }
+    }
+    out
+}
+
+/// One batch of a computed trait's values with every row stamped `version` and `as_of`.
+fn stamp(batches: &[RecordBatch], version: u64, as_of: i64) -> Result<RecordBatch> {
+    let schema = super::schema("trait_values");
+    let all = arrow::compute::concat_batches(&schema, batches)?;
+    let n = all.num_rows();
+    let mut cols = all.columns().to_vec();
+    cols[7] = Arc::new(Int64Array::from_iter_values(std::iter::repeat_n(
+        version as i64,
+        n,
+    )));
+    cols[8] = crate::identity::persist::ts_array(vec![as_of; n]);
+    Ok(RecordBatch::try_new(schema, cols)?)
+}
+
+/// Why a key must be recomputed in full (None: it can continue from its basis).
+fn full_reason(
+    stored: &Stored,
+    prev: Option<&VersionRef>,
+    basis: Option<&Basis>,
+    deps: &BTreeSet<String>,
+    latest: &BTreeMap<String, VersionRef>,
+    defs: &BTreeMap<String, Stored>,
+    time: &TimeUse,
+    as_of: i64,
+) -> Option<String> {
+    let Some(_) = prev else {
+        return Some("first version".into());
+    };
+    let Some(basis) = basis else {
+        return Some("its last version records no refresh basis".into());
+    };
+    if basis.definition_version != stored.version {
+        return Some(format!(
+            "definition edited (version {} → {})",
+            basis.definition_version, stored.version
+        ));
+    }
+    if stored.file.level == Level::Accounts {
+        return Some("account-level definitions are recomputed in full".into());
+    }
+    if time.relative_compare && basis.as_of != as_of {
+        return Some("it compares values with the as-of time, which moved".into());
+    }
+    for d in deps {
+        if defs.get(d).is_some_and(|s| s.file.level == Level::Accounts) {
+            return Some(format!("it reads account-level '{d}'"));
+        }
+        if latest.get(d).map(|v| v.version) != basis.deps.get(d).copied() {
+            return Some(format!("'{d}' was recomputed outside the refresh"));
+        }
+    }
+    None
+}
+
+/// One micro-batch: continue every live key from its basis to `opts.as_of`, commit the keys
+/// that changed in one entry.
+pub async fn refresh(
+    store: &Store,
+    space: &Space,
+    rules: &IdentityRules,
+    opts: &RefreshOptions,
+) -> Result<RefreshReport> {
+    let t0 = std::time::Instant::now();
+    let as_of = opts.as_of;
+    let identity = crate::identity::resolve(store, space, rules, false).await?;
+    let defs = definitions::live(store, space).await?;
+    if let Some(keys) = &opts.keys {
+        for k in keys {
+            if !defs.contains_key(k) {
+                return Err(Error::Usage(format!(
+                    "no audience or computed trait '{k}' in space '{space}'"
+                )));
+            }
+        }
+    }
+    let deps = definitions::dependencies(&defs)?;
+    let order = definitions::order(&deps)?;
+    let mlog = CommitLog::new(store, space, MEMBERSHIPS)
+        .with_unsafe_overwrite(opts.unsafe_overwrite_commit);
+    let snap = mlog.snapshot().await?;
+    let mut latest: BTreeMap<String, VersionRef> = BTreeMap::new();
+    for v in versions(&snap) {
+        latest.insert(v.key.clone(), v);
+    }
+    let key_bases = bases(&snap);
+    let ctx = crate::tables::session_at(store, space, Some(identity.events_version)).await?;
+    if !ctx.table_exist("identity_keys")? {
+        return Err(Error::Usage("identity state without identity_keys".into()));
+    }
+    ctx.register_table("__profiles_all", ctx.table("profiles").await?.into_view())?;
+    ctx.register_table(
+        "__events_all",
+        ctx.table("events_indexed").await?.into_view(),
+    )?;
+    let events = CommitLog::new(store, space, TableName::Events)
+        .snapshot()
+        .await?;
+    let mut aff = Affected {
+        store,
+        space,
+        ctx: &ctx,
+        events,
+        identity_version: identity.version,
+        events_version: identity.events_version,
+        delta: HashMap::new(),
+        identity: HashMap::new(),
+        slices: HashMap::new(),
+        files_read: HashSet::new(),
+        rows_read: 0,
+    };
+    let computed: BTreeSet<String> = defs
+        .iter()
+        .filter(|(_, s)| s.file.kind == Kind::ComputedTrait)
+        .map(|(k, _)| k.clone())
+        .collect();
+    let account_keys: BTreeSet<String> = defs
+        .iter()
+        .filter(|(_, s)| s.file.level == Level::Accounts)
+        .map(|(k, _)| k.clone())
+        .collect();
+    let wanted = |k: &String| opts.keys.as_ref().is_none_or(|w| w.contains(k));
+    let referenced: BTreeSet<&String> = deps.values().flatten().collect();
+    // Current values and members of what is read by other definitions.
+    let mut trait_values =
+        super::lifecycle::register_references(store, &ctx, &defs, &latest, referenced.iter().copied())
+            .await?;
+    let mut changed: HashMap<String, HashSet<i64>> = HashMap::new();
+    let mut reports = Vec::new();
+    let mut items = Vec::new();
+    let mut unchanged = Vec::new();
+    let mut adds: Vec<FileAdd> = Vec::new();
+    let mut removes = Vec::new();
+    let mut new_versions: BTreeMap<String, u64> = BTreeMap::new();
+    for key in order.iter().filter(|k| wanted(k)) {
+        let t = std::time::Instant::now();
+        let stored = &defs[key];
+        let prev = latest.get(key);
+        let basis = key_bases.get(key);
+        let no_deps = BTreeSet::new();
+        let kdeps = deps.get(key).unwrap_or(&no_deps);
+        let time = time_use(&stored.file)?;
+        let mut reason = full_reason(
+            stored, prev, basis, kdeps, &latest, &defs, &time, as_of,
+        );
+        // The affected profiles (incremental mode).
+        let mut affected: HashSet<i64> = HashSet::new();
+        if let (None, Some(b)) = (&reason, basis) {
+            match (aff.delta(b.events_version).await, aff.identity(b.identity_version).await) {
+                (Ok(d), Ok(i)) => {
+                    affected.extend(d.iter());
+                    affected.extend(i.iter());
+                }
+                (Err(e), _) | (_, Err(e)) => reason = Some(e.replace('\n', " ")),
+            }
+            if b.as_of != as_of {
+                for o in &time.offsets {
+                    affected.extend(aff.slice(b.as_of, as_of, *o).await?.iter());
+                }
+            }
+            for d in kdeps {
+                affected.extend(changed.get(d).into_iter().flatten());
+            }
+        }
+        let version = prev.map_or(1, |p| p.version + 1);
+        let new_basis = Basis {
+            definition_version: stored.version,
+            identity_version: identity.version,
+            events_version: identity.events_version,
+            as_of,
+            deps: kdeps
+                .iter()
+                .filter_map(|d| {
+                    new_versions
+                        .get(d)
+                        .copied()
+                        .or_else(|| latest.get(d).map(|v| v.version))
+                        .map(|v| (d.clone(), v))
+                })
+                .collect(),
+        };
+        let incremental = reason.is_none();
+        let mut report = KeyRefresh {
+            key: key.clone(),
+            kind: match stored.file.kind {
+                Kind::Audience => "audience",
+                Kind::ComputedTrait => "computed_trait",
+            }
+            .into(),
+            mode: if incremental { "incremental" } else { "full" }.into(),
+            reason: reason.clone(),
+            affected: if incremental { affected.len() as u64 } else { 0 },
+            version: None,
+            size: 0,
+            entered: 0,
+            exited: 0,
+            changed: 0,
+            millis: 0,
+        };
+        if incremental && affected.is_empty() {
+            // Nothing can have changed: no evaluation.
+            report.size = prev.map_or(0, |p| p.data.rows);
+            unchanged.push(serde_json::json!({"key": key, "basis": new_basis}));
+            report.millis = t.elapsed().as_millis() as u64;
+            tracing::info!(key = %key, mode = "incremental", affected = 0, "unchanged");
+            reports.push(report);
+            continue;
+        }
+        restrict(&ctx, incremental.then_some(&affected)).await?;
+        register_trait_values(&ctx, &trait_values)?;
+        let inputs = Inputs {
+            ctx: &ctx,
+            as_of,
+            created_at: stored.created_at,
+            computed_traits: &computed,
+            account_keys: &account_keys,
+        };
+        let fail = |e: Error| Error::Usage(format!("refreshing '{key}': {e}"));
+        let mut files = Vec::new();
+        let has_changes;
+        // A new definition version always gets a version of its own.
+        let must_version = prev.is_none()
+            || basis.is_none_or(|b| b.definition_version != stored.version);
+        match stored.file.kind {
+            Kind::Audience => {
+                let plan = compile_audience(&inputs, &stored.file)
+                    .await
+                    .map_err(fail)?;
+                let level = plan.level;
+                let batches = plan.frame.collect().await.map_err(|e| fail(e.into()))?;
+                let fresh = members_of(&batches, level)?;
+                let old = current_members(store, prev).await?;
+                let members: Members = if incremental {
+                    old.iter()
+                        .filter(|(_, (idx, _))| idx.is_none_or(|i| !affected.contains(&i)))
+                        .map(|(k, (i, _))| (k.clone(), *i))
+                        .chain(fresh)
+                        .collect()
+                } else {
+                    fresh
+                };
+                let entered = members.keys().filter(|k| !old.contains_key(*k)).count();
+                let exited = old.keys().filter(|k| !members.contains_key(*k)).count();
+                has_changes = entered + exited > 0;
+                let mut ch = HashSet::new();
+                for (k, i) in &members {
+                    if !old.contains_key(k) {
+                        ch.extend(*i);
+                    }
+                }
+                for (k, (i, _)) in &old {
+                    if !members.contains_key(k) {
+                        ch.extend(*i);
+                    }
+                }
+                changed.insert(key.clone(), ch);
+                register_members(&ctx, key, &members, level)?;
+                report.size = members.len() as u64;
+                report.entered = entered as u64;
+                report.exited = exited as u64;
+                if has_changes || must_version {
+                    let (f, _, _) =
+                        audience_files(store, space, key, version, as_of, level, &members, &old)
+                            .await?;
+                    files = f;
+                }
+            }
+            Kind::ComputedTrait => {
+                let plan = compile_trait(&inputs, &stored.file).await.map_err(fail)?;
+                let batches = plan.frame.collect().await.map_err(|e| fail(e.into()))?;
+                let fresh = trait_batch(
+                    key,
+                    version,
+                    as_of,
+                    &batches,
+                    plan.level,
+                    plan.json_value,
+                )?;
+                let old: Vec<RecordBatch> = match prev {
+                    Some(p) => read_file(store, &p.data)
+                        .await?
+                        .iter()
+                        .map(|b| conform(b, "trait_values"))
+                        .collect::<Result<_>>()?,
+                    None => Vec::new(),
+                };
+                let mut all = Vec::new();
+                if incremental {
+                    for b in &old {
+                        let idx = b.column(2).as_primitive::<Int64Type>();
+                        let keep: arrow::array::BooleanArray = idx
+                            .iter()
+                            .map(|i| Some(i.is_none_or(|i| !affected.contains(&i))))
+                            .collect();
+                        all.push(arrow::compute::filter_record_batch(b, &keep)?);
+                    }
+                }
+                all.push(fresh);
+                let merged = stamp(&all, version, as_of)?;
+                let (before, after) = (trait_map(&old), trait_map(std::slice::from_ref(&merged)));
+                let mut ch: HashSet<i64> = HashSet::new();
+                for (i, v) in &after {
+                    if before.get(i) != Some(v) {
+                        ch.insert(*i);
+                    }
+                }
+                ch.extend(before.keys().filter(|i| !after.contains_key(*i)));
+                report.changed = ch.len() as u64;
+                report.size = merged.num_rows() as u64;
+                // Account values are keyed by account: compare the values as a whole.
+                has_changes = if plan.level == Level::Accounts {
+                    account_values(&old) != account_values(std::slice::from_ref(&merged))
+                } else {
+                    !ch.is_empty()
+                };
+                changed.insert(key.clone(), ch);
+                trait_values.insert(key.clone(), vec![merged.clone()]);
+                if has_changes || must_version {
+                    files = vec![put_batch(store, space, "trait_values", &merged).await?];
+                }
+            }
+        }
+        if !files.is_empty() {
+            crate::fault::hit("refresh_after_state");
+            new_versions.insert(key.clone(), version);
+            report.version = Some(version);
+            let data = files
+                .iter()
+                .find(|f| f.kind.as_deref() != Some("changes"))
+                .map(|f| f.path.clone());
+            let changes = files
+                .iter()
+                .find(|f| f.kind.as_deref() == Some("changes"))
+                .map(|f| f.path.clone());
+            items.push(serde_json::json!({
+                "key": key, "version": version, "as_of": as_of,
+                "definition_version": stored.version, "inputs": new_basis.inputs(),
+                "basis": new_basis, "mode": report.mode, "reason": report.reason,
+                "size": report.size, "entered": report.entered, "exited": report.exited,
+                "changed": report.changed, "data": data, "changes": changes,
+            }));
+            removes.extend(prev.map(|p| p.data.path.clone()));
+            adds.extend(files);
+        } else {
+            unchanged.push(serde_json::json!({"key": key, "basis": new_basis}));
+        }
+        report.millis = t.elapsed().as_millis() as u64;
+        tracing::info!(
+            key = %key,
+            mode = %report.mode,
+            reason = report.reason.as_deref().unwrap_or(""),
+            affected = report.affected,
+            entered = report.entered,
+            exited = report.exited,
+            changed = report.changed,
+            millis = report.millis,
+            "refreshed"
+        );
+        reports.push(report);
+    }
+    crate::fault::hit("refresh_after_data");
+    let mut committed = None;
+    if !items.is_empty() {
+        let draft = CommitDraft {
+            operation: "refresh".into(),
+            adds,
+            removes,
+            info: serde_json::json!({
+                "as_of": as_of,
+                "identity_version": identity.version,
+                "events_version": identity.events_version,
+                "versions": items,
+                "unchanged": unchanged,
+            }),
+        };
+        if let Some(b) = &opts.before_commit {
+            b.wait().await;
+        }
+        crate::fault::hit("refresh_before_commit");
+        match mlog.try_commit(snap.version, draft).await? {
+            Some(e) => committed = Some(e.version),
+            None => {
+                return Err(Error::Conflict(format!(
+                    "another refresh or compute committed to space '{space}' while this refresh \
+                     ran; nothing of it was committed (run it again)"
+                )));
+            }
+        }
+        crate::fault::hit("refresh_after_commit");
+    }
+    let report = RefreshReport {
+        as_of,
+        identity_version: identity.version,
+        events_version: identity.events_version,
+        new_event_files: aff.files_read.len() as u64,
+        new_event_rows: aff.rows_read,
+        committed,
+        keys: reports,
+        millis: t0.elapsed().as_millis() as u64,
+    };
+    tracing::info!(
+        as_of,
+        new_event_files = report.new_event_files,
+        new_event_rows = report.new_event_rows,
+        committed = ?report.committed,
+        millis = report.millis,
+        "refresh done"
+    );
+    Ok(report)
+}

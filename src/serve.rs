@@ -1,0 +1,105 @@
+//! `audiences serve`: the refresh loop (the Flight and HTTP servers join it in the serving
+//! issue). Realtime definitions are refreshed every `--refresh-interval`; batch definitions
+//! (`schedule: "every 8h"`) when their last basis is that old.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use crate::compute::refresh::{RefreshOptions, RefreshReport, refresh};
+use crate::error::{Error, Result};
+use crate::identity::IdentityRules;
+use crate::lang::definition::schedule_secs;
+use crate::store::{CommitLog, Space, Store};
+
+/// Parse a duration such as `5s`, `500ms`, `2m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| Error::Usage(format!("'{s}': expected a duration like 5s, 500ms, 2m, 1h")))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => {
+            return Err(Error::Usage(format!(
+                "'{s}': unknown unit '{unit}' (ms, s, m, h)"
+            )));
+        }
+    };
+    if !(secs.is_finite() && secs > 0.0) {
+        return Err(Error::Usage(format!("'{s}': the interval must be positive")));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// The keys due at `now`: realtime ones, and batch ones whose basis is a schedule period old.
+pub async fn due_keys(store: &Store, space: &Space, now: i64) -> Result<BTreeSet<String>> {
+    let defs = crate::definitions::live(store, space).await?;
+    let snap = CommitLog::new(store, space, crate::compute::MEMBERSHIPS)
+        .snapshot()
+        .await?;
+    let bases = crate::compute::bases(&snap);
+    let mut due = BTreeSet::new();
+    for (k, s) in &defs {
+        let period = schedule_secs(&s.file.schedule).map_err(Error::Usage)?;
+        let is_due = match (period, bases.get(k)) {
+            (None, _) | (_, None) => true,
+            (Some(p), Some(b)) => b.as_of + (p as i64) * 1_000_000 <= now,
+        };
+        if is_due {
+            due.insert(k.clone());
+        }
+    }
+    Ok(due)
+}
+
+/// Run refreshes every `interval` until interrupted (or `passes` refreshes, when given);
+/// `on_report` sees each one.
+pub async fn run(
+    store: &Store,
+    space: &Space,
+    rules: &IdentityRules,
+    interval: Duration,
+    passes: Option<u64>,
+    mut on_report: impl FnMut(&Result<RefreshReport>),
+) -> Result<()> {
+    let mut done = 0u64;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("interrupted: serve stops");
+                return Ok(());
+            }
+        }
+        let now = chrono::Utc::now().timestamp_micros();
+        let result = async {
+            let keys = due_keys(store, space, now).await?;
+            let opts = RefreshOptions {
+                as_of: now,
+                keys: Some(keys),
+                ..Default::default()
+            };
+            refresh(store, space, rules, &opts).await
+        }
+        .await;
+        if let Err(e) = &result {
+            // A refresh that lost a race or failed leaves the committed state as it was; the
+            // next tick tries again.
+            tracing::warn!(error = %e, "refresh failed");
+        }
+        on_report(&result);
+        done += 1;
+        if passes.is_some_and(|p| done >= p) {
+            return Ok(());
+        }
+    }
+}
