@@ -289,11 +289,26 @@ pub async fn session_at(
         url::Url::parse(DATAFUSION_URL).map_err(|e| crate::error::Error::Usage(e.to_string()))?;
     ctx.register_object_store(&url, store.object_store());
     audiences_udfs::register_all(&ctx)?;
-    let events_log = CommitLog::new(store, space, TableName::Events);
-    let events = match events_version {
-        Some(v) => events_log.snapshot_at(v).await?,
-        None => events_log.snapshot().await?,
-    };
+    let mut events = CommitLog::new(store, space, TableName::Events)
+        .snapshot()
+        .await?;
+    if let Some(v) = events_version {
+        // The latest files less those of ingests after `v` (compactions after it only rewrite
+        // events up to it, and the files they replaced may be gone).
+        let later: std::collections::HashSet<&str> = events
+            .entries
+            .iter()
+            .filter(|e| e.version > v && e.operation != "compact")
+            .flat_map(|e| e.adds.iter().map(|f| f.path.as_str()))
+            .collect();
+        let files = events
+            .files
+            .iter()
+            .filter(|f| !later.contains(f.path.as_str()))
+            .cloned()
+            .collect();
+        events.files = files;
+    }
     ctx.register_table("events_raw", Arc::new(EventsTable::new(&events)))?;
     let identity = CommitLog::new(store, space, crate::identity::persist::IDENTITY)
         .snapshot()

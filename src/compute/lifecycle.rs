@@ -166,12 +166,12 @@ pub struct Preview {
 
 /// Register, in `ctx`, the committed members of the audiences and the values of the computed
 /// traits in `keys` (what a definition reads); returns the trait values.
-pub(crate) async fn register_references<'a>(
+pub(crate) async fn register_references(
     store: &Store,
     ctx: &datafusion::prelude::SessionContext,
     defs: &BTreeMap<String, definitions::Stored>,
     latest: &BTreeMap<String, VersionRef>,
-    keys: impl Iterator<Item = &'a String>,
+    keys: &BTreeSet<String>,
 ) -> Result<BTreeMap<String, Vec<arrow::array::RecordBatch>>> {
     let mut values = BTreeMap::new();
     for k in keys {
@@ -243,7 +243,7 @@ pub async fn preview(
         latest.insert(v.key.clone(), v);
     }
     let refs: BTreeSet<String> = audiences.union(&traits).cloned().collect();
-    register_references(store, &ctx, &defs, &latest, refs.iter()).await?;
+    register_references(store, &ctx, &defs, &latest, &refs).await?;
     let computed: BTreeSet<String> = defs
         .iter()
         .filter(|(_, s)| s.file.kind == Kind::ComputedTrait)

@@ -590,10 +590,10 @@ pub async fn refresh(
         .map(|(k, _)| k.clone())
         .collect();
     let wanted = |k: &String| opts.keys.as_ref().is_none_or(|w| w.contains(k));
-    let referenced: BTreeSet<&String> = deps.values().flatten().collect();
+    let referenced: BTreeSet<String> = deps.values().flatten().cloned().collect();
     // Current values and members of what is read by other definitions.
     let mut trait_values =
-        super::lifecycle::register_references(store, &ctx, &defs, &latest, referenced.iter().copied())
+        super::lifecycle::register_references(store, &ctx, &defs, &latest, &referenced)
             .await?;
     let mut changed: HashMap<String, HashSet<i64>> = HashMap::new();
     let mut reports = Vec::new();

@@ -598,10 +598,15 @@ async fn write_batches(
     space: &Space,
     batches: &[(String, RecordBatch, Vec<ColumnSpec>)],
 ) -> Result<Vec<FileAdd>> {
-    let futs = batches
+    // Boxed and collected first (keeps callers' futures `Send`; rust-lang/rust#102211).
+    let futs: Vec<futures::future::BoxFuture<'_, Result<FileAdd>>> = batches
         .iter()
         .filter(|(_, b, _)| b.num_rows() > 0)
-        .map(|(date, batch, cols)| write_events_file(store, space, date, batch, cols));
+        .map(|(date, batch, cols)| {
+            Box::pin(write_events_file(store, space, date, batch, cols))
+                as futures::future::BoxFuture<'_, Result<FileAdd>>
+        })
+        .collect();
     let mut out = Vec::new();
     let mut stream = futures::stream::iter(futs).buffered(4);
     while let Some(f) = stream.next().await {

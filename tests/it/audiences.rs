@@ -521,20 +521,20 @@ fn reference(cx: &Ctx, c: &Condition, include_anonymous: bool) -> BTreeSet<Strin
 }
 
 /// A small deterministic PRNG (no shared code with the engine).
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 impl Rng {
-    fn next(&mut self, n: u64) -> u64 {
+    pub(crate) fn next(&mut self, n: u64) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0 % n
     }
-    fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
+    pub(crate) fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
         &xs[self.next(xs.len() as u64) as usize]
     }
 }
 
-fn random_where(r: &mut Rng) -> String {
+pub(crate) fn random_where(r: &mut Rng) -> String {
     let opts = [
         format!("property('price') > {}", r.next(200)),
         format!("property('price') <= {}", r.next(200)),
@@ -557,7 +557,7 @@ fn random_where(r: &mut Rng) -> String {
     r.pick(&opts).clone()
 }
 
-fn random_window(r: &mut Rng) -> String {
+pub(crate) fn random_window(r: &mut Rng) -> String {
     match r.next(5) {
         0 => String::new(),
         1 => format!(".within({} days)", r.pick(&[1, 7, 30, 90])),
@@ -568,7 +568,7 @@ fn random_window(r: &mut Rng) -> String {
 }
 
 /// A random event source, a `.where(..)` one time in `where_one_in` (else empty) and a window.
-fn random_events(r: &mut Rng, sources: &[&str], where_one_in: u64) -> (String, String, String) {
+pub(crate) fn random_events(r: &mut Rng, sources: &[&str], where_one_in: u64) -> (String, String, String) {
     let source = r.pick(sources).to_string();
     let wh = if r.next(where_one_in) == 0 {
         format!(".where({})", random_where(r))
@@ -578,7 +578,7 @@ fn random_events(r: &mut Rng, sources: &[&str], where_one_in: u64) -> (String, S
     (source, wh, random_window(r))
 }
 
-fn random_atom(r: &mut Rng) -> String {
+pub(crate) fn random_atom(r: &mut Rng) -> String {
     let (source, wh, win) = random_events(
         r,
         &[
@@ -628,7 +628,7 @@ fn random_atom(r: &mut Rng) -> String {
     }
 }
 
-fn random_condition(r: &mut Rng, depth: u32) -> String {
+pub(crate) fn random_condition(r: &mut Rng, depth: u32) -> String {
     if depth == 0 || r.next(3) == 0 {
         return random_atom(r);
     }
@@ -655,7 +655,7 @@ const FUNNEL_EVENTS: [&str; 5] = [
     "event(type: 'page')",
 ];
 
-fn parent_window(r: &mut Rng) -> String {
+pub(crate) fn parent_window(r: &mut Rng) -> String {
     match r.next(6) {
         0 => String::new(),
         1 => format!(".within(parent: {} hours)", r.pick(&[1, 6, 48])),
@@ -670,7 +670,7 @@ fn parent_window(r: &mut Rng) -> String {
 }
 
 /// A child `where`: static filters, references to the parent or to traits, or a deeper step.
-fn child_where(r: &mut Rng, depth: u32) -> String {
+pub(crate) fn child_where(r: &mut Rng, depth: u32) -> String {
     let opts = [
         "property('product_id') = property(parent: 'product_id')".to_string(),
         "property('price') > property(parent: 'price')".to_string(),
@@ -690,7 +690,7 @@ fn child_where(r: &mut Rng, depth: u32) -> String {
 }
 
 /// `event(B)...` relative to its parent, compared.
-fn nested_atom(r: &mut Rng, depth: u32) -> String {
+pub(crate) fn nested_atom(r: &mut Rng, depth: u32) -> String {
     let src = r.pick(&FUNNEL_EVENTS).to_string();
     let wh = match r.next(3) {
         0 => String::new(),
@@ -710,7 +710,7 @@ fn nested_atom(r: &mut Rng, depth: u32) -> String {
 }
 
 /// A top-level event condition whose `where` holds nested events.
-fn random_nested(r: &mut Rng) -> String {
+pub(crate) fn random_nested(r: &mut Rng) -> String {
     let parent = r.pick(&FUNNEL_EVENTS).to_string();
     let inner = nested_atom(r, 2);
     let wh = match r.next(5) {
@@ -918,7 +918,7 @@ fn all_accounts(w: &World) -> BTreeSet<String> {
         .collect()
 }
 
-fn random_account_condition(r: &mut Rng, depth: u32) -> String {
+pub(crate) fn random_account_condition(r: &mut Rng, depth: u32) -> String {
     if depth > 0 && r.next(3) == 0 {
         return match r.next(3) {
             0 => format!(
@@ -1545,7 +1545,7 @@ async fn versions_and_entered_exited_changes() {
 
 /// A random computed-trait expression over the generated events (numbers from `price`, text
 /// from string properties, every reducer of the tested subset).
-fn random_trait(r: &mut Rng) -> String {
+pub(crate) fn random_trait(r: &mut Rng) -> String {
     let (source, wh, win) = random_events(
         r,
         &[

@@ -10,5 +10,6 @@ mod demo;
 mod duckdb;
 mod identity;
 mod ingest;
+mod refresh;
 mod s3;
 mod slt;
