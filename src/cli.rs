@@ -227,6 +227,9 @@ pub struct GenerateArgs {
     /// Write only a further batch of FRACTION × events after the end (refresh benchmarks).
     #[arg(long, env = "AUDIENCES_DELTA")]
     pub delta: Option<f64>,
+    /// Which delta batch (round R falls in day R+1 after the end, with its own message ids).
+    #[arg(long, env = "AUDIENCES_DELTA_ROUND", default_value_t = 0)]
+    pub delta_round: u64,
     /// Output file ('-' or absent: stdout).
     #[arg(short = 'o', long, env = "AUDIENCES_OUTPUT")]
     pub output: Option<PathBuf>,
@@ -354,6 +357,7 @@ async fn generate(g: &Global, a: &GenerateArgs) -> Result<()> {
         seed: a.seed,
         end: parse_time_arg(&a.end, "--end")?,
         delta: a.delta,
+        delta_round: a.delta_round,
     };
     if let Some(d) = a.delta
         && !(d > 0.0 && d <= 1.0)
@@ -683,14 +687,9 @@ async fn definition(
         DefinitionCommand::Edit { file, as_of } => {
             let def = read_definition(&file, kind)?;
             let as_of = as_of_or_now(as_of.as_deref())?;
-            let (v, reports) = crate::compute::lifecycle::edit(
-                &store,
-                &space,
-                &g.identity_rules()?,
-                &def,
-                as_of,
-            )
-            .await?;
+            let (v, reports) =
+                crate::compute::lifecycle::edit(&store, &space, &g.identity_rules()?, &def, as_of)
+                    .await?;
             if g.json {
                 println!(
                     "{}",

@@ -81,6 +81,7 @@ pub async fn run(g: &Global, a: &DemoArgs) -> Result<()> {
             seed: 42,
             end,
             delta: None,
+            delta_round: 0,
         },
         Some(&path),
     )?;
@@ -212,6 +213,55 @@ pub async fn run(g: &Global, a: &DemoArgs) -> Result<()> {
         "   account audiences (business accounts where all / none of the users logged in within 30 days):"
     );
     crate::cli::print_batches(g.json, &batches)?;
+    // A delta batch (1% more events, the day after), then one refresh.
+    let delta_path = dir.join("delta.ndjson");
+    crate::cli::write_generated(
+        &GenConfig {
+            events: a.events,
+            seed: 42,
+            end,
+            delta: Some(0.01),
+            delta_round: 0,
+        },
+        Some(&delta_path),
+    )?;
+    let report = crate::events::ingest(
+        &store,
+        &space,
+        vec![Input::File(delta_path)],
+        IngestOptions {
+            dead_letter: Some(dir.join("rejected-delta.ndjson")),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let refresh_at = end + 86_400_000_000;
+    let r = crate::compute::refresh::refresh(
+        &store,
+        &space,
+        &g.identity_rules()?,
+        &crate::compute::refresh::RefreshOptions::at(refresh_at),
+    )
+    .await?;
+    let incremental = r.keys.iter().filter(|k| k.mode == "incremental").count();
+    println!(
+        "8. ingested a delta of {} events for the next day and refreshed at as-of 2026-01-02 in {} ms \
+         ({incremental} of {} definitions continued incrementally; account-level ones recompute):",
+        report.accepted,
+        r.millis,
+        r.keys.len()
+    );
+    for k in &r.keys {
+        println!(
+            "   {:<24} {:<11} re-evaluated {:>6} profiles: +{} entered, -{} exited, {} values changed",
+            k.key, k.mode, k.affected, k.entered, k.exited, k.changed
+        );
+    }
+    if r.committed.is_some() {
+        let batches = q("SELECT c.audience_key, c.change, count(*) AS profiles, min(c.profile_id) AS example FROM membership_changes c WHERE c.version > 1 AND c.profile_id IS NOT NULL GROUP BY c.audience_key, c.change ORDER BY c.audience_key, c.change").await?;
+        println!("   who entered and exited (membership_changes of the refreshed versions):");
+        crate::cli::print_batches(g.json, &batches)?;
+    }
     let _ = std::fs::remove_dir_all(&dir);
     println!(
         "Try: audiences --store {} --space {} sql \"SELECT * FROM events LIMIT 5\"",

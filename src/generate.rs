@@ -28,6 +28,9 @@ pub struct GenConfig {
     pub end: i64,
     /// When set, write only a further batch of `delta × events` events after `end`.
     pub delta: Option<f64>,
+    /// Which delta batch: round `r` falls in day `r + 1` after `end`, with its own message ids
+    /// (successive micro-batches of a refresh benchmark).
+    pub delta_round: u64,
 }
 
 /// Counts of what was generated.
@@ -215,7 +218,13 @@ pub fn generate(cfg: &GenConfig, out: &mut dyn Write) -> Result<GenStats> {
         }
         Some(frac) => {
             let target = ((cfg.events as f64) * frac).round() as u64;
-            let mut rng = ChaCha8Rng::seed_from_u64(splitmix(cfg.seed ^ 0xDE17A));
+            let mut rng = ChaCha8Rng::seed_from_u64(
+                splitmix(cfg.seed ^ 0xDE17A)
+                    ^ match cfg.delta_round {
+                        0 => 0,
+                        r => splitmix(r),
+                    },
+            );
             let mut remaining = target;
             let mut k = 0u64;
             while remaining > 0 {
@@ -226,7 +235,7 @@ pub fn generate(cfg: &GenConfig, out: &mut dyn Write) -> Result<GenStats> {
                     n_profiles + k
                 };
                 let budget = remaining.min(rng.random_range(1..=5));
-                let msgs = profile_events(cfg, &d, i, budget, Some(k));
+                let msgs = profile_events(cfg, &d, i, budget, Some((cfg.delta_round << 32) | k));
                 for m in &msgs {
                     w.write_all(&m.body).map_err(io)?;
                     w.write_all(b"\n").map_err(io)?;
@@ -282,7 +291,7 @@ fn profile_events(cfg: &GenConfig, d: &Dists, i: u64, budget: u64, delta: Option
         Some(k) => {
             let mut r2 = ChaCha8Rng::seed_from_u64(splitmix(cfg.seed ^ splitmix(!k)));
             rng = ChaCha8Rng::seed_from_u64(r2.random());
-            (cfg.end + 1, DAY)
+            (cfg.end + 1 + (k >> 32) as i64 * DAY, DAY)
         }
     };
     let mut times: Vec<i64> = (0..n)
@@ -610,6 +619,7 @@ mod tests {
             seed: 7,
             end: 1_767_225_600_000_000,
             delta: None,
+            delta_round: 0,
         };
         let mut a = Vec::new();
         let mut b = Vec::new();
@@ -641,6 +651,7 @@ mod tests {
             seed: 1,
             end: 1_767_225_600_000_000,
             delta: Some(0.01),
+            delta_round: 0,
         };
         let mut a = Vec::new();
         let s = generate(&cfg, &mut a).unwrap();

@@ -33,7 +33,9 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
         }
     };
     if !(secs.is_finite() && secs > 0.0) {
-        return Err(Error::Usage(format!("'{s}': the interval must be positive")));
+        return Err(Error::Usage(format!(
+            "'{s}': the interval must be positive"
+        )));
     }
     Ok(Duration::from_secs_f64(secs))
 }

@@ -53,7 +53,12 @@ pub async fn current_lock(store: &Store, space: &Space, key: &str) -> Result<Opt
 }
 
 /// Take the edit lock of `key`, or fail with a "locked" error naming the holder.
-pub async fn lock(store: &Store, space: &Space, key: &str, definition_version: u64) -> Result<Lock> {
+pub async fn lock(
+    store: &Store,
+    space: &Space,
+    key: &str,
+    definition_version: u64,
+) -> Result<Lock> {
     let lock = Lock {
         key: key.to_string(),
         definition_version,
@@ -281,7 +286,10 @@ pub async fn preview(
                 Some(p) => id_values(&super::read_file(store, &p.data).await?),
                 None => BTreeMap::new(),
             };
-            let enter = values.iter().filter(|(k, v)| old.get(*k) != Some(v)).count();
+            let enter = values
+                .iter()
+                .filter(|(k, v)| old.get(*k) != Some(v))
+                .count();
             let exit = old.keys().filter(|k| !values.contains_key(*k)).count();
             let sample = values
                 .iter()

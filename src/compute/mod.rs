@@ -200,7 +200,8 @@ pub fn versions(snap: &Snapshot) -> Vec<VersionRef> {
                     let path = it.get(field)?.as_str()?;
                     e.adds.iter().find(|f| f.path == path).cloned()
                 };
-                let (Some(key), Some(data)) = (it.get("key").and_then(|v| v.as_str()), file("data"))
+                let (Some(key), Some(data)) =
+                    (it.get("key").and_then(|v| v.as_str()), file("data"))
                 else {
                     continue;
                 };
@@ -266,7 +267,13 @@ pub fn bases(snap: &Snapshot) -> BTreeMap<String, Basis> {
         };
         one(&e.info);
         for list in ["versions", "unchanged"] {
-            for it in e.info.get(list).and_then(|v| v.as_array()).into_iter().flatten() {
+            for it in e
+                .info
+                .get(list)
+                .and_then(|v| v.as_array())
+                .into_iter()
+                .flatten()
+            {
                 one(it);
             }
         }
@@ -653,7 +660,11 @@ pub(crate) async fn audience_files(
     level: Level,
     members: &Members,
     old: &HashMap<String, (Option<i64>, i64)>,
-) -> Result<(Vec<FileAdd>, Vec<(String, Option<i64>)>, Vec<(String, Option<i64>)>)> {
+) -> Result<(
+    Vec<FileAdd>,
+    Vec<(String, Option<i64>)>,
+    Vec<(String, Option<i64>)>,
+)> {
     let mut entered: Vec<(String, Option<i64>)> = Vec::new();
     let mut exited: Vec<(String, Option<i64>)> = Vec::new();
     for (k, idx) in members {

@@ -164,7 +164,10 @@ fn time_use(def: &DefinitionFile) -> Result<TimeUse> {
                     _ => {}
                 }
                 if let Some(op) = m.get("op").and_then(|o| o.as_str())
-                    && matches!(op, "within_last" | "within_next" | "before_last" | "after_next")
+                    && matches!(
+                        op,
+                        "within_last" | "within_next" | "before_last" | "after_next"
+                    )
                 {
                     t.relative_compare = true;
                 }
@@ -387,17 +390,10 @@ async fn restrict(ctx: &SessionContext, affected: Option<&HashSet<i64>>) -> Resu
         )?;
         return Ok(());
     };
-    let schema = Arc::new(Schema::new(vec![Field::new(
-        "__a",
-        DataType::Int64,
-        false,
-    )]));
+    let schema = Arc::new(Schema::new(vec![Field::new("__a", DataType::Int64, false)]));
     let mut ids: Vec<i64> = affected.iter().copied().collect();
     ids.sort_unstable();
-    let batch = RecordBatch::try_new(
-        Arc::clone(&schema),
-        vec![Arc::new(Int64Array::from(ids))],
-    )?;
+    let batch = RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(Int64Array::from(ids))])?;
     let _ = ctx.deregister_table("__affected");
     ctx.register_table(
         "__affected",
@@ -593,8 +589,7 @@ pub async fn refresh(
     let referenced: BTreeSet<String> = deps.values().flatten().cloned().collect();
     // Current values and members of what is read by other definitions.
     let mut trait_values =
-        super::lifecycle::register_references(store, &ctx, &defs, &latest, &referenced)
-            .await?;
+        super::lifecycle::register_references(store, &ctx, &defs, &latest, &referenced).await?;
     let mut changed: HashMap<String, HashSet<i64>> = HashMap::new();
     let mut reports = Vec::new();
     let mut items = Vec::new();
@@ -610,13 +605,14 @@ pub async fn refresh(
         let no_deps = BTreeSet::new();
         let kdeps = deps.get(key).unwrap_or(&no_deps);
         let time = time_use(&stored.file)?;
-        let mut reason = full_reason(
-            stored, prev, basis, kdeps, &latest, &defs, &time, as_of,
-        );
+        let mut reason = full_reason(stored, prev, basis, kdeps, &latest, &defs, &time, as_of);
         // The affected profiles (incremental mode).
         let mut affected: HashSet<i64> = HashSet::new();
         if let (None, Some(b)) = (&reason, basis) {
-            match (aff.delta(b.events_version).await, aff.identity(b.identity_version).await) {
+            match (
+                aff.delta(b.events_version).await,
+                aff.identity(b.identity_version).await,
+            ) {
                 (Ok(d), Ok(i)) => {
                     affected.extend(d.iter());
                     affected.extend(i.iter());
@@ -659,7 +655,11 @@ pub async fn refresh(
             .into(),
             mode: if incremental { "incremental" } else { "full" }.into(),
             reason: reason.clone(),
-            affected: if incremental { affected.len() as u64 } else { 0 },
+            affected: if incremental {
+                affected.len() as u64
+            } else {
+                0
+            },
             version: None,
             size: 0,
             entered: 0,
@@ -689,8 +689,8 @@ pub async fn refresh(
         let mut files = Vec::new();
         let has_changes;
         // A new definition version always gets a version of its own.
-        let must_version = prev.is_none()
-            || basis.is_none_or(|b| b.definition_version != stored.version);
+        let must_version =
+            prev.is_none() || basis.is_none_or(|b| b.definition_version != stored.version);
         match stored.file.kind {
             Kind::Audience => {
                 let plan = compile_audience(&inputs, &stored.file)
@@ -738,14 +738,8 @@ pub async fn refresh(
             Kind::ComputedTrait => {
                 let plan = compile_trait(&inputs, &stored.file).await.map_err(fail)?;
                 let batches = plan.frame.collect().await.map_err(|e| fail(e.into()))?;
-                let fresh = trait_batch(
-                    key,
-                    version,
-                    as_of,
-                    &batches,
-                    plan.level,
-                    plan.json_value,
-                )?;
+                let fresh =
+                    trait_batch(key, version, as_of, &batches, plan.level, plan.json_value)?;
                 let old: Vec<RecordBatch> = match prev {
                     Some(p) => read_file(store, &p.data)
                         .await?

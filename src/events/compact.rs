@@ -161,18 +161,23 @@ pub async fn compact(
     // Boxed and collected first: a lazy `map` of async closures would make the caller's future
     // not `Send` for every lifetime (rust-lang/rust#102211).
     type Merged<'a> = (&'a String, &'a Vec<FileAdd>, u64, FileAdd);
-    let merged: Vec<futures::future::BoxFuture<'_, Result<Merged<'_>>>> = groups.iter().map(|(date, files)| Box::pin(async move {
-        let (batch, cols) = read_merged(store, files).await?;
-        let rows: u64 = files.iter().map(|f| f.rows).sum();
-        if batch.num_rows() as u64 != rows {
-            return Err(Error::Usage(format!(
-                "compacting {date}: read {} rows from files that declare {rows}",
-                batch.num_rows()
-            )));
-        }
-        let add = write_events_file(store, space, date, &batch, &cols).await?;
-        Ok::<_, Error>((date, files, rows, add))
-    }) as futures::future::BoxFuture<'_, Result<Merged<'_>>>).collect();
+    let merged: Vec<futures::future::BoxFuture<'_, Result<Merged<'_>>>> = groups
+        .iter()
+        .map(|(date, files)| {
+            Box::pin(async move {
+                let (batch, cols) = read_merged(store, files).await?;
+                let rows: u64 = files.iter().map(|f| f.rows).sum();
+                if batch.num_rows() as u64 != rows {
+                    return Err(Error::Usage(format!(
+                        "compacting {date}: read {} rows from files that declare {rows}",
+                        batch.num_rows()
+                    )));
+                }
+                let add = write_events_file(store, space, date, &batch, &cols).await?;
+                Ok::<_, Error>((date, files, rows, add))
+            }) as futures::future::BoxFuture<'_, Result<Merged<'_>>>
+        })
+        .collect();
     let mut stream = futures::stream::iter(merged).buffered(2);
     let mut failed = None;
     while let Some(done) = futures::StreamExt::next(&mut stream).await {

@@ -320,7 +320,11 @@ fn batches(g: &Graph) -> Result<Vec<(&'static str, RecordBatch)>> {
     ])
 }
 
-pub(crate) async fn read_kind(store: &Store, snap: &Snapshot, kind: &str) -> Result<Vec<RecordBatch>> {
+pub(crate) async fn read_kind(
+    store: &Store,
+    snap: &Snapshot,
+    kind: &str,
+) -> Result<Vec<RecordBatch>> {
     let mut out = Vec::new();
     for f in snap
         .files

@@ -568,7 +568,11 @@ pub(crate) fn random_window(r: &mut Rng) -> String {
 }
 
 /// A random event source, a `.where(..)` one time in `where_one_in` (else empty) and a window.
-pub(crate) fn random_events(r: &mut Rng, sources: &[&str], where_one_in: u64) -> (String, String, String) {
+pub(crate) fn random_events(
+    r: &mut Rng,
+    sources: &[&str],
+    where_one_in: u64,
+) -> (String, String, String) {
     let source = r.pick(sources).to_string();
     let wh = if r.next(where_one_in) == 0 {
         format!(".where({})", random_where(r))

@@ -65,6 +65,7 @@ pub fn generated(events: u64, seed: u64) -> Vec<u8> {
             seed,
             end: END,
             delta: None,
+            delta_round: 0,
         },
         &mut out,
     )

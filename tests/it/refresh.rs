@@ -124,7 +124,9 @@ async fn refreshes_equal_a_full_compute_after_every_batch_and_time_step() {
         let j = r.next(i as u64 + 1) as usize;
         lines.swap(i, j);
     }
-    let mut cuts: Vec<usize> = (0..3).map(|_| r.next(lines.len() as u64) as usize).collect();
+    let mut cuts: Vec<usize> = (0..3)
+        .map(|_| r.next(lines.len() as u64) as usize)
+        .collect();
     cuts.extend([0, lines.len() / 2, lines.len()]);
     cuts.sort_unstable();
     cuts.dedup();
@@ -161,13 +163,31 @@ async fn refreshes_equal_a_full_compute_after_every_batch_and_time_step() {
     }
     for (k, t, extra) in [
         ("ref_a", "audience('a0') OR NOT (audience('a1'))", json!({})),
-        ("ref_t", "trait('t0').is_set() AND audience('n0') = false", json!({})),
-        ("rel", "trait('plan').within_last(3 days) OR event('Logged In').within(2 days).count() >= 1", json!({})),
-        ("fresh_buyers", "event('Order Completed').count() >= 1", json!({"historical_backfill": false})),
-        ("weekly", "event('Product Viewed').within(7 days).count() >= 2", json!({"schedule": "every 1d"})),
+        (
+            "ref_t",
+            "trait('t0').is_set() AND audience('n0') = false",
+            json!({}),
+        ),
+        (
+            "rel",
+            "trait('plan').within_last(3 days) OR event('Logged In').within(2 days).count() >= 1",
+            json!({}),
+        ),
+        (
+            "fresh_buyers",
+            "event('Order Completed').count() >= 1",
+            json!({"historical_backfill": false}),
+        ),
+        (
+            "weekly",
+            "event('Product Viewed').within(7 days).count() >= 2",
+            json!({"schedule": "every 1d"}),
+        ),
     ] {
         let mut v = json!({"key": k, "kind": "audience", "definition": t});
-        v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
         define(&[&a, &b], v).await;
         texts.insert(k.to_string(), t.to_string());
     }
@@ -183,7 +203,11 @@ async fn refreshes_equal_a_full_compute_after_every_batch_and_time_step() {
     for (i, w) in cuts.windows(2).enumerate() {
         let batch = &lines[w[0]..w[1]];
         // the first batches were received before the definitions existed, the later after
-        let received = if i < 2 { END } else { now + i as i64 * 3_600_000_000 };
+        let received = if i < 2 {
+            END
+        } else {
+            now + i as i64 * 3_600_000_000
+        };
         ingest_lines(&a, batch, received, dir.path()).await;
         ingest_lines(&b, batch, received, dir.path()).await;
         if i == 2 {
@@ -193,8 +217,12 @@ async fn refreshes_equal_a_full_compute_after_every_batch_and_time_step() {
                     json!({"key": "a2", "kind": "audience", "definition": "event('Order Completed').within(20 days).count() >= 1"}),
                 )
                 .unwrap();
-                audiences::definitions::edit(s, &Space::default(), &f).await.unwrap();
-                audiences::definitions::delete(s, &Space::default(), "a3").await.unwrap();
+                audiences::definitions::edit(s, &Space::default(), &f)
+                    .await
+                    .unwrap();
+                audiences::definitions::delete(s, &Space::default(), "a3")
+                    .await
+                    .unwrap();
             }
             texts.insert("a2".into(), "edited".into());
         }
@@ -208,7 +236,12 @@ async fn refreshes_equal_a_full_compute_after_every_batch_and_time_step() {
                 restricted += usize::from(k.affected < n);
             }
         }
-        assert_same(&results(&a).await, &results(&b).await, &format!("batch {i}"), &texts);
+        assert_same(
+            &results(&a).await,
+            &results(&b).await,
+            &format!("batch {i}"),
+            &texts,
+        );
     }
     // Time alone: windows slide past events.
     for step in [3 * DAY, 20 * DAY, 0] {
@@ -220,7 +253,12 @@ async fn refreshes_equal_a_full_compute_after_every_batch_and_time_step() {
         }
         time_only_changes += rep.keys.iter().filter(|k| k.entered + k.exited > 0).count();
         compute_all_at(&b, as_of).await;
-        assert_same(&results(&a).await, &results(&b).await, &format!("time step {step}"), &texts);
+        assert_same(
+            &results(&a).await,
+            &results(&b).await,
+            &format!("time step {step}"),
+            &texts,
+        );
     }
     assert!(incremental_with_work >= 20, "{incremental_with_work}");
     assert!(restricted >= 10, "{restricted}");
@@ -352,14 +390,38 @@ fn a_refresh_killed_anywhere_loses_and_repeats_nothing() {
     std::fs::write(&base, generated(3000, 31)).unwrap();
     run_ok(store, &["ingest", base.to_str().unwrap()]);
     let root = env!("CARGO_MANIFEST_DIR");
-    for f in ["revenue_180d", "repeat_buyers", "q4_lapsed", "q7_high_value", "funnels/cart_abandoners"] {
+    for f in [
+        "revenue_180d",
+        "repeat_buyers",
+        "q4_lapsed",
+        "q7_high_value",
+        "funnels/cart_abandoners",
+    ] {
         let p = format!("{root}/data/definitions/{f}.json");
-        let kind = if f == "revenue_180d" { "trait" } else { "audience" };
+        let kind = if f == "revenue_180d" {
+            "trait"
+        } else {
+            "audience"
+        };
         run_ok(store, &[kind, "create", &p]);
     }
     run_ok(store, &["compute", "--as-of", "2025-12-20T00:00:00Z"]);
     let delta = dir.path().join("delta.ndjson");
-    let out = run(store, &["generate", "--events", "3000", "--seed", "31", "--delta", "0.05", "-o", delta.to_str().unwrap()], &[]);
+    let out = run(
+        store,
+        &[
+            "generate",
+            "--events",
+            "3000",
+            "--seed",
+            "31",
+            "--delta",
+            "0.05",
+            "-o",
+            delta.to_str().unwrap(),
+        ],
+        &[],
+    );
     assert!(out.status.success());
     run_ok(store, &["ingest", delta.to_str().unwrap()]);
     // identity first, so the fault points below are reached in the refresh's own commit
@@ -368,7 +430,11 @@ fn a_refresh_killed_anywhere_loses_and_repeats_nothing() {
     copy_dir(&store_path, &reference);
     let as_of = "2026-01-03T00:00:00Z";
     let before = members_by_key(store);
-    let log_len = || std::fs::read_dir(store_path.join("spaces/default/memberships/_log")).unwrap().count();
+    let log_len = || {
+        std::fs::read_dir(store_path.join("spaces/default/memberships/_log"))
+            .unwrap()
+            .count()
+    };
     let v0 = log_len();
     for point in [
         "refresh_after_state",
@@ -376,17 +442,33 @@ fn a_refresh_killed_anywhere_loses_and_repeats_nothing() {
         "refresh_after_data",
         "refresh_before_commit",
     ] {
-        let out = run(store, &["refresh", "--as-of", as_of], &[("AUDIENCES_FAULT", point)]);
+        let out = run(
+            store,
+            &["refresh", "--as-of", as_of],
+            &[("AUDIENCES_FAULT", point)],
+        );
         assert!(!out.status.success(), "{point}: the process must have died");
         assert_eq!(log_len(), v0, "{point}: nothing committed");
-        assert_eq!(members_by_key(store), before, "{point}: last versions intact");
+        assert_eq!(
+            members_by_key(store),
+            before,
+            "{point}: last versions intact"
+        );
     }
-    let out = run(store, &["refresh", "--as-of", as_of], &[("AUDIENCES_FAULT", "refresh_after_commit")]);
+    let out = run(
+        store,
+        &["refresh", "--as-of", as_of],
+        &[("AUDIENCES_FAULT", "refresh_after_commit")],
+    );
     assert!(!out.status.success());
     assert_eq!(log_len(), v0 + 1, "killed after the commit: committed once");
     // The next refresh finds nothing left to do: no second version, no repeated changes.
     let out = run(store, &["--json", "refresh", "--as-of", as_of], &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(json_out(&out)["committed"], serde_json::Value::Null);
     assert_eq!(log_len(), v0 + 1);
     let after = members_by_key(store);
@@ -394,14 +476,33 @@ fn a_refresh_killed_anywhere_loses_and_repeats_nothing() {
     let mut changed_keys = 0;
     for (k, now) in &after {
         let was = before.get(k).cloned().unwrap_or_default();
-        let rows = sql_json(store, &format!("SELECT profile_id AS p, change AS c, version AS v FROM membership_changes WHERE audience_key = '{k}' AND version > 1"));
+        let rows = sql_json(
+            store,
+            &format!(
+                "SELECT profile_id AS p, change AS c, version AS v FROM membership_changes WHERE audience_key = '{k}' AND version > 1"
+            ),
+        );
         let versions: BTreeSet<i64> = rows.iter().map(|r| r["v"].as_i64().unwrap()).collect();
-        assert!(versions.len() <= 1, "{k}: one new version at most, got {versions:?}");
+        assert!(
+            versions.len() <= 1,
+            "{k}: one new version at most, got {versions:?}"
+        );
         let set = |c: &str| -> BTreeSet<String> {
-            rows.iter().filter(|r| r["c"] == c).map(|r| r["p"].as_str().unwrap().to_string()).collect()
+            rows.iter()
+                .filter(|r| r["c"] == c)
+                .map(|r| r["p"].as_str().unwrap().to_string())
+                .collect()
         };
-        assert_eq!(set("entered"), now.difference(&was).cloned().collect(), "{k}: entered");
-        assert_eq!(set("exited"), was.difference(now).cloned().collect(), "{k}: exited");
+        assert_eq!(
+            set("entered"),
+            now.difference(&was).cloned().collect(),
+            "{k}: entered"
+        );
+        assert_eq!(
+            set("exited"),
+            was.difference(now).cloned().collect(),
+            "{k}: exited"
+        );
         changed_keys += usize::from(!versions.is_empty());
     }
     assert!(changed_keys >= 2, "{changed_keys}");
@@ -425,10 +526,14 @@ async fn edit_is_locked_while_it_recomputes_and_preview_predicts_it() {
         json!({"key": "buyers", "kind": "audience", "definition": "event('Order Completed').within(60 days).count() >= 2"}),
     )
     .unwrap();
-    let p = audiences::compute::lifecycle::preview(&store, &space, &edited, END).await.unwrap();
+    let p = audiences::compute::lifecycle::preview(&store, &space, &edited, END)
+        .await
+        .unwrap();
     assert!(p.existing);
     // another edit holds the lock
-    let held = audiences::compute::lifecycle::lock(&store, &space, "buyers", 2).await.unwrap();
+    let held = audiences::compute::lifecycle::lock(&store, &space, "buyers", 2)
+        .await
+        .unwrap();
     let err = audiences::compute::lifecycle::edit(&store, &space, &rules, &edited, END)
         .await
         .expect_err("locked");
@@ -437,19 +542,37 @@ async fn edit_is_locked_while_it_recomputes_and_preview_predicts_it() {
     // the refused edit changed nothing
     let defs = audiences::definitions::live(&store, &space).await.unwrap();
     assert_eq!(defs["buyers"].version, 1);
-    audiences::compute::lifecycle::unlock(&store, &space, &held).await.unwrap();
+    audiences::compute::lifecycle::unlock(&store, &space, &held)
+        .await
+        .unwrap();
     let (v, reports) = audiences::compute::lifecycle::edit(&store, &space, &rules, &edited, END)
         .await
         .unwrap();
     assert_eq!(v, 2);
     let r = reports.iter().find(|r| r.key == "buyers").unwrap();
-    assert_eq!((r.size, r.entered, r.exited), (p.size, p.would_enter, p.would_exit));
+    assert_eq!(
+        (r.size, r.entered, r.exited),
+        (p.size, p.would_enter, p.would_exit)
+    );
     assert!(p.would_enter + p.would_exit > 0);
     // the lock is released: a further edit goes through
-    assert!(audiences::compute::lifecycle::current_lock(&store, &space, "buyers").await.unwrap().is_none());
+    assert!(
+        audiences::compute::lifecycle::current_lock(&store, &space, "buyers")
+            .await
+            .unwrap()
+            .is_none()
+    );
     // and the sample is real members
-    let members = sql_rows(&store, "default", "SELECT profile_id FROM memberships WHERE audience_key = 'buyers'").await;
-    let ids: BTreeSet<&str> = members.iter().map(|r| r["profile_id"].as_str().unwrap()).collect();
+    let members = sql_rows(
+        &store,
+        "default",
+        "SELECT profile_id FROM memberships WHERE audience_key = 'buyers'",
+    )
+    .await;
+    let ids: BTreeSet<&str> = members
+        .iter()
+        .map(|r| r["profile_id"].as_str().unwrap())
+        .collect();
     assert!(p.sample.iter().all(|s| ids.contains(s.as_str())));
     assert_eq!(p.sample.len(), 10.min(ids.len()));
 }
@@ -470,21 +593,44 @@ fn serve_refreshes_realtime_definitions_and_batch_ones_on_schedule() {
     std::fs::write(&batch, r#"{"key": "daily", "kind": "audience", "definition": "event('Order Completed').count() >= 1", "schedule": "every 1d"}"#).unwrap();
     run_ok(store, &["audience", "create", rt.to_str().unwrap()]);
     run_ok(store, &["audience", "create", batch.to_str().unwrap()]);
-    let out = run(store, &["--json", "serve", "--refresh-interval", "200ms", "--refreshes", "3"], &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(
+        store,
+        &[
+            "--json",
+            "serve",
+            "--refresh-interval",
+            "200ms",
+            "--refreshes",
+            "3",
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let reports: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(reports.len(), 3);
     let keys = |r: &serde_json::Value| -> Vec<String> {
-        r["keys"].as_array().unwrap().iter().map(|k| k["key"].as_str().unwrap().to_string()).collect()
+        r["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["key"].as_str().unwrap().to_string())
+            .collect()
     };
     assert_eq!(keys(&reports[0]), ["daily", "viewers"]);
     assert!(reports[0]["committed"].is_u64());
     for r in &reports[1..] {
         assert_eq!(keys(r), ["viewers"], "the daily audience is not due again");
     }
-    let n = sql_json(store, "SELECT count(*) AS n FROM memberships WHERE audience_key = 'daily'");
+    let n = sql_json(
+        store,
+        "SELECT count(*) AS n FROM memberships WHERE audience_key = 'daily'",
+    );
     assert!(n[0]["n"].as_i64().unwrap() > 0);
 }
