@@ -72,6 +72,8 @@ pub async fn run(
     mut on_report: impl FnMut(&Result<RefreshReport>),
 ) -> Result<()> {
     let mut done = 0u64;
+    // The identity graph stays in memory between refreshes (no reload of the committed state).
+    let cache = crate::identity::persist::GraphCache::default();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -88,6 +90,7 @@ pub async fn run(
             let opts = RefreshOptions {
                 as_of: now,
                 keys: Some(keys),
+                identity_cache: Some(cache.clone()),
                 ..Default::default()
             };
             refresh(store, space, rules, &opts).await

@@ -6,14 +6,16 @@
 //! profile's result can only differ from the committed one when
 //!
 //! - one of its events was committed after the basis (new or late events: the identity keys of
-//!   the event files committed since, read by their `identity_key` column only);
+//!   the event files committed since, read by their `identity_key` column only), if the event
+//!   is of a source the definition reads (`event('X')`, `event(type: 'page', ...)`) or an
+//!   identify, group or alias call (traits and accounts);
 //! - identity moved something: an identity key now maps to another profile (a merge moves
-//!   history), or the profile's id or known flag changed (identity tables diffed against the
-//!   basis's identity version);
-//! - time moved a window edge across one of its events: for every window relative to the
-//!   as-of (`within`, `between`, and the `timestamp <= as_of` bound of every query), the events
-//!   whose timestamps lie between the edge at the old and at the new as-of (one time slice per
-//!   edge, read with date-partition pruning);
+//!   history), or a profile is new, merged, renamed or newly known (identity tables diffed
+//!   against the basis's identity version);
+//! - time moved a window edge across one of its events of those sources: for every window
+//!   relative to the as-of (`within`, `between`, and the `timestamp <= as_of` bound of every
+//!   query), the events whose timestamps lie between the edge at the old and at the new as-of
+//!   (one time slice per edge, read with date-partition pruning);
 //! - a definition it reads changed for that profile in this refresh (entered/exited members,
 //!   changed trait values).
 //!
@@ -37,6 +39,7 @@ use arrow::datatypes::{DataType, Field, Int64Type, Schema};
 use datafusion::common::JoinType;
 use datafusion::dataframe::DataFrame;
 use datafusion::datasource::MemTable;
+use datafusion::logical_expr::Expr;
 use datafusion::prelude::{SessionContext, col, lit};
 use serde::Serialize;
 
@@ -61,6 +64,8 @@ pub struct RefreshOptions {
     pub as_of: i64,
     /// Only these keys (the serve loop passes the keys that are due); all live keys when None.
     pub keys: Option<BTreeSet<String>>,
+    /// The identity graph kept in memory between refreshes of one process (the serve loop).
+    pub identity_cache: Option<crate::identity::persist::GraphCache>,
     /// Test hook: wait here right before the commit (to race two refreshers).
     #[doc(hidden)]
     pub before_commit: Option<Arc<tokio::sync::Barrier>>,
@@ -135,6 +140,30 @@ struct TimeUse {
     offsets: BTreeSet<i64>,
     /// A value is compared with the as-of (`within_last` and friends).
     relative_compare: bool,
+    /// Event sources the definition reads: (type, name).
+    sources: BTreeSet<(String, Option<String>)>,
+}
+
+impl TimeUse {
+    /// Rows of the sources the definition reads (None: it reads no events).
+    fn source_rows(&self) -> Option<Expr> {
+        self.sources
+            .iter()
+            .map(|(t, n)| {
+                let p = col("type").eq(lit(t.clone()));
+                match (t.as_str(), n) {
+                    ("track", Some(n)) => p.and(col("event").eq(lit(n.clone()))),
+                    (_, Some(n)) => p.and(col("name").eq(lit(n.clone()))),
+                    (_, None) => p,
+                }
+            })
+            .reduce(Expr::or)
+    }
+
+    /// A cache key for [`TimeUse::source_rows`].
+    fn sources_id(&self) -> String {
+        serde_json::to_string(&self.sources).unwrap_or_default()
+    }
 }
 
 fn time_use(def: &DefinitionFile) -> Result<TimeUse> {
@@ -162,6 +191,12 @@ fn time_use(def: &DefinitionFile) -> Result<TimeUse> {
                         t.offsets.extend(micros(m.get("to")));
                     }
                     _ => {}
+                }
+                if let Some(src) = m.get("source").and_then(|x| x.as_object())
+                    && let Some(ty) = src.get("type").and_then(|x| x.as_str())
+                {
+                    let name = src.get("name").and_then(|x| x.as_str()).map(String::from);
+                    t.sources.insert((ty.to_string(), name));
                 }
                 if let Some(op) = m.get("op").and_then(|o| o.as_str())
                     && matches!(
@@ -214,17 +249,51 @@ struct Affected<'a> {
     events: crate::store::log::Snapshot,
     identity_version: u64,
     events_version: u64,
-    delta: HashMap<u64, std::result::Result<Arc<HashSet<i64>>, String>>,
+    delta: HashMap<(u64, String), std::result::Result<Arc<HashSet<i64>>, String>>,
     identity: HashMap<u64, std::result::Result<Arc<HashSet<i64>>, String>>,
-    slices: HashMap<(i64, i64, i64), Arc<HashSet<i64>>>,
+    slices: HashMap<(i64, i64, String), Arc<HashSet<i64>>>,
     files_read: HashSet<String>,
     rows_read: u64,
+    /// identity_key → canonical profile_idx (read once).
+    keymap: Option<Arc<HashMap<i64, i64>>>,
 }
 
 impl Affected<'_> {
-    /// Profiles with events committed after events version `from`.
-    async fn delta(&mut self, from: u64) -> std::result::Result<Arc<HashSet<i64>>, String> {
-        if let Some(r) = self.delta.get(&from) {
+    /// The current identity_key → profile_idx map.
+    async fn keymap(&mut self) -> Result<Arc<HashMap<i64, i64>>> {
+        if let Some(m) = &self.keymap {
+            return Ok(Arc::clone(m));
+        }
+        let mut m = HashMap::new();
+        for b in self.ctx.table("identity_keys").await?.collect().await? {
+            let (k, p) = (
+                b.column(0).as_primitive::<Int64Type>(),
+                b.column(1).as_primitive::<Int64Type>(),
+            );
+            m.extend(k.values().iter().copied().zip(p.values().iter().copied()));
+        }
+        let m = Arc::new(m);
+        self.keymap = Some(Arc::clone(&m));
+        Ok(m)
+    }
+
+    /// The profiles of the distinct identity keys a one-column query returns.
+    async fn profiles_of_keys(&mut self, keys: DataFrame) -> Result<HashSet<i64>> {
+        let keys = idx_set(keys).await?;
+        let map = self.keymap().await?;
+        Ok(keys.iter().filter_map(|k| map.get(k).copied()).collect())
+    }
+
+    /// Profiles with events committed after events version `from` that can change the result
+    /// of a definition reading `time.sources`: events of those sources, and identify, group and
+    /// alias calls (traits, accounts; what they do to identities is in [`Affected::identity`]).
+    async fn delta(
+        &mut self,
+        from: u64,
+        time: &TimeUse,
+    ) -> std::result::Result<Arc<HashSet<i64>>, String> {
+        let cache = (from, time.sources_id());
+        if let Some(r) = self.delta.get(&cache) {
             return r.clone();
         }
         let files: Vec<FileAdd> = self
@@ -249,26 +318,50 @@ impl Affected<'_> {
                 let _ = self.ctx.deregister_table(name);
                 self.ctx
                     .register_table(name, Arc::new(CommittedTable::events(&files)))?;
+                let calls = col("type").in_list(
+                    vec![lit("identify"), lit("group"), lit("alias")],
+                    false,
+                );
+                let rows = match time.source_rows() {
+                    Some(p) => calls.or(p),
+                    None => calls,
+                };
                 let keys = self
                     .ctx
                     .table(name)
                     .await?
-                    .select(vec![col("identity_key").alias("__dk")])?
+                    .filter(rows.and(col("identity_key").is_not_null()))?
+                    .select(vec![col("identity_key")])?
                     .distinct()?;
-                let df = self
-                    .ctx
-                    .table("identity_keys")
-                    .await?
-                    .join(keys, JoinType::Inner, &["identity_key"], &["__dk"], None)?
-                    .select(vec![col("profile_idx")])?;
-                idx_set(df).await
+                self.profiles_of_keys(keys).await
             };
             run.await
                 .map(Arc::new)
                 .map_err(|e| format!("event files since version {from} unreadable: {e}"))
         };
-        self.delta.insert(from, r.clone());
+        self.delta.insert(cache, r.clone());
         r
+    }
+
+    /// The profiles the identity commits after `from` recorded as changed (None when one of
+    /// them recorded none, e.g. a full re-resolution, or its file is gone).
+    async fn identity_recorded(&self, from: u64) -> Option<HashSet<i64>> {
+        let log = CommitLog::new(self.store, self.space, crate::identity::persist::IDENTITY);
+        let entries = log.entries().await.ok()?;
+        let mut out = HashSet::new();
+        for e in entries
+            .iter()
+            .filter(|e| e.version > from && e.version <= self.identity_version)
+        {
+            let f = e
+                .adds
+                .iter()
+                .find(|f| f.kind.as_deref() == Some(crate::identity::persist::CHANGED_PROFILES))?;
+            for b in read_file(self.store, f).await.ok()? {
+                out.extend(b.column(0).as_primitive_opt::<Int64Type>()?.iter().flatten());
+            }
+        }
+        Some(out)
     }
 
     /// Profiles whose identity changed since identity version `from`: keys mapped elsewhere
@@ -279,6 +372,11 @@ impl Affected<'_> {
         }
         if let Some(r) = self.identity.get(&from) {
             return r.clone();
+        }
+        if let Some(r) = self.identity_recorded(from).await {
+            let r = Ok(Arc::new(r));
+            self.identity.insert(from, r.clone());
+            return r;
         }
         let run = async {
             let log = CommitLog::new(self.store, self.space, crate::identity::persist::IDENTITY);
@@ -347,12 +445,23 @@ impl Affected<'_> {
         r
     }
 
-    /// Profiles with an event whose timestamp lies between `t0 - offset` and `t1 - offset`.
-    async fn slice(&mut self, t0: i64, t1: i64, offset: i64) -> Result<Arc<HashSet<i64>>> {
+    /// Profiles with an event of `time.sources` whose timestamp lies between `t0 - offset`
+    /// and `t1 - offset` (only those events move across the window edge at `offset`).
+    async fn slice(
+        &mut self,
+        t0: i64,
+        t1: i64,
+        offset: i64,
+        time: &TimeUse,
+    ) -> Result<Arc<HashSet<i64>>> {
         let (a, b) = (t0.min(t1) - offset, t0.max(t1) - offset);
-        if let Some(r) = self.slices.get(&(a, b, 0)) {
+        let cache = (a, b, time.sources_id());
+        if let Some(r) = self.slices.get(&cache) {
             return Ok(Arc::clone(r));
         }
+        let Some(sources) = time.source_rows() else {
+            return Ok(Arc::new(HashSet::new()));
+        };
         let ts = |m: i64| {
             lit(datafusion::common::ScalarValue::TimestampMicrosecond(
                 Some(m),
@@ -361,24 +470,29 @@ impl Affected<'_> {
         };
         let df = self
             .ctx
-            .table("__events_all")
+            .table("events_raw")
             .await?
             .filter(
                 col("timestamp")
                     .gt_eq(ts(a))
                     .and(col("timestamp").lt_eq(ts(b)))
-                    .and(col("profile_idx").is_not_null()),
+                    .and(col("identity_key").is_not_null())
+                    .and(sources),
             )?
-            .select(vec![col("profile_idx")])?
+            .select(vec![col("identity_key")])?
             .distinct()?;
-        let r = Arc::new(idx_set(df).await?);
-        self.slices.insert((a, b, 0), Arc::clone(&r));
+        let r = Arc::new(self.profiles_of_keys(df).await?);
+        self.slices.insert(cache, Arc::clone(&r));
         Ok(r)
     }
 }
 
 /// Register `profiles` and `events_indexed` restricted to `affected` (None: unrestricted).
-async fn restrict(ctx: &SessionContext, affected: Option<&HashSet<i64>>) -> Result<()> {
+async fn restrict(
+    ctx: &SessionContext,
+    affected: Option<&HashSet<i64>>,
+    keymap: &HashMap<i64, i64>,
+) -> Result<()> {
     for t in ["profiles", "events_indexed"] {
         let _ = ctx.deregister_table(t);
     }
@@ -411,17 +525,28 @@ async fn restrict(ctx: &SessionContext, affected: Option<&HashSet<i64>>) -> Resu
         )?
         .drop_columns(&["__a"])?;
     ctx.register_table("profiles", profiles.into_view())?;
-    let keys = ctx
-        .table("__affected")
-        .await?
-        .join(
-            ctx.table("identity_keys").await?,
-            JoinType::Inner,
-            &["__a"],
-            &["profile_idx"],
-            None,
-        )?
-        .select(vec![col("identity_key").alias("__key"), col("profile_idx")])?;
+    // The identity keys of the affected profiles, from the map (no join over all keys).
+    let (mut ks, mut ps) = (Vec::new(), Vec::new());
+    for (k, p) in keymap.iter() {
+        if affected.contains(p) {
+            ks.push(*k);
+            ps.push(*p);
+        }
+    }
+    let kschema = Arc::new(Schema::new(vec![
+        Field::new("__key", DataType::Int64, false),
+        Field::new("profile_idx", DataType::Int64, false),
+    ]));
+    let kbatch = RecordBatch::try_new(
+        Arc::clone(&kschema),
+        vec![Arc::new(Int64Array::from(ks)), Arc::new(Int64Array::from(ps))],
+    )?;
+    let _ = ctx.deregister_table("__affected_keys");
+    ctx.register_table(
+        "__affected_keys",
+        Arc::new(MemTable::try_new(kschema, vec![vec![kbatch]])?),
+    )?;
+    let keys = ctx.table("__affected_keys").await?;
     let events = keys
         .join(
             ctx.table("events_raw").await?,
@@ -529,7 +654,15 @@ pub async fn refresh(
 ) -> Result<RefreshReport> {
     let t0 = std::time::Instant::now();
     let as_of = opts.as_of;
-    let identity = crate::identity::resolve(store, space, rules, false).await?;
+    let identity = crate::identity::persist::resolve_cached(
+        store,
+        space,
+        rules,
+        false,
+        opts.identity_cache.as_ref(),
+    )
+    .await?;
+    tracing::debug!(millis = t0.elapsed().as_millis() as u64, "identity up to date");
     let defs = definitions::live(store, space).await?;
     if let Some(keys) = &opts.keys {
         for k in keys {
@@ -574,6 +707,7 @@ pub async fn refresh(
         slices: HashMap::new(),
         files_read: HashSet::new(),
         rows_read: 0,
+        keymap: None,
     };
     let computed: BTreeSet<String> = defs
         .iter()
@@ -590,6 +724,7 @@ pub async fn refresh(
     // Current values and members of what is read by other definitions.
     let mut trait_values =
         super::lifecycle::register_references(store, &ctx, &defs, &latest, &referenced).await?;
+    tracing::debug!(millis = t0.elapsed().as_millis() as u64, "session ready");
     let mut changed: HashMap<String, HashSet<i64>> = HashMap::new();
     let mut reports = Vec::new();
     let mut items = Vec::new();
@@ -610,7 +745,7 @@ pub async fn refresh(
         let mut affected: HashSet<i64> = HashSet::new();
         if let (None, Some(b)) = (&reason, basis) {
             match (
-                aff.delta(b.events_version).await,
+                aff.delta(b.events_version, &time).await,
                 aff.identity(b.identity_version).await,
             ) {
                 (Ok(d), Ok(i)) => {
@@ -621,7 +756,7 @@ pub async fn refresh(
             }
             if b.as_of != as_of {
                 for o in &time.offsets {
-                    affected.extend(aff.slice(b.as_of, as_of, *o).await?.iter());
+                    affected.extend(aff.slice(b.as_of, as_of, *o, &time).await?.iter());
                 }
             }
             for d in kdeps {
@@ -646,6 +781,7 @@ pub async fn refresh(
                 .collect(),
         };
         let incremental = reason.is_none();
+        tracing::debug!(key = %key, millis = t.elapsed().as_millis() as u64, affected = affected.len(), "affected profiles found");
         let mut report = KeyRefresh {
             key: key.clone(),
             kind: match stored.file.kind {
@@ -676,7 +812,12 @@ pub async fn refresh(
             reports.push(report);
             continue;
         }
-        restrict(&ctx, incremental.then_some(&affected)).await?;
+        if incremental {
+            let keymap = aff.keymap().await?;
+            restrict(&ctx, Some(&affected), &keymap).await?;
+        } else {
+            restrict(&ctx, None, &HashMap::new()).await?;
+        }
         register_trait_values(&ctx, &trait_values)?;
         let inputs = Inputs {
             ctx: &ctx,

@@ -97,6 +97,10 @@ pub fn schema(kind: &str) -> SchemaRef {
     }))
 }
 
+/// Kind of the file an incremental identity commit adds with the profiles whose canonical
+/// profile or known flag it changed, or that it created (profile_idx, old and new canonical).
+pub const CHANGED_PROFILES: &str = "changed_profiles";
+
 /// Every identity table kind.
 pub const KINDS: [&str; 6] = [
     "identity_keys",
@@ -502,6 +506,22 @@ pub async fn resolve(
     rules: &IdentityRules,
     full: bool,
 ) -> Result<IdentityReport> {
+    resolve_cached(store, space, rules, full, None).await
+}
+
+/// An identity graph kept in memory between runs of one process (the serve loop), with the
+/// identity version it was committed as.
+pub type GraphCache = std::sync::Arc<tokio::sync::Mutex<Option<(u64, Graph)>>>;
+
+/// [`resolve`], starting from the cached graph when it is the committed version (no reload),
+/// and leaving the new graph in the cache.
+pub async fn resolve_cached(
+    store: &Store,
+    space: &Space,
+    rules: &IdentityRules,
+    full: bool,
+    cache: Option<&GraphCache>,
+) -> Result<IdentityReport> {
     let log = CommitLog::new(store, space, IDENTITY);
     let snap = log.snapshot().await?;
     let watermark = if full { 0 } else { last_events_version(&snap) };
@@ -527,11 +547,23 @@ pub async fn resolve(
             });
         }
     }
+    let cached = match cache {
+        Some(c) => c.lock().await.take(),
+        None => None,
+    };
     let mut graph = if full || snap.version == 0 {
         Graph::default()
     } else {
-        load(store, &snap).await?
+        match cached {
+            Some((v, g)) if v == snap.version => g,
+            _ => load(store, &snap).await?,
+        }
     };
+    // Canonical profile and known flag of every profile before: what changed is recorded with
+    // the commit, so a refresh knows which profiles identity moved without diffing tables.
+    let before: Vec<(ProfileIdx, bool)> = (0..graph.profiles.len() as ProfileIdx)
+        .map(|p| (graph.canonical(p), graph.is_known(p)))
+        .collect();
     let new_files: Vec<FileAdd> = if watermark == 0 {
         events.files.clone()
     } else {
@@ -557,7 +589,35 @@ pub async fn resolve(
     let started = std::time::Instant::now();
     let events_read: u64 = new_files.iter().map(|f| f.rows).sum();
     let mut adds = Vec::new();
-    let tables = batches(&graph)?;
+    let mut tables = batches(&graph)?;
+    if !full && snap.version > 0 {
+        let mut changed = std::collections::BTreeSet::new();
+        for p in 0..graph.profiles.len() as ProfileIdx {
+            let now = (graph.canonical(p), graph.is_known(p));
+            match before.get(p as usize) {
+                Some(b) if *b == now => {}
+                Some(b) => {
+                    changed.extend([p, b.0, now.0]);
+                }
+                None => {
+                    changed.extend([p, now.0]);
+                }
+            }
+        }
+        tables.push((
+            CHANGED_PROFILES,
+            RecordBatch::try_new(
+                Arc::new(Schema::new(vec![Field::new(
+                    "profile_idx",
+                    DataType::Int64,
+                    false,
+                )])),
+                vec![Arc::new(Int64Array::from_iter_values(
+                    changed.into_iter().map(i64::from),
+                ))],
+            )?,
+        ));
+    }
     // Encode the tables in parallel (they are independent).
     let encoded: Vec<(&str, RecordBatch, bytes::Bytes)> = {
         use rayon::prelude::*;
@@ -617,6 +677,9 @@ pub async fn resolve(
         Error::Usage("another identity resolution committed first; run it again".into())
     })?;
     report.version = entry.version;
+    if let Some(c) = cache {
+        *c.lock().await = Some((entry.version, graph));
+    }
     compact_read_files(store, space, events.version).await?;
     Ok(report)
 }
