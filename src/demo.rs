@@ -253,8 +253,8 @@ pub async fn run(g: &Global, a: &DemoArgs) -> Result<()> {
     );
     for k in &r.keys {
         println!(
-            "   {:<24} {:<11} re-evaluated {:>6} profiles: +{} entered, -{} exited, {} values changed",
-            k.key, k.mode, k.affected, k.entered, k.exited, k.changed
+            "   {:<24} {:<11} size {:>7}, re-evaluated {:>6} profiles: +{} entered, -{} exited, {} values changed",
+            k.key, k.mode, k.size, k.affected, k.entered, k.exited, k.changed
         );
     }
     if r.committed.is_some() {

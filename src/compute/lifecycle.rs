@@ -140,7 +140,8 @@ pub async fn edit(
             .get(&file.key)
             .map_or(0, |s| s.version);
         crate::fault::hit("edit_before_recompute");
-        let reports = super::compute(store, space, rules, as_of, &[file.key.clone()]).await?;
+        let reports =
+            super::compute(store, space, rules, as_of, std::slice::from_ref(&file.key)).await?;
         Ok::<_, Error>((version, reports))
     };
     let out = run.await;

@@ -241,6 +241,9 @@ pub async fn compaction_bound(store: &Store, space: &Space) -> Result<Option<u64
         .min())
 }
 
+/// A set of affected profiles, or why it could not be found.
+type Found = std::result::Result<Arc<HashSet<i64>>, String>;
+
 /// Sets of affected profiles, cached by what they depend on (keys usually share a basis).
 struct Affected<'a> {
     store: &'a Store,
@@ -249,8 +252,8 @@ struct Affected<'a> {
     events: crate::store::log::Snapshot,
     identity_version: u64,
     events_version: u64,
-    delta: HashMap<(u64, String), std::result::Result<Arc<HashSet<i64>>, String>>,
-    identity: HashMap<u64, std::result::Result<Arc<HashSet<i64>>, String>>,
+    delta: HashMap<(u64, String), Found>,
+    identity: HashMap<u64, Found>,
     slices: HashMap<(i64, i64, String), Arc<HashSet<i64>>>,
     files_read: HashSet<String>,
     rows_read: u64,
@@ -318,10 +321,8 @@ impl Affected<'_> {
                 let _ = self.ctx.deregister_table(name);
                 self.ctx
                     .register_table(name, Arc::new(CommittedTable::events(&files)))?;
-                let calls = col("type").in_list(
-                    vec![lit("identify"), lit("group"), lit("alias")],
-                    false,
-                );
+                let calls =
+                    col("type").in_list(vec![lit("identify"), lit("group"), lit("alias")], false);
                 let rows = match time.source_rows() {
                     Some(p) => calls.or(p),
                     None => calls,
@@ -358,7 +359,12 @@ impl Affected<'_> {
                 .iter()
                 .find(|f| f.kind.as_deref() == Some(crate::identity::persist::CHANGED_PROFILES))?;
             for b in read_file(self.store, f).await.ok()? {
-                out.extend(b.column(0).as_primitive_opt::<Int64Type>()?.iter().flatten());
+                out.extend(
+                    b.column(0)
+                        .as_primitive_opt::<Int64Type>()?
+                        .iter()
+                        .flatten(),
+                );
             }
         }
         Some(out)
@@ -539,7 +545,10 @@ async fn restrict(
     ]));
     let kbatch = RecordBatch::try_new(
         Arc::clone(&kschema),
-        vec![Arc::new(Int64Array::from(ks)), Arc::new(Int64Array::from(ps))],
+        vec![
+            Arc::new(Int64Array::from(ks)),
+            Arc::new(Int64Array::from(ps)),
+        ],
     )?;
     let _ = ctx.deregister_table("__affected_keys");
     ctx.register_table(
@@ -605,6 +614,7 @@ fn stamp(batches: &[RecordBatch], version: u64, as_of: i64) -> Result<RecordBatc
 }
 
 /// Why a key must be recomputed in full (None: it can continue from its basis).
+#[allow(clippy::too_many_arguments)]
 fn full_reason(
     stored: &Stored,
     prev: Option<&VersionRef>,
@@ -662,7 +672,10 @@ pub async fn refresh(
         opts.identity_cache.as_ref(),
     )
     .await?;
-    tracing::debug!(millis = t0.elapsed().as_millis() as u64, "identity up to date");
+    tracing::debug!(
+        millis = t0.elapsed().as_millis() as u64,
+        "identity up to date"
+    );
     let defs = definitions::live(store, space).await?;
     if let Some(keys) = &opts.keys {
         for k in keys {

@@ -32,12 +32,39 @@ fn the_demo_runs_end_to_end() {
         "business_logged_in_none",
         "high_value",
     ] {
-        // each sample definition is reported with its size, and that size is the committed one
-        let line = out
+        // each sample definition is reported with its size after the compute and again after
+        // the refresh; the last size is the committed one
+        let lines: Vec<&str> = out
             .lines()
-            .find(|l| l.trim_start().starts_with(&format!("{key} ")))
-            .unwrap_or_else(|| panic!("{key} missing from the demo output:\n{out}"));
-        let size: u64 = line.split_whitespace().nth(2).unwrap().parse().unwrap();
+            .filter(|l| l.trim_start().starts_with(&format!("{key} ")))
+            .collect();
+        assert_eq!(
+            lines.len(),
+            2,
+            "{key}: computed and refreshed lines:\n{out}"
+        );
+        let computed: u64 = lines[0].split_whitespace().nth(2).unwrap().parse().unwrap();
+        let words: Vec<&str> = lines[1].split_whitespace().collect();
+        let at = words.iter().position(|w| *w == "size").unwrap();
+        let size: u64 = words[at + 1].trim_end_matches(',').parse().unwrap();
+        let entered: i64 = words
+            .iter()
+            .find_map(|w| w.strip_prefix('+'))
+            .unwrap()
+            .parse()
+            .unwrap();
+        let exited: i64 = words
+            .iter()
+            .find_map(|w| w.strip_prefix('-'))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(
+            computed as i64 + entered - exited,
+            size as i64,
+            "{key}: {}",
+            lines[1]
+        );
         let members = run(&[
             "--space",
             "demo",
