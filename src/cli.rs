@@ -121,6 +121,15 @@ pub struct ServeArgs {
     /// Stop after this many refreshes (default: run until interrupted).
     #[arg(long, env = "AUDIENCES_SERVE_REFRESHES")]
     pub refreshes: Option<u64>,
+    /// Arrow Flight (gRPC) address (port 0: any free port; the bound address is printed).
+    #[arg(long, env = "AUDIENCES_FLIGHT", default_value = "127.0.0.1:50051")]
+    pub flight: String,
+    /// HTTP address (tracking API).
+    #[arg(long, env = "AUDIENCES_HTTP", default_value = "127.0.0.1:8080")]
+    pub http: String,
+    /// Turn authentication off (local experiments only; said loudly at start).
+    #[arg(long, env = "AUDIENCES_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
 }
 
 /// `members` options.
@@ -823,27 +832,41 @@ async fn refresh(g: &Global, a: &RefreshArgs) -> Result<()> {
 
 async fn serve(g: &Global, a: &ServeArgs) -> Result<()> {
     let store = g.open_store()?;
-    let interval = crate::serve::parse_duration(&a.refresh_interval)?;
-    let space = g.space()?;
+    let config = match &g.config {
+        Some(p) => crate::config::Config::load(p)?,
+        None => crate::config::Config::default(),
+    };
+    let mut spaces = vec![g.space()?];
+    for name in config.spaces.keys() {
+        let s = crate::store::Space::new(name)?;
+        if !spaces.contains(&s) {
+            spaces.push(s);
+        }
+    }
+    let addr = |s: &str, flag: &str| -> Result<std::net::SocketAddr> {
+        s.parse()
+            .map_err(|_| Error::Usage(format!("{flag}: '{s}' is not HOST:PORT")))
+    };
+    let opts = crate::server::ServeOptions {
+        flight: addr(&a.flight, "--flight")?,
+        http: addr(&a.http, "--http")?,
+        interval: crate::serve::parse_duration(&a.refresh_interval)?,
+        refreshes: a.refreshes,
+        insecure: a.insecure_no_auth,
+        spaces,
+        json: g.json,
+    };
     eprintln!(
-        "audiences serve: store {} / space {space}, refreshing every {:?}",
+        "audiences serve: store {}, refreshing {} every {:?}",
         store.url(),
-        interval
+        opts.spaces
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        opts.interval
     );
-    crate::serve::run(
-        &store,
-        &space,
-        &g.identity_rules()?,
-        interval,
-        a.refreshes,
-        |r| match r {
-            Ok(r) => {
-                let _ = print_refresh(g.json, r);
-            }
-            Err(e) => eprintln!("refresh failed: {e}"),
-        },
-    )
-    .await
+    crate::server::run(&store, config, opts).await
 }
 
 async fn compute(g: &Global, a: &ComputeArgs) -> Result<()> {

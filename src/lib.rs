@@ -25,6 +25,7 @@ pub mod lang;
 pub mod plan;
 pub mod progress;
 pub mod serve;
+pub mod server;
 pub mod store;
 pub mod tables;
 

@@ -1,5 +1,4 @@
-//! `audiences serve`: the refresh loop (the Flight and HTTP servers join it in the serving
-//! issue). Realtime definitions are refreshed every `--refresh-interval`; batch definitions
+//! The refresh loop of `audiences serve` (the servers are in `crate::server`). Realtime definitions are refreshed every `--refresh-interval`; batch definitions
 //! (`schedule: "every 8h"`) when their last basis is that old.
 
 use std::collections::BTreeSet;
@@ -61,7 +60,7 @@ pub async fn due_keys(store: &Store, space: &Space, now: i64) -> Result<BTreeSet
     Ok(due)
 }
 
-/// Run refreshes every `interval` until interrupted (or `passes` refreshes, when given);
+/// Run refreshes every `interval` until `stop` turns true (or `passes` refreshes, when given);
 /// `on_report` sees each one.
 pub async fn run(
     store: &Store,
@@ -69,6 +68,7 @@ pub async fn run(
     rules: &IdentityRules,
     interval: Duration,
     passes: Option<u64>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
     mut on_report: impl FnMut(&Result<RefreshReport>),
 ) -> Result<()> {
     let mut done = 0u64;
@@ -79,8 +79,8 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
-            _ = tokio::signal::ctrl_c() => {
-                tracing::info!("interrupted: serve stops");
+            _ = stop.wait_for(|s| *s) => {
+                tracing::info!(space = %space, "refresh loop stops");
                 return Ok(());
             }
         }

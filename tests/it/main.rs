@@ -12,4 +12,5 @@ mod identity;
 mod ingest;
 mod refresh;
 mod s3;
+mod server;
 mod slt;

@@ -1,0 +1,251 @@
+//! The HTTP side of `audiences serve`: the Segment-compatible tracking API (SPEC §2).
+//!
+//! `POST /v1/{track,page,screen,identify,group,alias}` take one message, `POST /v1/batch` a
+//! `{"batch": [...]}` envelope; the write key (a token with the `write` scope) is the HTTP Basic
+//! username, the password empty, as Segment's libraries send it. Every message is validated on
+//! its own; the accepted ones are committed (durable) before the answer: 200 when none was
+//! rejected, else 400 with a reason per rejected message (the accepted ones of the same request
+//! are committed all the same). Duplicates (by messageId) are acknowledged and dropped. Bodies
+//! over 500 KB are refused (413), gzip bodies are accepted. Every response has a `Request-Id`.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde_json::{Value, json};
+
+use super::auth::{Auth, Grant, basic};
+use crate::config::Scope;
+use crate::events::message::{Rejection, validate};
+use crate::store::Store;
+
+/// Largest request body (a batch), as Segment's API.
+pub const MAX_BODY_BYTES: usize = 500 * 1024;
+
+/// What the HTTP handlers share.
+pub struct HttpState {
+    /// The store.
+    pub store: Store,
+    /// Token checks.
+    pub auth: Arc<Auth>,
+}
+
+/// The router of the HTTP port.
+pub fn router(state: Arc<HttpState>) -> Router {
+    Router::new()
+        .route("/v1/batch", post(batch))
+        .route("/v1/import", post(batch))
+        .route("/v1/{kind}", post(single))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::map_response(request_id))
+        .with_state(state)
+}
+
+async fn request_id(mut r: Response) -> Response {
+    let id = uuid::Uuid::new_v4().to_string();
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        r.headers_mut().insert("request-id", v);
+    }
+    r
+}
+
+/// A Segment-shaped error body.
+pub fn error(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        axum::Json(json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response()
+}
+
+/// The grant of the Basic credentials (token as username, or as password), if it has `scope`.
+fn authorize(state: &HttpState, headers: &HeaderMap, scope: Scope) -> Result<Grant, Response> {
+    let unauthorized = || {
+        error(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "a valid token is required as the HTTP Basic username",
+        )
+    };
+    if state.auth.insecure {
+        return Ok(Grant {
+            space: crate::store::Space::default(),
+            scopes: vec![Scope::Read, Scope::Write, Scope::Admin, Scope::Pii],
+        });
+    }
+    let header = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(unauthorized)?;
+    let (user, pass) = basic(header).ok_or_else(unauthorized)?;
+    let token = if user.is_empty() { pass } else { user };
+    match state.auth.check_token(&token) {
+        Some(g) if g.allows(scope) => Ok(g),
+        Some(_) => Err(error(
+            StatusCode::FORBIDDEN,
+            "authentication_error",
+            "this token lacks the scope the request needs",
+        )),
+        None => Err(unauthorized()),
+    }
+}
+
+fn body_json(headers: &HeaderMap, body: &[u8]) -> Result<Value, Response> {
+    let gz = headers
+        .get("content-encoding")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("gzip"));
+    let raw = if gz {
+        use std::io::Read;
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(body)
+            .take(MAX_BODY_BYTES as u64 * 20 + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    &format!("bad gzip body: {e}"),
+                )
+            })?;
+        out
+    } else {
+        body.to_vec()
+    };
+    serde_json::from_slice(&raw).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            &format!("the body is not JSON: {e}"),
+        )
+    })
+}
+
+async fn single(
+    State(state): State<Arc<HttpState>>,
+    Path(kind): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !matches!(
+        kind.as_str(),
+        "track" | "page" | "screen" | "identify" | "group" | "alias"
+    ) {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("no endpoint /v1/{kind}"),
+        );
+    }
+    let grant = match authorize(&state, &headers, Scope::Write) {
+        Ok(g) => g,
+        Err(r) => return r,
+    };
+    let mut v = match body_json(&headers, &body) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    if let Some(o) = v.as_object_mut() {
+        o.insert("type".into(), Value::String(kind));
+    }
+    accept(&state, &grant, vec![v]).await
+}
+
+async fn batch(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let grant = match authorize(&state, &headers, Scope::Write) {
+        Ok(g) => g,
+        Err(r) => return r,
+    };
+    let v = match body_json(&headers, &body) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let Some(items) = v.get("batch").and_then(|b| b.as_array()).cloned() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "expected {\"batch\": [messages]}",
+        );
+    };
+    // Batch-level context is merged into each message's (theirs wins), as Segment does.
+    let ctx = v.get("context").and_then(|c| c.as_object()).cloned();
+    let items = items
+        .into_iter()
+        .map(|mut m| {
+            if let (Some(c), Some(o)) = (&ctx, m.as_object_mut()) {
+                let mc = o
+                    .entry("context")
+                    .or_insert_with(|| Value::Object(Default::default()));
+                if let Some(mc) = mc.as_object_mut() {
+                    for (k, x) in c {
+                        mc.entry(k.clone()).or_insert_with(|| x.clone());
+                    }
+                }
+            }
+            m
+        })
+        .collect();
+    accept(&state, &grant, items).await
+}
+
+/// Validate each message, commit the accepted ones, answer.
+async fn accept(state: &HttpState, grant: &Grant, items: Vec<Value>) -> Response {
+    let now = chrono::Utc::now().timestamp_micros();
+    let mut events = Vec::new();
+    let mut rejected: Vec<Value> = Vec::new();
+    for (i, m) in items.into_iter().enumerate() {
+        let raw = serde_json::to_vec(&m).unwrap_or_default();
+        let checked = if raw.len() > crate::events::message::MAX_MESSAGE_BYTES {
+            Err(Rejection::new(
+                "message_too_large",
+                format!(
+                    "message is {} bytes; the limit is {}",
+                    raw.len(),
+                    crate::events::message::MAX_MESSAGE_BYTES
+                ),
+            ))
+        } else {
+            validate(m, &raw, now)
+        };
+        match checked {
+            Ok(e) => events.push(e),
+            Err(r) => rejected.push(json!({"index": i, "code": r.code, "message": r.message})),
+        }
+    }
+    let n = events.len();
+    let report = if n > 0 {
+        match crate::events::ingest::commit_events(&state.store, &grant.space, events).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "tracking API commit failed");
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    "the events could not be committed; retry",
+                );
+            }
+        }
+    } else {
+        Default::default()
+    };
+    let body = json!({
+        "success": rejected.is_empty(),
+        "accepted": report.accepted,
+        "duplicates": report.duplicates,
+        "rejected": rejected,
+    });
+    let status = if rejected.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    (status, axum::Json(body)).into_response()
+}

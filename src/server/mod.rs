@@ -1,0 +1,168 @@
+//! `audiences serve`: the Arrow Flight port, the HTTP port and the refresh loop of every
+//! configured space, in one process, stopped gracefully by Ctrl-C or SIGTERM (in-flight requests
+//! finish; a refresh in progress either commits or leaves nothing).
+
+pub mod auth;
+pub mod flight;
+pub mod http;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow_flight::flight_service_server::FlightServiceServer;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::store::{Space, Store};
+
+/// Largest gRPC message a client may send (Flight requests are small; bulk data streams).
+pub const MAX_GRPC_MESSAGE: usize = 16 << 20;
+
+/// How to serve.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Flight (gRPC) address; port 0 picks a free port.
+    pub flight: SocketAddr,
+    /// HTTP address; port 0 picks a free port.
+    pub http: SocketAddr,
+    /// Refresh interval of realtime definitions.
+    pub interval: Duration,
+    /// Stop after this many refresh passes (tests, one-off runs).
+    pub refreshes: Option<u64>,
+    /// No authentication at all (local experiments).
+    pub insecure: bool,
+    /// The spaces whose definitions are refreshed.
+    pub spaces: Vec<Space>,
+    /// Print refresh reports as JSON lines.
+    pub json: bool,
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// Serve until interrupted (or until the refresh loops have run `refreshes` passes).
+pub async fn run(store: &Store, config: Config, opts: ServeOptions) -> Result<()> {
+    let (auth, created) = auth::Auth::load(store, &config, opts.insecure).await?;
+    if let Some(t) = created {
+        // Shown once: only its SHA-256 digest is kept (in the store).
+        eprintln!(
+            "audiences serve: admin token of space 'default' (shown this once; keep it): {t}"
+        );
+    }
+    if opts.insecure {
+        eprintln!(
+            "audiences serve: WARNING: --insecure-no-auth: every caller is an admin of space \
+             'default'; never expose these ports"
+        );
+    }
+    let auth = Arc::new(auth);
+    let config = Arc::new(config);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+
+    let flight_listener = tokio::net::TcpListener::bind(opts.flight)
+        .await
+        .map_err(|e| Error::Usage(format!("--flight {}: {e}", opts.flight)))?;
+    let http_listener = tokio::net::TcpListener::bind(opts.http)
+        .await
+        .map_err(|e| Error::Usage(format!("--http {}: {e}", opts.http)))?;
+    let (fa, ha) = (
+        flight_listener.local_addr().map_err(|e| Error::io("flight", e))?,
+        http_listener.local_addr().map_err(|e| Error::io("http", e))?,
+    );
+    eprintln!("audiences serve: flight listening on {fa}");
+    eprintln!("audiences serve: http listening on {ha}");
+
+    let flight = flight::Flight {
+        store: store.clone(),
+        auth: Arc::clone(&auth),
+        config: Arc::clone(&config),
+    };
+    let svc = FlightServiceServer::new(flight)
+        .max_decoding_message_size(MAX_GRPC_MESSAGE)
+        .max_encoding_message_size(usize::MAX);
+    let mut stop = stop_rx.clone();
+    let flight_task = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(flight_listener),
+                async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                },
+            )
+            .await
+    });
+    let router = http::router(Arc::new(http::HttpState {
+        store: store.clone(),
+        auth: Arc::clone(&auth),
+    }));
+    let mut stop = stop_rx.clone();
+    let http_task = tokio::spawn(async move {
+        axum::serve(http_listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    let mut loops = Vec::new();
+    for space in &opts.spaces {
+        let rules = match config.spaces.get(space.as_str()) {
+            Some(s) => crate::identity::IdentityRules::from_config(&s.identity)?,
+            None => crate::identity::IdentityRules::default(),
+        };
+        let (store, space, stop, json) = (store.clone(), space.clone(), stop_rx.clone(), opts.json);
+        let (interval, passes) = (opts.interval, opts.refreshes);
+        loops.push(tokio::spawn(async move {
+            crate::serve::run(&store, &space, &rules, interval, passes, stop, |r| match r {
+                Ok(r) if json => println!("{}", serde_json::to_string(r).unwrap_or_default()),
+                Ok(r) => println!(
+                    "refresh of space {space}: {} new event rows, {} in {} ms",
+                    r.new_event_rows,
+                    match r.committed {
+                        Some(v) => format!("committed memberships version {v}"),
+                        None => "nothing changed".into(),
+                    },
+                    r.millis
+                ),
+                Err(e) => eprintln!("refresh of space {space} failed: {e}"),
+            })
+            .await
+        }));
+    }
+    // Stop on a signal, or once every refresh loop has run its passes.
+    let all_loops = futures::future::join_all(loops);
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        _ = all_loops, if opts.refreshes.is_some() => {}
+    }
+    eprintln!("audiences serve: shutting down");
+    let _ = stop_tx.send(true);
+    if let Ok(Err(e)) = flight_task.await {
+        return Err(Error::Usage(format!("flight server: {e}")));
+    }
+    if let Ok(Err(e)) = http_task.await {
+        return Err(Error::io("http server", e));
+    }
+    Ok(())
+}
