@@ -86,6 +86,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Members of an audience (current version, or --version N).
     Members(MembersArgs),
+    /// CSV export of an audience version: unformatted, formatted, or single (hashed ids).
+    Export(ExportArgs),
     /// Manage audiences: create FILE | edit FILE | delete KEY | list | show KEY.
     #[command(subcommand)]
     Audience(DefinitionCommand),
@@ -102,6 +104,28 @@ pub struct ComputeArgs {
     pub as_of: Option<String>,
     /// Keys to compute (default: all).
     pub keys: Vec<String>,
+}
+
+/// `export` options.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Audience key.
+    pub key: String,
+    /// unformatted | formatted | single.
+    #[arg(long, env = "AUDIENCES_EXPORT_FORMAT", default_value = "unformatted")]
+    pub format: String,
+    /// Id type of `single` exports.
+    #[arg(long, env = "AUDIENCES_ID_TYPE", default_value = "email")]
+    pub id_type: String,
+    /// `single`: normalized values unhashed (default: SHA-256 hex).
+    #[arg(long, env = "AUDIENCES_RAW")]
+    pub raw: bool,
+    /// Version (default: the current one).
+    #[arg(long, env = "AUDIENCES_VERSION")]
+    pub version: Option<u64>,
+    /// Output file (default stdout).
+    #[arg(short = 'o', long, env = "AUDIENCES_OUTPUT")]
+    pub output: Option<PathBuf>,
 }
 
 /// `refresh` options.
@@ -345,6 +369,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         Command::Compute(a) => compute(&g, &a).await.map(|_| 0),
         Command::Members(a) => members(&g, &a).await,
         Command::Refresh(a) => refresh(&g, &a).await.map(|_| 0),
+        Command::Export(a) => export(&g, &a).await,
         Command::Serve(a) => serve(&g, &a).await.map(|_| 0),
         Command::Audience(c) => definition(&g, crate::lang::definition::Kind::Audience, c).await,
         Command::Trait(c) => definition(&g, crate::lang::definition::Kind::ComputedTrait, c).await,
@@ -820,6 +845,38 @@ fn print_refresh(json: bool, r: &crate::compute::refresh::RefreshReport) -> Resu
         );
     }
     Ok(())
+}
+
+async fn export(g: &Global, a: &ExportArgs) -> Result<i32> {
+    let store = g.open_store()?;
+    let space = g.space()?;
+    let format = crate::export::Format::parse(&a.format, Some(&a.id_type), a.raw)?;
+    let Some(v) = crate::export::audience_version(&store, &space, &a.key, a.version).await? else {
+        eprintln!(
+            "no version {} of audience '{}'",
+            a.version.map_or("yet".to_string(), |n| n.to_string()),
+            a.key
+        );
+        return Ok(1);
+    };
+    let (schema, batches) = crate::export::export_stream(&store, &space, &v, &format).await?;
+    let rows = match &a.output {
+        Some(p) => {
+            let mut f =
+                std::io::BufWriter::new(std::fs::File::create(p).map_err(|e| Error::io(p, e))?);
+            let n = crate::export::write_csv(schema, batches, &mut f).await?;
+            std::io::Write::flush(&mut f).map_err(|e| Error::io(p, e))?;
+            n
+        }
+        None => {
+            let mut out = std::io::BufWriter::new(std::io::stdout());
+            let n = crate::export::write_csv(schema, batches, &mut out).await?;
+            std::io::Write::flush(&mut out).map_err(|e| Error::io("stdout", e))?;
+            n
+        }
+    };
+    eprintln!("exported {rows} rows of '{}' version {}", a.key, v.version);
+    Ok(0)
 }
 
 async fn refresh(g: &Global, a: &RefreshArgs) -> Result<()> {

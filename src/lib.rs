@@ -18,6 +18,7 @@ pub mod definitions;
 pub mod demo;
 pub mod error;
 pub mod events;
+pub mod export;
 pub mod fault;
 pub mod generate;
 pub mod identity;

@@ -75,7 +75,11 @@ fn admin_key() -> Key {
 impl Auth {
     /// Tokens of `cfg`; with none configured, the stored admin token of `default` (created on
     /// the first start: the returned string is the token, to print once).
-    pub async fn load(store: &Store, cfg: &Config, insecure: bool) -> Result<(Auth, Option<String>)> {
+    pub async fn load(
+        store: &Store,
+        cfg: &Config,
+        insecure: bool,
+    ) -> Result<(Auth, Option<String>)> {
         let mut tokens = Vec::new();
         for (name, s) in &cfg.spaces {
             let space = Space::new(name)?;
@@ -131,7 +135,9 @@ impl Auth {
             };
             let mut d = [0u8; 32];
             if hash.len() != 64 {
-                return Err(Error::Usage("the stored admin token digest is corrupt".into()));
+                return Err(Error::Usage(
+                    "the stored admin token digest is corrupt".into(),
+                ));
             }
             for (i, c) in d.iter_mut().enumerate() {
                 *c = u8::from_str_radix(&hash[2 * i..2 * i + 2], 16)
@@ -230,7 +236,10 @@ mod tests {
             basic("Basic dXNlcjpwYXNz"),
             Some(("user".into(), "pass".into()))
         );
-        assert_eq!(basic("Basic dG9rZW46"), Some(("token".into(), String::new())));
+        assert_eq!(
+            basic("Basic dG9rZW46"),
+            Some(("token".into(), String::new()))
+        );
         assert_eq!(basic("Bearer x"), None);
     }
 }

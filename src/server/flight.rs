@@ -14,13 +14,9 @@
 //!
 //! Another space's audience is answered exactly like a missing one (NOT_FOUND).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use arrow::array::{
-    Array, ArrayRef, AsArray, ListBuilder, RecordBatch, StringBuilder, TimestampMicrosecondArray,
-    TimestampMicrosecondBuilder,
-};
+use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
@@ -30,7 +26,7 @@ use arrow_flight::{
     HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
 };
 use futures::stream::BoxStream;
-use futures::{SinkExt, StreamExt, TryStreamExt};
+use futures::{StreamExt, TryStreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::{Auth, Grant, basic};
@@ -38,9 +34,6 @@ use crate::compute::{MEMBERSHIPS, VersionRef, versions};
 use crate::config::{Config, Scope};
 use crate::store::{CommitLog, Space, Store};
 use crate::tables::CommittedTable;
-
-/// Rows per streamed batch.
-const BATCH_ROWS: usize = 8192;
 
 /// The Flight service of one server.
 #[derive(Clone)]
@@ -105,68 +98,10 @@ impl Flight {
         key: &str,
         pinned: Option<u64>,
     ) -> Result<VersionRef, Status> {
-        let missing = || Status::not_found(format!("no audience '{key}'"));
-        let live = crate::definitions::live(&self.store, space)
+        crate::export::audience_version(&self.store, space, key, pinned)
             .await
-            .map_err(internal)?;
-        if !live
-            .get(key)
-            .is_some_and(|s| s.file.kind == crate::lang::definition::Kind::Audience)
-        {
-            return Err(missing());
-        }
-        let snap = CommitLog::new(&self.store, space, MEMBERSHIPS)
-            .snapshot()
-            .await
-            .map_err(internal)?;
-        versions(&snap)
-            .into_iter()
-            .filter(|v| v.key == key)
-            .rfind(|v| pinned.is_none_or(|p| v.version == p))
-            .ok_or_else(missing)
-    }
-
-    async fn id_types(&self, space: &Space) -> Result<Vec<String>, Status> {
-        let rows = crate::tables::query(
-            &self.store,
-            space,
-            "SELECT DISTINCT id_type FROM identities ORDER BY id_type",
-        )
-        .await
-        .map_err(internal)?;
-        Ok(rows
-            .iter()
-            .flat_map(|b| {
-                b.column(0)
-                    .as_string::<i32>()
-                    .iter()
-                    .flatten()
-                    .map(String::from)
-                    .collect::<Vec<_>>()
-            })
-            .collect())
-    }
-
-    fn membership_schema(accounts: bool, id_types: &[String]) -> SchemaRef {
-        let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
-        let mut fields = vec![
-            Field::new(
-                if accounts { "account_id" } else { "profile_id" },
-                DataType::Utf8,
-                false,
-            ),
-            Field::new("entered_at", ts, false),
-        ];
-        if !accounts {
-            for t in id_types {
-                fields.push(Field::new(
-                    t,
-                    DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
-                    false,
-                ));
-            }
-        }
-        Arc::new(Schema::new(fields))
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("no audience '{key}'")))
     }
 
     fn changes_schema() -> SchemaRef {
@@ -189,10 +124,14 @@ impl Flight {
         match path {
             [a, key] if a == "audiences" => {
                 let v = self.version(&g.space, key, None).await?;
-                let accounts = is_accounts(&self.store, &v).await?;
-                let types = self.id_types(&g.space).await?;
+                let accounts = crate::export::is_accounts(&self.store, &v)
+                    .await
+                    .map_err(internal)?;
+                let types = crate::export::id_types(&self.store, &g.space)
+                    .await
+                    .map_err(internal)?;
                 Ok((
-                    Self::membership_schema(accounts, &types),
+                    crate::export::membership_schema(accounts, &types),
                     v.data.rows as i64,
                     TicketBody {
                         path: path.to_vec(),
@@ -214,6 +153,22 @@ impl Flight {
                 Ok((
                     Self::changes_schema(),
                     rows,
+                    TicketBody {
+                        path: path.to_vec(),
+                        version: v.version,
+                    },
+                ))
+            }
+            [a, key, format, rest @ ..] if a == "exports" && rest.len() <= 1 => {
+                let f = export_format(&g, format, rest.first())?;
+                let v = self.version(&g.space, key, None).await?;
+                // the schema of an export is known once its stream is opened
+                let (schema, _) = crate::export::export_stream(&self.store, &g.space, &v, &f)
+                    .await
+                    .map_err(internal)?;
+                Ok((
+                    schema,
+                    -1,
                     TicketBody {
                         path: path.to_vec(),
                         version: v.version,
@@ -246,7 +201,12 @@ impl Flight {
             .collect())
     }
 
-    fn info(schema: &SchemaRef, rows: i64, t: &TicketBody, desc: FlightDescriptor) -> Result<FlightInfo, Status> {
+    fn info(
+        schema: &SchemaRef,
+        rows: i64,
+        t: &TicketBody,
+        desc: FlightDescriptor,
+    ) -> Result<FlightInfo, Status> {
         let ticket = serde_json::to_vec(t).map_err(internal)?;
         Ok(FlightInfo::new()
             .try_with_schema(schema)
@@ -258,13 +218,34 @@ impl Flight {
     }
 }
 
-async fn is_accounts(store: &Store, v: &VersionRef) -> Result<bool, Status> {
-    // Account audiences' members carry account_id instead of profile_id.
-    let batches = crate::compute::read_file(store, &v.data).await.map_err(internal)?;
-    Ok(batches.iter().any(|b| {
-        b.column_by_name("account_id")
-            .is_some_and(|c| c.null_count() < c.len())
-    }))
+fn flight_errors(
+    b: crate::export::Batches,
+) -> BoxStream<'static, Result<RecordBatch, FlightError>> {
+    b.map_err(|e| FlightError::ExternalError(Box::new(e)))
+        .boxed()
+}
+
+/// An export format from a descriptor: `single` takes an optional id type (default email) and
+/// is hashed unless the grant has the `pii` scope and the id type is suffixed `:raw`.
+fn export_format(
+    g: &Grant,
+    format: &str,
+    id_type: Option<&String>,
+) -> Result<crate::export::Format, Status> {
+    let (id_type, raw) = match id_type.map(|s| s.as_str()) {
+        Some(t) => match t.strip_suffix(":raw") {
+            Some(t) => (Some(t), true),
+            None => (Some(t), false),
+        },
+        None => (None, false),
+    };
+    if raw && !g.allows(Scope::Pii) {
+        return Err(Status::permission_denied(
+            "raw (unhashed) exports need the pii scope",
+        ));
+    }
+    crate::export::Format::parse(format, id_type, raw)
+        .map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 fn descriptor_path(d: &FlightDescriptor) -> Vec<String> {
@@ -273,99 +254,6 @@ fn descriptor_path(d: &FlightDescriptor) -> Vec<String> {
     }
     // a command holding a JSON array works too
     serde_json::from_slice(&d.cmd).unwrap_or_default()
-}
-
-/// Group `(profile_id, entered_at, id_type, id_value)` rows, sorted by profile, into one row
-/// per profile with a list column per id type; sends batches of [`BATCH_ROWS`].
-async fn pivot(
-    mut input: datafusion::physical_plan::SendableRecordBatchStream,
-    schema: SchemaRef,
-    types: Vec<String>,
-    mut out: futures::channel::mpsc::Sender<Result<RecordBatch, FlightError>>,
-) {
-    let col_of: BTreeMap<&str, usize> = types.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
-    let mut ids = StringBuilder::new();
-    let mut entered = TimestampMicrosecondBuilder::new().with_timezone("UTC");
-    let mut lists: Vec<ListBuilder<StringBuilder>> =
-        types.iter().map(|_| ListBuilder::new(StringBuilder::new())).collect();
-    let mut current: Option<(String, i64)> = None;
-    let mut values: Vec<Vec<String>> = vec![Vec::new(); types.len()];
-    let mut rows = 0usize;
-    macro_rules! finish_row {
-        () => {
-            if let Some((p, t)) = current.take() {
-                ids.append_value(&p);
-                entered.append_value(t);
-                for (i, l) in lists.iter_mut().enumerate() {
-                    for v in values[i].drain(..) {
-                        l.values().append_value(v);
-                    }
-                    l.append(true);
-                }
-                rows += 1;
-            }
-        };
-    }
-    let emit = |ids: &mut StringBuilder,
-                    entered: &mut TimestampMicrosecondBuilder,
-                    lists: &mut Vec<ListBuilder<StringBuilder>>|
-     -> Result<RecordBatch, FlightError> {
-        let mut cols: Vec<ArrayRef> = vec![Arc::new(ids.finish()), Arc::new(entered.finish())];
-        for l in lists.iter_mut() {
-            cols.push(Arc::new(l.finish()));
-        }
-        RecordBatch::try_new(Arc::clone(&schema), cols).map_err(FlightError::from)
-    };
-    while let Some(b) = input.next().await {
-        let b = match b {
-            Ok(b) => b,
-            Err(e) => {
-                let _ = out.send(Err(FlightError::ExternalError(Box::new(e)))).await;
-                return;
-            }
-        };
-        let (p, t, ty, val) = (
-            b.column(0).as_string::<i32>(),
-            b.column(1)
-                .as_any()
-                .downcast_ref::<TimestampMicrosecondArray>(),
-            b.column(2).as_string::<i32>(),
-            b.column(3).as_string::<i32>(),
-        );
-        let Some(t) = t else {
-            let _ = out
-                .send(Err(FlightError::ProtocolError("entered_at is not a timestamp".into())))
-                .await;
-            return;
-        };
-        for r in 0..b.num_rows() {
-            if !p.is_valid(r) {
-                continue;
-            }
-            if current.as_ref().is_none_or(|(c, _)| c != p.value(r)) {
-                finish_row!();
-                if rows >= BATCH_ROWS {
-                    let batch = emit(&mut ids, &mut entered, &mut lists);
-                    rows = 0;
-                    if out.send(batch).await.is_err() {
-                        return; // the client went away
-                    }
-                }
-                current = Some((p.value(r).to_string(), t.value(r)));
-            }
-            if ty.is_valid(r)
-                && val.is_valid(r)
-                && let Some(i) = col_of.get(ty.value(r))
-            {
-                values[*i].push(val.value(r).to_string());
-            }
-        }
-    }
-    finish_row!();
-    if rows > 0 {
-        let batch = emit(&mut ids, &mut entered, &mut lists);
-        let _ = out.send(batch).await;
-    }
 }
 
 #[tonic::async_trait]
@@ -489,40 +377,18 @@ impl FlightService for Flight {
         let (schema, batches): (SchemaRef, _) = match t.path.as_slice() {
             [a, key] if a == "audiences" => {
                 let v = self.version(&g.space, key, Some(t.version)).await?;
-                let accounts = is_accounts(&self.store, &v).await?;
-                let types = if accounts {
-                    Vec::new()
-                } else {
-                    self.id_types(&g.space).await?
-                };
-                let schema = Self::membership_schema(accounts, &types);
-                ctx.register_table(
-                    "__version_members",
-                    Arc::new(CommittedTable::plain(
-                        crate::compute::schema("members"),
-                        vec![v.data.clone()],
-                    )),
-                )
-                .map_err(internal)?;
-                // Fixed internal SQL: the key only selected the file above.
-                let sql = if accounts {
-                    "SELECT account_id, entered_at, CAST(NULL AS VARCHAR) AS t, CAST(NULL AS VARCHAR) AS v \
-                     FROM __version_members ORDER BY account_id"
-                } else {
-                    "SELECT m.profile_id, m.entered_at, i.id_type, i.id_value FROM __version_members m \
-                     LEFT JOIN identities i ON i.profile_id = m.profile_id \
-                     ORDER BY m.profile_id, i.id_type, i.id_value"
-                };
-                let input = ctx
-                    .sql(sql)
-                    .await
-                    .map_err(internal)?
-                    .execute_stream()
+                let (schema, batches) = crate::export::membership_stream(&self.store, &g.space, &v)
                     .await
                     .map_err(internal)?;
-                let (tx, rx) = futures::channel::mpsc::channel(2);
-                tokio::spawn(pivot(input, Arc::clone(&schema), types, tx));
-                (schema, rx.boxed())
+                (schema, flight_errors(batches))
+            }
+            [a, key, format, rest @ ..] if a == "exports" && rest.len() <= 1 => {
+                let f = export_format(&g, format, rest.first())?;
+                let v = self.version(&g.space, key, Some(t.version)).await?;
+                let (schema, batches) = crate::export::export_stream(&self.store, &g.space, &v, &f)
+                    .await
+                    .map_err(internal)?;
+                (schema, flight_errors(batches))
             }
             [a, key, c, from] if a == "audiences" && c == "changes" => {
                 let from: u64 = from
@@ -531,7 +397,10 @@ impl FlightService for Flight {
                 let files = self.changes_files(&g.space, key, from, t.version).await?;
                 ctx.register_table(
                     "__version_changes",
-                    Arc::new(CommittedTable::plain(crate::compute::schema("changes"), files)),
+                    Arc::new(CommittedTable::plain(
+                        crate::compute::schema("changes"),
+                        files,
+                    )),
                 )
                 .map_err(internal)?;
                 let stream = ctx
@@ -571,8 +440,9 @@ impl FlightService for Flight {
         let body: serde_json::Value = if action.body.is_empty() {
             serde_json::json!({})
         } else {
-            serde_json::from_slice(&action.body)
-                .map_err(|e| Status::invalid_argument(format!("the action body is not JSON: {e}")))?
+            serde_json::from_slice(&action.body).map_err(|e| {
+                Status::invalid_argument(format!("the action body is not JSON: {e}"))
+            })?
         };
         let as_of = match body.get("as_of").and_then(|v| v.as_str()) {
             Some(s) => crate::events::message::parse_timestamp(s)
@@ -580,7 +450,9 @@ impl FlightService for Flight {
             None => chrono::Utc::now().timestamp_micros(),
         };
         let rules = match self.config.spaces.get(g.space.as_str()) {
-            Some(s) => crate::identity::IdentityRules::from_config(&s.identity).map_err(internal)?,
+            Some(s) => {
+                crate::identity::IdentityRules::from_config(&s.identity).map_err(internal)?
+            }
             None => crate::identity::IdentityRules::default(),
         };
         let usage = |e: crate::error::Error| match e {
@@ -644,9 +516,18 @@ impl FlightService for Flight {
     ) -> Result<Response<Self::ListActionsStream>, Status> {
         self.grant(&req)?;
         let actions = [
-            ("refresh", "One micro-batch refresh of the space. Body: {\"as_of\": RFC3339?}. Admin scope. Returns the refresh report (JSON)."),
-            ("compute", "Full recompute. Body: {\"keys\": [KEY...]?, \"as_of\": RFC3339?}. Admin scope. Returns the per-key reports (JSON)."),
-            ("preview", "Evaluate a definition without saving it. Body: a definition file (JSON), or {\"definition\": ..., \"as_of\": ...}. Returns size, sample, would enter/exit (JSON)."),
+            (
+                "refresh",
+                "One micro-batch refresh of the space. Body: {\"as_of\": RFC3339?}. Admin scope. Returns the refresh report (JSON).",
+            ),
+            (
+                "compute",
+                "Full recompute. Body: {\"keys\": [KEY...]?, \"as_of\": RFC3339?}. Admin scope. Returns the per-key reports (JSON).",
+            ),
+            (
+                "preview",
+                "Evaluate a definition without saving it. Body: a definition file (JSON), or {\"definition\": ..., \"as_of\": ...}. Returns size, sample, would enter/exit (JSON).",
+            ),
         ];
         let out: Vec<Result<ActionType, Status>> = actions
             .iter()
@@ -664,6 +545,8 @@ impl FlightService for Flight {
         &self,
         _req: Request<Streaming<FlightData>>,
     ) -> Result<Response<Self::DoExchangeStream>, Status> {
-        Err(Status::unimplemented("do_exchange is not part of this service"))
+        Err(Status::unimplemented(
+            "do_exchange is not part of this service",
+        ))
     }
 }

@@ -10,6 +10,7 @@
 
 use std::sync::Arc;
 
+use arrow::array::RecordBatch;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -40,6 +41,10 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/v1/batch", post(batch))
         .route("/v1/import", post(batch))
         .route("/v1/{kind}", post(single))
+        .route(
+            "/v1/spaces/{space}/audiences/{key}/export.csv",
+            axum::routing::get(export),
+        )
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::map_response(request_id))
         .with_state(state)
@@ -155,11 +160,7 @@ async fn single(
     accept(&state, &grant, vec![v]).await
 }
 
-async fn batch(
-    State(state): State<Arc<HttpState>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+async fn batch(State(state): State<Arc<HttpState>>, headers: HeaderMap, body: Bytes) -> Response {
     let grant = match authorize(&state, &headers, Scope::Write) {
         Ok(g) => g,
         Err(r) => return r,
@@ -194,6 +195,129 @@ async fn batch(
         })
         .collect();
     accept(&state, &grant, items).await
+}
+
+/// Query of the export endpoint.
+#[derive(serde::Deserialize)]
+struct ExportQuery {
+    format: Option<String>,
+    id_type: Option<String>,
+    hash: Option<String>,
+}
+
+/// `GET /v1/spaces/{space}/audiences/{key}/export.csv`: the CSV of the current version,
+/// streamed, with the version in `X-Audience-Version`. Another space's audience is answered
+/// like a missing one.
+async fn export(
+    State(state): State<Arc<HttpState>>,
+    Path((space, key)): Path<(String, String)>,
+    axum::extract::Query(q): axum::extract::Query<ExportQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let grant = match authorize(&state, &headers, Scope::Read) {
+        Ok(g) => g,
+        Err(r) => return r,
+    };
+    let not_found = || {
+        error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("no audience '{key}' in space '{space}'"),
+        )
+    };
+    if grant.space.as_str() != space && !state.auth.insecure {
+        return not_found();
+    }
+    let Ok(space) = crate::store::Space::new(&space) else {
+        return not_found();
+    };
+    let raw = match q.hash.as_deref() {
+        None | Some("sha256") => false,
+        Some("none") => true,
+        Some(other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "validation_error",
+                &format!("hash must be sha256 or none, not '{other}'"),
+            );
+        }
+    };
+    if raw && !grant.allows(Scope::Pii) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "authentication_error",
+            "unhashed exports (hash=none) need a token with the pii scope",
+        );
+    }
+    let format = match crate::export::Format::parse(
+        q.format.as_deref().unwrap_or("unformatted"),
+        q.id_type.as_deref(),
+        raw,
+    ) {
+        Ok(f) => f,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "validation_error", &e.to_string()),
+    };
+    let v = match crate::export::audience_version(&state.store, &space, &key, None).await {
+        Ok(Some(v)) => v,
+        Ok(None) => return not_found(),
+        Err(e) => {
+            tracing::error!(error = %e, "export");
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "export failed",
+            );
+        }
+    };
+    let (schema, batches) =
+        match crate::export::export_stream(&state.store, &space, &v, &format).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!(error = %e, "export");
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    "export failed",
+                );
+            }
+        };
+    // CSV chunks per batch: the header with the first, then rows only.
+    let body = futures::stream::unfold(
+        (batches, true, schema),
+        |(mut batches, first, schema)| async move {
+            use futures::StreamExt;
+            let b = match batches.next().await {
+                Some(Ok(b)) => b,
+                Some(Err(e)) => {
+                    return Some((
+                        Err(std::io::Error::other(e.to_string())),
+                        (batches, false, schema),
+                    ));
+                }
+                None if first => RecordBatch::new_empty(Arc::clone(&schema)),
+                None => return None,
+            };
+            let mut buf = Vec::new();
+            let r = arrow::csv::WriterBuilder::new()
+                .with_header(first)
+                .build(&mut buf)
+                .write(&b);
+            let chunk = r
+                .map(|_| Bytes::from(buf))
+                .map_err(|e| std::io::Error::other(e.to_string()));
+            Some((chunk, (batches, false, schema)))
+        },
+    );
+    let mut resp = axum::body::Body::from_stream(body).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        "content-type",
+        HeaderValue::from_static("text/csv; charset=utf-8"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&v.version.to_string()) {
+        h.insert("x-audience-version", v);
+    }
+    resp
 }
 
 /// Validate each message, commit the accepted ones, answer.

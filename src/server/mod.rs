@@ -87,8 +87,12 @@ pub async fn run(store: &Store, config: Config, opts: ServeOptions) -> Result<()
         .await
         .map_err(|e| Error::Usage(format!("--http {}: {e}", opts.http)))?;
     let (fa, ha) = (
-        flight_listener.local_addr().map_err(|e| Error::io("flight", e))?,
-        http_listener.local_addr().map_err(|e| Error::io("http", e))?,
+        flight_listener
+            .local_addr()
+            .map_err(|e| Error::io("flight", e))?,
+        http_listener
+            .local_addr()
+            .map_err(|e| Error::io("http", e))?,
     );
     eprintln!("audiences serve: flight listening on {fa}");
     eprintln!("audiences serve: http listening on {ha}");
@@ -134,19 +138,27 @@ pub async fn run(store: &Store, config: Config, opts: ServeOptions) -> Result<()
         let (store, space, stop, json) = (store.clone(), space.clone(), stop_rx.clone(), opts.json);
         let (interval, passes) = (opts.interval, opts.refreshes);
         loops.push(tokio::spawn(async move {
-            crate::serve::run(&store, &space, &rules, interval, passes, stop, |r| match r {
-                Ok(r) if json => println!("{}", serde_json::to_string(r).unwrap_or_default()),
-                Ok(r) => println!(
-                    "refresh of space {space}: {} new event rows, {} in {} ms",
-                    r.new_event_rows,
-                    match r.committed {
-                        Some(v) => format!("committed memberships version {v}"),
-                        None => "nothing changed".into(),
-                    },
-                    r.millis
-                ),
-                Err(e) => eprintln!("refresh of space {space} failed: {e}"),
-            })
+            crate::serve::run(
+                &store,
+                &space,
+                &rules,
+                interval,
+                passes,
+                stop,
+                |r| match r {
+                    Ok(r) if json => println!("{}", serde_json::to_string(r).unwrap_or_default()),
+                    Ok(r) => println!(
+                        "refresh of space {space}: {} new event rows, {} in {} ms",
+                        r.new_event_rows,
+                        match r.committed {
+                            Some(v) => format!("committed memberships version {v}"),
+                            None => "nothing changed".into(),
+                        },
+                        r.millis
+                    ),
+                    Err(e) => eprintln!("refresh of space {space} failed: {e}"),
+                },
+            )
             .await
         }));
     }
