@@ -160,7 +160,7 @@ impl Flight {
                 ))
             }
             [a, key, format, rest @ ..] if a == "exports" && rest.len() <= 1 => {
-                let f = export_format(&g, format, rest.first())?;
+                let f = export_format(g, format, rest.first())?;
                 let v = self.version(&g.space, key, None).await?;
                 // the schema of an export is known once its stream is opened
                 let (schema, _) = crate::export::export_stream(&self.store, &g.space, &v, &f)

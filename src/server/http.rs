@@ -8,6 +8,9 @@
 //! are committed all the same). Duplicates (by messageId) are acknowledged and dropped. Bodies
 //! over 500 KB are refused (413), gzip bodies are accepted. Every response has a `Request-Id`.
 
+// Handlers return early with a finished error response; boxing it would only add noise.
+#![allow(clippy::result_large_err)]
+
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
@@ -45,6 +48,10 @@ pub fn router(state: Arc<HttpState>) -> Router {
             "/v1/spaces/{space}/audiences/{key}/export.csv",
             axum::routing::get(export),
         )
+        .route(
+            "/v1/spaces/{space}/collections/{collection}/profiles/{id}/{endpoint}",
+            axum::routing::get(super::profile_api::handler),
+        )
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::map_response(request_id))
         .with_state(state)
@@ -68,7 +75,11 @@ pub fn error(status: StatusCode, code: &str, message: &str) -> Response {
 }
 
 /// The grant of the Basic credentials (token as username, or as password), if it has `scope`.
-fn authorize(state: &HttpState, headers: &HeaderMap, scope: Scope) -> Result<Grant, Response> {
+pub(crate) fn authorize(
+    state: &HttpState,
+    headers: &HeaderMap,
+    scope: Scope,
+) -> Result<Grant, Response> {
     let unauthorized = || {
         error(
             StatusCode::UNAUTHORIZED,

@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod flight;
 pub mod http;
+pub mod profile_api;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -82,6 +82,7 @@ analytics.sync_mode = True
 analytics.on_error = lambda e, batch: errors.append(str(e))
 analytics.identify('u-1', {'email': 'one@example.com', 'plan': 'pro'})
 analytics.identify('u-2', {'email': ' Two@Example.COM '})
+analytics.group('u-1', 'acct-1', {'plan': 'business', 'employees': 12})
 analytics.track('u-1', 'Order Completed', {'price': 30, 'product_id': 'p-1'})
 analytics.track('u-2', 'Order Completed', {'price': 12})
 analytics.track(anonymous_id='anon-9', event='Product Viewed', properties={'price': 5})
@@ -225,6 +226,7 @@ fn tracking_api_and_flight_with_real_clients() {
         got,
         [
             "track anon-9 Product Viewed",
+            "group u-1 -",
             "identify u-1 -",
             "track u-1 Order Completed",
             "identify u-2 -",
