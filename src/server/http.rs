@@ -36,6 +36,21 @@ pub struct HttpState {
     pub store: Store,
     /// Token checks.
     pub auth: Arc<Auth>,
+    /// The configuration (identity rules per space).
+    pub config: Arc<crate::config::Config>,
+}
+
+impl HttpState {
+    /// The identity rules of a space.
+    pub fn rules(
+        &self,
+        space: &crate::store::Space,
+    ) -> crate::error::Result<crate::identity::IdentityRules> {
+        match self.config.spaces.get(space.as_str()) {
+            Some(s) => crate::identity::IdentityRules::from_config(&s.identity),
+            None => Ok(crate::identity::IdentityRules::default()),
+        }
+    }
 }
 
 /// The router of the HTTP port.
@@ -51,6 +66,20 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route(
             "/v1/spaces/{space}/collections/{collection}/profiles/{id}/{endpoint}",
             axum::routing::get(super::profile_api::handler),
+        )
+        .route(
+            "/v1/spaces/{space}/{collection}",
+            axum::routing::get(super::manage::list).post(super::manage::create),
+        )
+        .route(
+            "/v1/spaces/{space}/{collection}/preview",
+            post(super::manage::preview),
+        )
+        .route(
+            "/v1/spaces/{space}/{collection}/{key}",
+            axum::routing::get(super::manage::show)
+                .put(super::manage::edit)
+                .delete(super::manage::delete),
         )
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::map_response(request_id))

@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod flight;
 pub mod http;
+pub mod manage;
 pub mod profile_api;
 
 use std::net::SocketAddr;
@@ -121,6 +122,7 @@ pub async fn run(store: &Store, config: Config, opts: ServeOptions) -> Result<()
     let router = http::router(Arc::new(http::HttpState {
         store: store.clone(),
         auth: Arc::clone(&auth),
+        config: Arc::clone(&config),
     }));
     let mut stop = stop_rx.clone();
     let http_task = tokio::spawn(async move {
