@@ -11,6 +11,9 @@
 //!   (entered/exited rows of the versions after FROM_VERSION). The ticket pins the committed
 //!   version the info described, so a stream never mixes versions while a refresh commits.
 //! - `do_action`: `refresh`, `compute`, `preview` (JSON bodies); `list_actions` describes them.
+//! - Flight SQL on the same port: statement queries (read-only: no DDL, DML or `SET`) over the
+//!   caller's space's tables, and the catalog, schema, table, table type and SQL info commands
+//!   drivers call on connect. Prepared statements are not supported yet.
 //!
 //! Another space's audience is answered exactly like a missing one (NOT_FOUND).
 
@@ -21,6 +24,8 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_server::FlightService;
+use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
+use arrow_flight::sql::{Any, Command, ProstMessageExt, SqlInfo, TicketStatementQuery};
 use arrow_flight::{
     Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo,
     HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
@@ -201,6 +206,143 @@ impl Flight {
             .collect())
     }
 
+    /// `get_flight_info` of a Flight SQL command: its schema and a ticket.
+    async fn sql_info(
+        &self,
+        g: &Grant,
+        cmd: Command,
+        desc: FlightDescriptor,
+    ) -> Result<FlightInfo, Status> {
+        use prost::Message;
+        self.need(g, Scope::Read)?;
+        let (schema, ticket): (SchemaRef, Vec<u8>) = match cmd {
+            Command::CommandStatementQuery(q) => {
+                let ctx = crate::tables::session(&self.store, &g.space)
+                    .await
+                    .map_err(internal)?;
+                let df = ctx
+                    .sql_with_options(&q.query, read_only())
+                    .await
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                let schema = Arc::new(df.schema().as_arrow().clone());
+                let t = TicketStatementQuery {
+                    statement_handle: q.query.into_bytes().into(),
+                };
+                (schema, t.as_any().encode_to_vec())
+            }
+            Command::CommandGetCatalogs(c) => (
+                c.clone().into_builder().schema(),
+                c.as_any().encode_to_vec(),
+            ),
+            Command::CommandGetDbSchemas(c) => (
+                c.clone().into_builder().schema(),
+                c.as_any().encode_to_vec(),
+            ),
+            Command::CommandGetTables(c) => (
+                c.clone().into_builder().schema(),
+                c.as_any().encode_to_vec(),
+            ),
+            Command::CommandGetTableTypes(c) => (
+                c.clone().into_builder().schema(),
+                c.as_any().encode_to_vec(),
+            ),
+            Command::CommandGetSqlInfo(c) => {
+                let infos = sql_infos()?;
+                (
+                    c.clone().into_builder(&infos).schema(),
+                    c.as_any().encode_to_vec(),
+                )
+            }
+            other => {
+                return Err(Status::unimplemented(format!(
+                    "Flight SQL {} is not supported (queries and catalog metadata are)",
+                    other.type_url()
+                )));
+            }
+        };
+        Ok(FlightInfo::new()
+            .try_with_schema(&schema)
+            .map_err(internal)?
+            .with_descriptor(desc)
+            .with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(ticket)))
+            .with_total_records(-1))
+    }
+
+    /// `do_get` of a Flight SQL ticket.
+    async fn sql_get(&self, g: &Grant, cmd: Command) -> Result<Stream<FlightData>, Status> {
+        self.need(g, Scope::Read)?;
+        let ctx = crate::tables::session(&self.store, &g.space)
+            .await
+            .map_err(internal)?;
+        let batch = match cmd {
+            Command::TicketStatementQuery(t) => {
+                let sql = String::from_utf8(t.statement_handle.to_vec())
+                    .map_err(|_| Status::invalid_argument("bad statement handle"))?;
+                let df = ctx
+                    .sql_with_options(&sql, read_only())
+                    .await
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                let schema = Arc::new(df.schema().as_arrow().clone());
+                let stream = df
+                    .execute_stream()
+                    .await
+                    .map_err(internal)?
+                    .map_err(|e| FlightError::ExternalError(Box::new(e)));
+                return Ok(FlightDataEncoderBuilder::new()
+                    .with_schema(schema)
+                    .build(stream)
+                    .map_err(|e| Status::internal(e.to_string()))
+                    .boxed());
+            }
+            Command::CommandGetCatalogs(c) => {
+                let mut b = c.into_builder();
+                b.append("datafusion");
+                b.build().map_err(internal)?
+            }
+            Command::CommandGetDbSchemas(c) => {
+                let mut b = c.into_builder();
+                b.append("datafusion", "public");
+                b.build().map_err(internal)?
+            }
+            Command::CommandGetTables(c) => {
+                let mut b = c.into_builder();
+                for t in SQL_TABLES {
+                    let schema = ctx
+                        .table(t)
+                        .await
+                        .map_err(internal)?
+                        .schema()
+                        .as_arrow()
+                        .clone();
+                    b.append("datafusion", "public", t, "TABLE", &schema)
+                        .map_err(internal)?;
+                }
+                b.build().map_err(internal)?
+            }
+            Command::CommandGetTableTypes(c) => {
+                let mut b = c.into_builder();
+                b.append("TABLE");
+                b.append("VIEW");
+                b.build().map_err(internal)?
+            }
+            Command::CommandGetSqlInfo(c) => {
+                let infos = sql_infos()?;
+                c.into_builder(&infos).build().map_err(internal)?
+            }
+            other => {
+                return Err(Status::unimplemented(format!(
+                    "Flight SQL {} is not supported",
+                    other.type_url()
+                )));
+            }
+        };
+        Ok(FlightDataEncoderBuilder::new()
+            .with_schema(batch.schema())
+            .build(futures::stream::iter([Ok(batch)]))
+            .map_err(|e| Status::internal(e.to_string()))
+            .boxed())
+    }
+
     fn info(
         schema: &SchemaRef,
         rows: i64,
@@ -216,6 +358,57 @@ impl Flight {
             .with_total_records(rows)
             .with_ordered(true))
     }
+}
+
+/// A Flight SQL command (protobuf `Any` with a Flight SQL type) in a descriptor or ticket.
+fn sql_command(bytes: &[u8]) -> Option<Command> {
+    use prost::Message;
+    if bytes.is_empty() || bytes.first() == Some(&b'{') {
+        return None;
+    }
+    let any = Any::decode(bytes).ok()?;
+    if !any
+        .type_url
+        .starts_with("type.googleapis.com/arrow.flight.protocol.sql.")
+    {
+        return None;
+    }
+    Command::try_from(any).ok()
+}
+
+/// SQL the Flight SQL endpoint runs: queries only (no DDL, no DML such as `COPY TO`, no `SET`).
+fn read_only() -> datafusion::execution::context::SQLOptions {
+    datafusion::execution::context::SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+}
+
+/// The tables Flight SQL lists (all readable by queries of the caller's space).
+pub const SQL_TABLES: [&str; 10] = [
+    "events",
+    "profiles",
+    "identities",
+    "traits",
+    "memberships",
+    "membership_changes",
+    "computed_traits",
+    "account_links",
+    "profile_merges",
+    "identity_keys",
+];
+
+fn sql_infos() -> Result<SqlInfoData, Status> {
+    let mut b = SqlInfoDataBuilder::new();
+    b.append(SqlInfo::FlightSqlServerName, "audiences");
+    b.append(SqlInfo::FlightSqlServerVersion, env!("CARGO_PKG_VERSION"));
+    b.append(SqlInfo::FlightSqlServerArrowVersion, "59");
+    b.append(SqlInfo::FlightSqlServerReadOnly, true);
+    b.append(SqlInfo::FlightSqlServerSql, true);
+    b.append(SqlInfo::FlightSqlServerSubstrait, false);
+    b.append(SqlInfo::FlightSqlServerTransaction, 0i32);
+    b.append(SqlInfo::FlightSqlServerCancel, false);
+    b.build().map_err(internal)
 }
 
 fn flight_errors(
@@ -338,6 +531,9 @@ impl FlightService for Flight {
         let g = self.grant(&req)?;
         self.need(&g, Scope::Read)?;
         let desc = req.into_inner();
+        if let Some(cmd) = sql_command(&desc.cmd) {
+            return Ok(Response::new(self.sql_info(&g, cmd, desc).await?));
+        }
         let path = descriptor_path(&desc);
         let (schema, rows, t) = self.describe(&g, &path).await?;
         Ok(Response::new(Self::info(&schema, rows, &t, desc)?))
@@ -369,6 +565,9 @@ impl FlightService for Flight {
     async fn do_get(&self, req: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
         let g = self.grant(&req)?;
         self.need(&g, Scope::Read)?;
+        if let Some(cmd) = sql_command(&req.get_ref().ticket) {
+            return Ok(Response::new(self.sql_get(&g, cmd).await?));
+        }
         let t: TicketBody = serde_json::from_slice(&req.get_ref().ticket)
             .map_err(|_| Status::invalid_argument("not a ticket of this server"))?;
         let ctx = crate::tables::session(&self.store, &g.space)
