@@ -88,3 +88,102 @@ pub fn events_from_batch(b: &RecordBatch) -> Result<Vec<Event>> {
     }
     Ok(out)
 }
+
+/// Segment-spec JSON messages from a record batch sent by a client (Flight `do_put`): the
+/// columns of the events table that are present (`message_id`, `type`, `event`, `name`,
+/// `user_id`, `anonymous_id`, `group_id`, `previous_id`, the timestamps as timestamps or RFC 3339
+/// text, and `properties`, `traits`, `context`, `integrations` as JSON text). Each message is then
+/// validated like any other; a column of the wrong type fails the batch with its name.
+pub fn messages_from_batch(b: &RecordBatch) -> Result<Vec<Value>> {
+    use arrow::datatypes::{DataType, TimeUnit};
+    let text = [
+        ("message_id", "messageId"),
+        ("type", "type"),
+        ("event", "event"),
+        ("name", "name"),
+        ("user_id", "userId"),
+        ("anonymous_id", "anonymousId"),
+        ("group_id", "groupId"),
+        ("previous_id", "previousId"),
+    ];
+    let times = [
+        ("timestamp", "timestamp"),
+        ("original_timestamp", "originalTimestamp"),
+        ("sent_at", "sentAt"),
+        ("received_at", "receivedAt"),
+    ];
+    let objects = [
+        ("properties", "properties"),
+        ("traits", "traits"),
+        ("context", "context"),
+        ("integrations", "integrations"),
+    ];
+    let mut out: Vec<Map<String, Value>> = vec![Map::new(); b.num_rows()];
+    let utf8 = |col: &str| -> Result<Option<arrow::array::StringArray>> {
+        let Some(c) = b.column_by_name(col) else {
+            return Ok(None);
+        };
+        match c.data_type() {
+            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View | DataType::Null => {
+                let c = arrow::compute::cast(c, &DataType::Utf8)?;
+                Ok(Some(c.as_string::<i32>().clone()))
+            }
+            t => Err(Error::Usage(format!(
+                "column '{col}' must be text, not {t}"
+            ))),
+        }
+    };
+    for (col, field) in text {
+        if let Some(a) = utf8(col)? {
+            for (i, m) in out.iter_mut().enumerate() {
+                if a.is_valid(i) {
+                    m.insert(field.into(), Value::String(a.value(i).to_string()));
+                }
+            }
+        }
+    }
+    for (col, field) in times {
+        let Some(c) = b.column_by_name(col) else {
+            continue;
+        };
+        match c.data_type() {
+            DataType::Timestamp(..) => {
+                let us = arrow::compute::cast(
+                    c,
+                    &DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                )?;
+                let us = us.as_primitive::<TimestampMicrosecondType>();
+                for (i, m) in out.iter_mut().enumerate() {
+                    if us.is_valid(i) {
+                        m.insert(
+                            field.into(),
+                            Value::String(super::message::format_timestamp(us.value(i))),
+                        );
+                    }
+                }
+            }
+            _ => {
+                if let Some(a) = utf8(col)? {
+                    for (i, m) in out.iter_mut().enumerate() {
+                        if a.is_valid(i) {
+                            m.insert(field.into(), Value::String(a.value(i).to_string()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (col, field) in objects {
+        if let Some(a) = utf8(col)? {
+            for (i, m) in out.iter_mut().enumerate() {
+                if a.is_valid(i) {
+                    // not JSON: kept as text, so validation names the field
+                    let v = serde_json::from_str(a.value(i))
+                        .unwrap_or_else(|_| Value::String(a.value(i).to_string()));
+                    m.insert(field.into(), v);
+                }
+            }
+        }
+    }
+    Ok(out.into_iter().map(Value::Object).collect())
+}

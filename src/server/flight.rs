@@ -11,6 +11,9 @@
 //!   (entered/exited rows of the versions after FROM_VERSION). The ticket pins the committed
 //!   version the info described, so a stream never mixes versions while a refresh commits.
 //! - `do_action`: `refresh`, `compute`, `preview` (JSON bodies); `list_actions` describes them.
+//! - `do_put` of record batches in the event schema (bulk loads): every row validated like an
+//!   HTTP message, the accepted ones committed (every 50k rows and at the end) before the
+//!   `PutResult`, whose metadata counts accepted, duplicate and rejected rows (with reasons).
 //! - Flight SQL on the same port: statement queries (read-only: no DDL, DML or `SET`) over the
 //!   caller's space's tables, and the catalog, schema, table, table type and SQL info commands
 //!   drivers call on connect. Prepared statements are not supported yet.
@@ -623,11 +626,62 @@ impl FlightService for Flight {
 
     async fn do_put(
         &self,
-        _req: Request<Streaming<FlightData>>,
+        req: Request<Streaming<FlightData>>,
     ) -> Result<Response<Self::DoPutStream>, Status> {
-        Err(Status::unimplemented(
-            "do_put of events is not served yet; use the HTTP tracking API or `audiences ingest`",
-        ))
+        let g = self.grant(&req)?;
+        self.need(&g, Scope::Write)?;
+        let stream = req.into_inner().map_err(FlightError::from);
+        let mut batches =
+            arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(stream);
+        let now = chrono::Utc::now().timestamp_micros();
+        let (mut accepted, mut duplicates, mut rejected_count) = (0u64, 0u64, 0u64);
+        let mut rejected = Vec::new();
+        let mut pending = Vec::new();
+        let mut batch_no = 0usize;
+        let commit = |events: Vec<crate::events::Event>| {
+            let (store, space) = (self.store.clone(), g.space.clone());
+            async move { crate::events::ingest::commit_events(&store, &space, events).await }
+        };
+        while let Some(b) = batches.next().await {
+            let b = b.map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let messages = crate::events::read::messages_from_batch(&b)
+                .map_err(|e| Status::invalid_argument(format!("batch {batch_no}: {e}")))?;
+            for (row, m) in messages.into_iter().enumerate() {
+                let raw = serde_json::to_vec(&m).map_err(internal)?;
+                match crate::events::message::validate(m, &raw, now) {
+                    Ok(e) => pending.push(e),
+                    Err(r) => {
+                        rejected_count += 1;
+                        if rejected.len() < 100 {
+                            rejected.push(serde_json::json!({
+                                "batch": batch_no, "row": row, "code": r.code, "message": r.message
+                            }));
+                        }
+                    }
+                }
+            }
+            batch_no += 1;
+            if pending.len() >= 50_000 {
+                let r = commit(std::mem::take(&mut pending))
+                    .await
+                    .map_err(internal)?;
+                accepted += r.accepted;
+                duplicates += r.duplicates;
+            }
+        }
+        if !pending.is_empty() {
+            let r = commit(pending).await.map_err(internal)?;
+            accepted += r.accepted;
+            duplicates += r.duplicates;
+        }
+        let meta = serde_json::json!({
+            "accepted": accepted, "duplicates": duplicates,
+            "rejected": rejected_count, "rejections": rejected,
+        });
+        let r = PutResult {
+            app_metadata: serde_json::to_vec(&meta).map_err(internal)?.into(),
+        };
+        Ok(Response::new(futures::stream::iter([Ok(r)]).boxed()))
     }
 
     async fn do_action(
