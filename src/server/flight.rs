@@ -233,10 +233,9 @@ impl Flight {
                 };
                 (schema, t.as_any().encode_to_vec())
             }
-            Command::CommandGetCatalogs(c) => (
-                c.clone().into_builder().schema(),
-                c.as_any().encode_to_vec(),
-            ),
+            Command::CommandGetCatalogs(c) => {
+                (c.into_builder().schema(), c.as_any().encode_to_vec())
+            }
             Command::CommandGetDbSchemas(c) => (
                 c.clone().into_builder().schema(),
                 c.as_any().encode_to_vec(),
@@ -245,10 +244,9 @@ impl Flight {
                 c.clone().into_builder().schema(),
                 c.as_any().encode_to_vec(),
             ),
-            Command::CommandGetTableTypes(c) => (
-                c.clone().into_builder().schema(),
-                c.as_any().encode_to_vec(),
-            ),
+            Command::CommandGetTableTypes(c) => {
+                (c.into_builder().schema(), c.as_any().encode_to_vec())
+            }
             Command::CommandGetSqlInfo(c) => {
                 let infos = sql_infos()?;
                 (
