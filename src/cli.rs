@@ -154,6 +154,9 @@ pub struct ServeArgs {
     /// Turn authentication off (local experiments only; said loudly at start).
     #[arg(long, env = "AUDIENCES_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
+    /// Memory one Flight SQL query may use (beyond it: spill, or a resources-exhausted error).
+    #[arg(long, env = "AUDIENCES_QUERY_MEMORY", default_value = "2GiB")]
+    pub query_memory: String,
 }
 
 /// `members` options.
@@ -912,6 +915,7 @@ async fn serve(g: &Global, a: &ServeArgs) -> Result<()> {
         insecure: a.insecure_no_auth,
         spaces,
         json: g.json,
+        query_memory: Some(crate::serve::parse_bytes(&a.query_memory)?),
     };
     eprintln!(
         "audiences serve: store {}, refreshing {} every {:?}",

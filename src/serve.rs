@@ -39,6 +39,32 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// Parse a byte size such as `512MB`, `2GiB`, `1048576`.
+pub fn parse_bytes(s: &str) -> Result<usize> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| Error::Usage(format!("'{s}': expected a size like 512MB or 2GiB")))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "kib" => 1024.0,
+        "mb" => 1e6,
+        "mib" => 1024.0 * 1024.0,
+        "gb" => 1e9,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        u => return Err(Error::Usage(format!("'{s}': unknown unit '{u}'"))),
+    };
+    if !(n.is_finite() && n > 0.0) {
+        return Err(Error::Usage(format!("'{s}': the size must be positive")));
+    }
+    Ok((n * mult) as usize)
+}
+
 /// The keys due at `now`: realtime ones, and batch ones whose basis is a schedule period old.
 pub async fn due_keys(store: &Store, space: &Space, now: i64) -> Result<BTreeSet<String>> {
     let defs = crate::definitions::live(store, space).await?;

@@ -280,11 +280,38 @@ pub async fn session_at(
     space: &Space,
     events_version: Option<u64>,
 ) -> Result<SessionContext> {
+    session_with(store, space, events_version, None).await
+}
+
+/// [`session`] whose queries may use at most `memory_limit` bytes (beyond it, operators that
+/// can spill do, and the others fail with a resources-exhausted error).
+pub async fn session_limited(
+    store: &Store,
+    space: &Space,
+    memory_limit: Option<usize>,
+) -> Result<SessionContext> {
+    session_with(store, space, None, memory_limit).await
+}
+
+async fn session_with(
+    store: &Store,
+    space: &Space,
+    events_version: Option<u64>,
+    memory_limit: Option<usize>,
+) -> Result<SessionContext> {
     // DataFusion settings can be tuned with DATAFUSION_* environment variables.
     let config = SessionConfig::from_env()?
         .with_information_schema(true)
         .with_target_partitions(std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let ctx = SessionContext::new_with_config(config);
+    let ctx = match memory_limit {
+        Some(bytes) => {
+            let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+                .with_memory_limit(bytes, 1.0)
+                .build_arc()?;
+            SessionContext::new_with_config_rt(config, runtime)
+        }
+        None => SessionContext::new_with_config(config),
+    };
     let url =
         url::Url::parse(DATAFUSION_URL).map_err(|e| crate::error::Error::Usage(e.to_string()))?;
     ctx.register_object_store(&url, store.object_store());

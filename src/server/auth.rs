@@ -207,9 +207,13 @@ pub fn basic(header: &str) -> Option<(String, String)> {
     let b64 = header
         .strip_prefix("Basic ")
         .or_else(|| header.strip_prefix("basic "))?;
-    let raw = base64::engine::general_purpose::STANDARD
-        .decode(b64.trim())
-        .ok()?;
+    // padding optional: some clients (the Go Flight SQL driver) send unpadded base64
+    let engine = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+    );
+    let raw = engine.decode(b64.trim()).ok()?;
     let text = String::from_utf8(raw).ok()?;
     let (u, p) = text.split_once(':').unwrap_or((text.as_str(), ""));
     Some((u.to_string(), p.to_string()))
@@ -241,5 +245,10 @@ mod tests {
             Some(("token".into(), String::new()))
         );
         assert_eq!(basic("Bearer x"), None);
+        // unpadded, as the Go Flight SQL driver sends it
+        assert_eq!(
+            basic("Basic ZGVmYXVsdDpyZWFkLXRva2VuLTE"),
+            Some(("default".into(), "read-token-1".into()))
+        );
     }
 }

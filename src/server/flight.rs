@@ -16,7 +16,7 @@
 //!   `PutResult`, whose metadata counts accepted, duplicate and rejected rows (with reasons).
 //! - Flight SQL on the same port: statement queries (read-only: no DDL, DML or `SET`) over the
 //!   caller's space's tables, and the catalog, schema, table, table type and SQL info commands
-//!   drivers call on connect. Prepared statements are not supported yet.
+//!   drivers call on connect; prepared statements without parameters (the handle is the SQL).
 //!
 //! Another space's audience is answered exactly like a missing one (NOT_FOUND).
 
@@ -28,7 +28,10 @@ use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_server::FlightService;
 use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
-use arrow_flight::sql::{Any, Command, ProstMessageExt, SqlInfo, TicketStatementQuery};
+use arrow_flight::sql::{
+    ActionCreatePreparedStatementRequest, ActionCreatePreparedStatementResult, Any, Command,
+    ProstMessageExt, SqlInfo, TicketStatementQuery,
+};
 use arrow_flight::{
     Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo,
     HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
@@ -52,6 +55,8 @@ pub struct Flight {
     pub auth: Arc<Auth>,
     /// The configuration (identity rules per space).
     pub config: Arc<Config>,
+    /// Memory one query may use (Flight SQL statements, streams).
+    pub query_memory: Option<usize>,
 }
 
 type Stream<T> = BoxStream<'static, Result<T, Status>>;
@@ -233,6 +238,22 @@ impl Flight {
                 };
                 (schema, t.as_any().encode_to_vec())
             }
+            Command::CommandPreparedStatementQuery(q) => {
+                let sql = String::from_utf8(q.prepared_statement_handle.to_vec())
+                    .map_err(|_| Status::invalid_argument("bad prepared statement handle"))?;
+                let ctx = crate::tables::session(&self.store, &g.space)
+                    .await
+                    .map_err(internal)?;
+                let df = ctx
+                    .sql_with_options(&sql, read_only())
+                    .await
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                let schema = Arc::new(df.schema().as_arrow().clone());
+                let t = TicketStatementQuery {
+                    statement_handle: sql.into_bytes().into(),
+                };
+                (schema, t.as_any().encode_to_vec())
+            }
             Command::CommandGetCatalogs(c) => {
                 (c.into_builder().schema(), c.as_any().encode_to_vec())
             }
@@ -272,7 +293,7 @@ impl Flight {
     /// `do_get` of a Flight SQL ticket.
     async fn sql_get(&self, g: &Grant, cmd: Command) -> Result<Stream<FlightData>, Status> {
         self.need(g, Scope::Read)?;
-        let ctx = crate::tables::session(&self.store, &g.space)
+        let ctx = crate::tables::session_limited(&self.store, &g.space, self.query_memory)
             .await
             .map_err(internal)?;
         let batch = match cmd {
@@ -688,6 +709,45 @@ impl FlightService for Flight {
     ) -> Result<Response<Self::DoActionStream>, Status> {
         let g = self.grant(&req)?;
         let action = req.into_inner();
+        // Flight SQL prepared statements (the ADBC driver prepares every query): the handle is
+        // the SQL text itself, so nothing is kept per statement.
+        match action.r#type.as_str() {
+            "CreatePreparedStatement" => {
+                use prost::Message;
+                self.need(&g, Scope::Read)?;
+                let req: ActionCreatePreparedStatementRequest = Any::decode(&action.body[..])
+                    .ok()
+                    .and_then(|a| a.unpack().ok().flatten())
+                    .ok_or_else(|| {
+                        Status::invalid_argument("not a CreatePreparedStatement request")
+                    })?;
+                let ctx = crate::tables::session(&self.store, &g.space)
+                    .await
+                    .map_err(internal)?;
+                let df = ctx
+                    .sql_with_options(&req.query, read_only())
+                    .await
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                let schema = df.schema().as_arrow().clone();
+                let opts = arrow::ipc::writer::IpcWriteOptions::default();
+                let arrow_flight::IpcMessage(ipc) = arrow_flight::SchemaAsIpc::new(&schema, &opts)
+                    .try_into()
+                    .map_err(internal)?;
+                let result = ActionCreatePreparedStatementResult {
+                    prepared_statement_handle: req.query.into_bytes().into(),
+                    dataset_schema: ipc,
+                    parameter_schema: Default::default(),
+                };
+                let r = arrow_flight::Result {
+                    body: result.as_any().encode_to_vec().into(),
+                };
+                return Ok(Response::new(futures::stream::iter([Ok(r)]).boxed()));
+            }
+            "ClosePreparedStatement" => {
+                return Ok(Response::new(futures::stream::empty().boxed()));
+            }
+            _ => {}
+        }
         let body: serde_json::Value = if action.body.is_empty() {
             serde_json::json!({})
         } else {

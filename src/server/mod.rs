@@ -38,6 +38,8 @@ pub struct ServeOptions {
     pub spaces: Vec<Space>,
     /// Print refresh reports as JSON lines.
     pub json: bool,
+    /// Memory one Flight SQL query may use (bytes).
+    pub query_memory: Option<usize>,
 }
 
 async fn shutdown_signal() {
@@ -103,6 +105,7 @@ pub async fn run(store: &Store, config: Config, opts: ServeOptions) -> Result<()
         store: store.clone(),
         auth: Arc::clone(&auth),
         config: Arc::clone(&config),
+        query_memory: opts.query_memory,
     };
     let svc = FlightServiceServer::new(flight)
         .max_decoding_message_size(MAX_GRPC_MESSAGE)

@@ -303,14 +303,14 @@ async fn traits(
         ctx,
         "membership_changes",
         who.clone().and(col("change").eq(lit("exited"))),
-        &["audience_key", "audience_key", "as_of"],
+        &["audience_key", "version", "as_of"],
     )
     .await?;
     let members = rows(
         ctx,
         "memberships",
         who,
-        &["audience_key", "audience_key", "entered_at"],
+        &["audience_key", "version", "entered_at"],
     )
     .await?;
     // later sources win: an audience the profile is in again is true

@@ -22,16 +22,23 @@ impl Drop for Server {
 }
 
 fn start(store: &str, config: &std::path::Path) -> Server {
+    start_with(
+        store,
+        &["--config", config.to_str().unwrap()],
+        &[],
+        &mut Vec::new(),
+    )
+}
+
+/// Start `serve` with extra global and serve flags; the stderr lines up to the listening ones
+/// go to `early`.
+fn start_with(store: &str, global: &[&str], extra: &[&str], early: &mut Vec<String>) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_audiences"))
-        .args([
-            "--store",
-            store,
-            "--config",
-            config.to_str().unwrap(),
-            "--json",
-        ])
+        .args(["--store", store, "--json"])
+        .args(global)
         .args(["serve", "--flight", "127.0.0.1:0", "--http", "127.0.0.1:0"])
         .args(["--refresh-interval", "300ms"])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -43,6 +50,7 @@ fn start(store: &str, config: &std::path::Path) -> Server {
             .next()
             .expect("serve exited before listening")
             .unwrap();
+        early.push(l.clone());
         if let Some(a) = l.strip_prefix("audiences serve: flight listening on ") {
             flight = Some(a.trim().to_string());
         }
@@ -377,7 +385,368 @@ fn tracking_api_and_flight_with_real_clients() {
             .contains("two@example.com"),
         "{out}"
     );
+
+    // Profile API, against the CLI's view of the same profile.
+    let cli: serde_json::Value =
+        serde_json::from_str(&run_ok(store, &["--json", "profile", "user_id:u-1"])).unwrap();
+    let out: serde_json::Value = serde_json::from_str(&python(PROFILE, &[&host])).unwrap();
+    let traits = &out["traits"]["traits"];
+    assert_eq!(traits["plan"], "pro", "{out}");
+    assert_eq!(traits["email"], cli["traits"]["email"]);
+    assert_eq!(traits["buyers"], true);
+    assert_eq!(
+        out["audiences_only"]["traits"],
+        serde_json::json!({"buyers": true})
+    );
+    assert_eq!(out["include"]["traits"], serde_json::json!({"plan": "pro"}));
+    assert_eq!(out["verbose"]["traits"]["plan"]["class"], "custom");
+    assert_eq!(out["verbose"]["traits"]["plan"]["value"], "pro");
+    // pages of one trait, followed by cursor, give every trait once, in key order
+    let all_keys: Vec<&String> = traits.as_object().unwrap().keys().collect();
+    assert!(all_keys.len() >= 3, "{out}");
+    assert_eq!(out["paged"], serde_json::json!(all_keys));
+    assert_eq!(out["first_page"]["cursor"]["has_more"], true);
+    assert_eq!(out["bad_limit"][0], 400);
+    assert_eq!(out["bad_limit"][1]["error"]["code"], "validation_error");
+    let ids: Vec<String> = out["external_ids"]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            format!(
+                "{}:{}",
+                d["type"].as_str().unwrap(),
+                d["id"].as_str().unwrap()
+            )
+        })
+        .collect();
+    let mut want: Vec<String> = Vec::new();
+    for (t, vs) in cli["external_ids"].as_object().unwrap() {
+        for v in vs.as_array().unwrap() {
+            want.push(format!("{t}:{}", v.as_str().unwrap()));
+        }
+    }
+    want.sort();
+    assert_eq!(ids, want);
+    assert_eq!(
+        out["events_pages"],
+        serde_json::json!(["track", "group", "identify"]),
+        "{out}"
+    );
+    assert!(
+        out["metadata"]["metadata"]["created_at"].is_string(),
+        "{out}"
+    );
+    assert_eq!(out["links"]["data"][0]["external_ids"][0]["id"], "acct-1");
+    assert_eq!(out["account_traits"]["traits"]["plan"], "business");
+    assert_eq!(
+        out["account_links"]["data"][0]["external_ids"][0]["id"],
+        cli["profile_id"]
+    );
+    assert_eq!(out["missing"][0], 404);
+    assert_eq!(out["missing"][1]["error"]["code"], "not_found");
+    assert_eq!(
+        out["other_space"], out["missing"],
+        "another space looks missing"
+    );
+    assert_eq!(
+        out["other_token"], out["missing"],
+        "another space's token sees nothing here"
+    );
+    assert_eq!(out["no_auth"][0], 401);
+    assert!(out["request_id"].as_bool().unwrap());
+
+    // Management API: create, list, show, preview, edit (also while locked), delete, reuse.
+    let step = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&python(MANAGE, &[host.as_str(), name])).unwrap()
+    };
+    let r = step("create");
+    assert_eq!(r["status"], 201, "{r}");
+    assert_eq!(r["body"]["version"], 1);
+    assert_eq!(step("create_as_reader")["status"], 403);
+    let r = step("list");
+    let keys: Vec<&str> = r["body"]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["file"]["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["big_buyers", "buyers"]);
+    assert_eq!(
+        step("show")["body"]["file"]["definition"],
+        "event('Order Completed').count() >= 1 AND trait('plan') = 'pro'"
+    );
+    let p = step("preview");
+    assert_eq!(p["status"], 200, "{p}");
+    // held lock: the edit is refused and nothing changes
+    let lock = std::path::Path::new(store).join("spaces/default/_locks/big_buyers.json");
+    std::fs::create_dir_all(lock.parent().unwrap()).unwrap();
+    let since = chrono::Utc::now().timestamp_micros();
+    std::fs::write(
+        &lock,
+        format!(r#"{{"key":"big_buyers","definition_version":2,"since":{since},"owner":"another-edit"}}"#),
+    )
+    .unwrap();
+    let r = step("edit");
+    assert_eq!(
+        (r["status"].as_i64(), r["body"]["error"]["code"].as_str()),
+        (Some(409), Some("locked")),
+        "{r}"
+    );
+    assert!(
+        r["body"]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("locked")
+    );
+    assert_eq!(step("show")["body"]["version"], 1);
+    std::fs::remove_file(&lock).unwrap();
+    let r = step("edit");
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(r["body"]["version"], 2);
+    let computed = r["body"]["computed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["key"] == "big_buyers")
+        .unwrap()
+        .clone();
+    // the preview of the edited definition predicted what the edit committed
+    assert_eq!(computed["size"], p["body"]["size"], "{r} {p}");
+    assert!(computed["size"].as_u64().unwrap() > 0);
+    assert_eq!(step("delete")["status"], 200);
+    assert_eq!(step("show")["status"], 404);
+    let r = step("create");
+    assert_eq!(r["status"], 400);
+    assert!(
+        r["body"]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("never reused"),
+        "{r}"
+    );
+    assert_eq!(step("show_other_space")["status"], 404);
+
+    // Flight SQL through the ADBC driver: queries see the caller's space only, metadata calls
+    // work, writes are refused.
+    let out: serde_json::Value =
+        serde_json::from_str(&python(FLIGHT_SQL, &[&server.flight])).unwrap();
+    let cli = rows(
+        "default",
+        "SELECT audience_key AS k, count(*) AS n FROM memberships GROUP BY audience_key ORDER BY audience_key",
+    );
+    let cli: Vec<(String, i64)> = cli
+        .iter()
+        .map(|r| {
+            (
+                r["k"].as_str().unwrap().to_string(),
+                r["n"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let adbc: Vec<(String, i64)> = serde_json::from_value(out["counts"].clone()).unwrap();
+    assert_eq!(adbc, cli);
+    let n = rows("default", "SELECT count(*) AS n FROM events")[0]["n"].clone();
+    assert_eq!(out["events"], n, "{out}");
+    assert_eq!(
+        out["other_events"], 1,
+        "another space's token queries its own space"
+    );
+    for t in [
+        "events",
+        "profiles",
+        "identities",
+        "traits",
+        "memberships",
+        "membership_changes",
+    ] {
+        assert!(
+            out["tables"].as_array().unwrap().iter().any(|x| x == t),
+            "{t}: {out}"
+        );
+    }
+    assert_eq!(out["table_types"], serde_json::json!(["TABLE", "VIEW"]));
+    assert!(out["ddl"].as_str().unwrap().starts_with("refused"), "{out}");
+    assert!(
+        out["copy"].as_str().unwrap().starts_with("refused"),
+        "{out}"
+    );
+    assert!(!std::path::Path::new("/tmp/audiences-flight-sql-copy.csv").exists());
+
+    // do_put: one new row committed, the duplicate dropped, two rejected with their reasons
+    let out: serde_json::Value = serde_json::from_str(&python(PUT, &[&server.flight])).unwrap();
+    assert_eq!(out["put"]["accepted"], 1, "{out}");
+    assert_eq!(out["put"]["duplicates"], 1, "{out}");
+    assert_eq!(out["put"]["rejected"], 2, "{out}");
+    let codes: Vec<&str> = out["put"]["rejections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(codes, ["missing_event", "missing_identity"]);
+    assert_eq!(out["put_as_reader"], "unauthorized", "{out}");
+    assert_eq!(
+        rows(
+            "default",
+            "SELECT count(*) AS n FROM events WHERE message_id = 'put-1' AND \"properties.price:num\" = 3"
+        )[0]["n"],
+        1
+    );
 }
+
+/// The Profile API through plain HTTP.
+const PROFILE: &str = r#"
+import json, sys, base64, urllib.request, urllib.error
+host = sys.argv[1]
+def get(path, key='read-token-1'):
+    headers = {} if key is None else {'Authorization': 'Basic ' + base64.b64encode((key + ':').encode()).decode()}
+    req = urllib.request.Request(host + path, headers=headers)
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, json.loads(r.read()), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), dict(e.headers)
+u = '/v1/spaces/default/collections/users/profiles/user_id:u-1'
+out = {}
+st, out['traits'], h = get(u + '/traits?limit=200')
+out['request_id'] = any(k.lower() == 'request-id' for k in h)
+out['audiences_only'] = get(u + '/traits?class=audience')[1]
+out['include'] = get(u + '/traits?include=plan')[1]
+out['verbose'] = get(u + '/traits?include=plan&verbose=true')[1]
+keys, nxt = [], ''
+while True:
+    st, page, _ = get(u + '/traits?limit=1' + ('&next=' + nxt if nxt else ''))
+    assert st == 200, page
+    if not keys:
+        out['first_page'] = page
+    keys += list(page['traits'])
+    nxt = page['cursor']['next']
+    if not page['cursor']['has_more']:
+        break
+out['paged'] = keys
+out['bad_limit'] = get(u + '/traits?limit=0')[:2]
+out['external_ids'] = get(u + '/external_ids')[1]
+types, nxt = [], ''
+while True:
+    st, page, _ = get(u + '/events?limit=1' + ('&next=' + nxt if nxt else ''))
+    assert st == 200, page
+    types += [e['type'] for e in page['data']]
+    nxt = page['cursor']['next']
+    if not page['cursor']['has_more']:
+        break
+out['events_pages'] = types
+out['metadata'] = get(u + '/metadata')[1]
+out['links'] = get(u + '/links')[1]
+a = '/v1/spaces/default/collections/accounts/profiles/group_id:acct-1'
+out['account_traits'] = get(a + '/traits')[1]
+out['account_links'] = get(a + '/links')[1]
+out['missing'] = get('/v1/spaces/default/collections/users/profiles/user_id:nobody/traits')[:2]
+out['other_space'] = get('/v1/spaces/other/collections/users/profiles/user_id:u-1/traits')[:2]
+out['other_token'] = get(u + '/traits', key='other-token')[:2]
+out['no_auth'] = get(u + '/traits', key=None)[:2]
+print(json.dumps(out))
+"#;
+
+/// One management API call.
+const MANAGE: &str = r#"
+import json, sys, base64, urllib.request, urllib.error
+host, step = sys.argv[1], sys.argv[2]
+def call(method, path, body=None, key='admin-token-1'):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(host + path, data=data, method=method,
+        headers={'Content-Type': 'application/json', 'Authorization': 'Basic ' + base64.b64encode((key + ':').encode()).decode()})
+    try:
+        with urllib.request.urlopen(req) as r:
+            return {'status': r.status, 'body': json.loads(r.read())}
+    except urllib.error.HTTPError as e:
+        return {'status': e.code, 'body': json.loads(e.read())}
+base = '/v1/spaces/default/audiences'
+v1 = {'key': 'big_buyers', 'kind': 'audience', 'definition': "event('Order Completed').count() >= 1 AND trait('plan') = 'pro'"}
+v2 = {'key': 'big_buyers', 'kind': 'audience', 'definition': "event('Order Completed').count() >= 1"}
+out = {
+    'create': lambda: call('POST', base, v1),
+    'create_as_reader': lambda: call('POST', base, v1, key='read-token-1'),
+    'list': lambda: call('GET', base, key='read-token-1'),
+    'show': lambda: call('GET', base + '/big_buyers', key='read-token-1'),
+    'preview': lambda: call('POST', base + '/preview', v2, key='read-token-1'),
+    'edit': lambda: call('PUT', base + '/big_buyers', v2),
+    'delete': lambda: call('DELETE', base + '/big_buyers'),
+    'show_other_space': lambda: call('GET', '/v1/spaces/other/audiences/buyers', key='read-token-1'),
+}[step]()
+print(json.dumps(out))
+"#;
+
+/// The ADBC Flight SQL driver (username: the space; password: the token).
+const FLIGHT_SQL: &str = r#"
+import json, sys
+import adbc_driver_flightsql.dbapi as fs
+loc = sys.argv[1]
+def connect(space, token):
+    return fs.connect('grpc://' + loc, db_kwargs={'username': space, 'password': token})
+out = {}
+with connect('default', 'read-token-1') as conn:
+    with conn.cursor() as cur:
+        cur.execute('SELECT audience_key, count(*) AS n FROM memberships GROUP BY audience_key ORDER BY audience_key')
+        out['counts'] = [list(r) for r in cur.fetchall()]
+        cur.execute('SELECT count(*) FROM events')
+        out['events'] = cur.fetchone()[0]
+        for name, sql in [('ddl', 'CREATE TABLE x AS SELECT 1'), ('copy', "COPY (SELECT 1) TO '/tmp/audiences-flight-sql-copy.csv'")]:
+            try:
+                cur.execute(sql)
+                cur.fetchall()
+                out[name] = 'ran'
+            except Exception as e:
+                out[name] = 'refused: ' + str(e).split('\n')[0]
+    objs = conn.adbc_get_objects(depth='tables').read_all().to_pylist()
+    out['tables'] = sorted(t['table_name'] for c in objs for s in (c['catalog_db_schemas'] or []) for t in (s['db_schema_tables'] or []))
+    out['table_types'] = conn.adbc_get_table_types()
+with connect('other', 'other-token') as conn:
+    with conn.cursor() as cur:
+        cur.execute('SELECT count(*) FROM events')
+        out['other_events'] = cur.fetchone()[0]
+print(json.dumps(out))
+"#;
+
+/// Flight do_put of event rows.
+const PUT: &str = r#"
+import json, sys
+import pyarrow as pa
+import pyarrow.flight as fl
+loc = sys.argv[1]
+def client(token):
+    c = fl.FlightClient('grpc://' + loc)
+    h = c.authenticate_basic_token('', token)
+    return c, fl.FlightCallOptions(headers=[h])
+out = {}
+w, wopts = client('write-key-1')
+table = pa.table({
+    'message_id': ['put-1', 'put-2', 'put-3', 'put-1'],
+    'type': ['track', 'track', 'identify', 'track'],
+    'event': ['Order Completed', None, None, 'Order Completed'],
+    'user_id': ['p-1', 'p-2', None, 'p-1'],
+    'timestamp': pa.array([1767225600000000] * 4, pa.timestamp('us', tz='UTC')),
+    'properties': ['{"price": 3}', None, None, '{"price": 3}'],
+})
+writer, reader = w.do_put(fl.FlightDescriptor.for_path('events'), table.schema, wopts)
+writer.write_table(table)
+writer.done_writing()
+out['put'] = json.loads(reader.read().to_pybytes())
+writer.close()
+r, ropts = client('read-token-1')
+try:
+    wr, rd = r.do_put(fl.FlightDescriptor.for_path('events'), table.schema, ropts)
+    wr.write_table(table)
+    wr.done_writing()
+    rd.read()
+    wr.close()
+    out['put_as_reader'] = 'ok'
+except fl.FlightUnauthorizedError:
+    out['put_as_reader'] = 'unauthorized'
+except Exception as e:
+    out['put_as_reader'] = type(e).__name__ + ': ' + str(e)
+print(json.dumps(out))
+"#;
 
 /// Exports three ways, and the reference rendering.
 const EXPORTS: &str = r#"
@@ -440,4 +809,93 @@ for f, path in [('unformatted', ['exports', 'buyers', 'unformatted']), ('formatt
     t = c.do_get(info.endpoints[0].ticket, opts).read_all()
     res['flight'][f] = [t.schema.names] + [['' if v is None else v for v in r.values()] for r in t.to_pylist()]
 print(json.dumps(res))
+"#;
+
+/// Without a config: an admin token is made on the first start, printed once, and kept only as
+/// a digest (it still works after a restart, and is not printed again). Queries over the memory
+/// limit fail cleanly. SIGTERM shuts down gracefully. `--insecure-no-auth` says so and needs no
+/// token.
+#[test]
+fn first_start_token_memory_limit_shutdown_and_insecure_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let store = store.to_str().unwrap();
+    let mut early = Vec::new();
+    let mut server = start_with(store, &[], &["--query-memory", "4MB"], &mut early);
+    let token = early
+        .iter()
+        .find_map(|l| l.split("(shown this once; keep it): ").nth(1))
+        .unwrap_or_else(|| panic!("no token printed: {early:?}"))
+        .trim()
+        .to_string();
+    let digest = std::fs::read_to_string(
+        dir.path()
+            .join("store/spaces/default/_auth/admin_token.json"),
+    )
+    .unwrap();
+    assert!(!digest.contains(&token), "only the digest is stored");
+    let out: serde_json::Value =
+        serde_json::from_str(&python(TOKEN_AND_MEMORY, &[&server.flight, &token])).unwrap();
+    assert_eq!(out["flights"], 0, "{out}");
+    assert_eq!(out["small"], 55);
+    let big = out["big"].as_str().unwrap();
+    assert!(big.to_lowercase().contains("resources exhausted"), "{big}");
+    // graceful shutdown on SIGTERM
+    let pid = server.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    // restart: the token is not printed again and still works
+    let mut early = Vec::new();
+    let server = start_with(store, &[], &[], &mut early);
+    assert!(
+        !early.iter().any(|l| l.contains("admin token")),
+        "{early:?}"
+    );
+    let out: serde_json::Value =
+        serde_json::from_str(&python(TOKEN_AND_MEMORY, &[&server.flight, &token])).unwrap();
+    assert_eq!(out["flights"], 0);
+    drop(server);
+    // insecure mode: loud, and no handshake needed
+    let mut early = Vec::new();
+    let server = start_with(store, &[], &["--insecure-no-auth"], &mut early);
+    assert!(
+        early
+            .iter()
+            .any(|l| l.contains("WARNING: --insecure-no-auth")),
+        "{early:?}"
+    );
+    let out = python(
+        "import sys, pyarrow.flight as fl\nc = fl.FlightClient('grpc://' + sys.argv[1])\nprint(len(list(c.list_flights())))",
+        &[&server.flight],
+    );
+    assert_eq!(out.trim(), "0");
+}
+
+/// Handshake with a token; a small query and one over the memory limit through Flight SQL.
+const TOKEN_AND_MEMORY: &str = r#"
+import json, sys
+import pyarrow.flight as fl
+import adbc_driver_flightsql.dbapi as fs
+loc, token = sys.argv[1], sys.argv[2]
+c = fl.FlightClient('grpc://' + loc)
+opts = fl.FlightCallOptions(headers=[c.authenticate_basic_token('', token)])
+out = {'flights': len(list(c.list_flights(options=opts)))}
+with fs.connect('grpc://' + loc, db_kwargs={'username': 'default', 'password': token}) as conn:
+    with conn.cursor() as cur:
+        cur.execute('SELECT sum(value) FROM generate_series(1, 10)')
+        out['small'] = cur.fetchone()[0]
+        try:
+            cur.execute('SELECT array_agg(value) FROM generate_series(1, 3000000)')
+            cur.fetchall()
+            out['big'] = 'ran'
+        except Exception as e:
+            out['big'] = str(e)
+print(json.dumps(out))
 "#;
