@@ -602,6 +602,10 @@ fn serve_refreshes_realtime_definitions_and_batch_ones_on_schedule() {
             "200ms",
             "--refreshes",
             "3",
+            "--flight",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
         ],
         &[],
     );
