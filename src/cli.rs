@@ -157,6 +157,9 @@ pub struct ServeArgs {
     /// Memory one Flight SQL query may use (beyond it: spill, or a resources-exhausted error).
     #[arg(long, env = "AUDIENCES_QUERY_MEMORY", default_value = "2GiB")]
     pub query_memory: String,
+    /// Profile API requests per second per space (also the burst), as Segment's 100/s.
+    #[arg(long, env = "AUDIENCES_PROFILE_API_RATE", default_value_t = 100.0)]
+    pub profile_api_rate: f64,
 }
 
 /// `members` options.
@@ -916,6 +919,11 @@ async fn serve(g: &Global, a: &ServeArgs) -> Result<()> {
         spaces,
         json: g.json,
         query_memory: Some(crate::serve::parse_bytes(&a.query_memory)?),
+        profile_api_rate: if a.profile_api_rate > 0.0 {
+            a.profile_api_rate
+        } else {
+            return Err(Error::Usage("--profile-api-rate must be positive".into()));
+        },
     };
     eprintln!(
         "audiences serve: store {}, refreshing {} every {:?}",

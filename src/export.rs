@@ -462,3 +462,23 @@ pub async fn write_csv(
     }
     Ok(rows)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalized_values_hash_to_known_sha256_vectors() {
+        // FIPS 180-2 test vectors
+        assert_eq!(
+            sha256_hex(&normalize("email", "  ABC ")),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(
+            sha256_hex(""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        // other id types keep their case
+        assert_eq!(normalize("user_id", " AbC "), "AbC");
+    }
+}

@@ -55,8 +55,11 @@ pub fn random_token() -> String {
 pub struct Auth {
     tokens: Vec<([u8; 32], Grant)>,
     sessions: Mutex<HashMap<[u8; 32], (Grant, std::time::Instant)>>,
-    /// `--insecure-no-auth`: every call is an admin of the space it names.
+    /// `--insecure-no-auth`: every call is an admin of the space it names (Flight: of
+    /// [`Auth::insecure_space`]).
     pub insecure: bool,
+    /// The space of unauthenticated Flight calls in insecure mode (the `--space` of `serve`).
+    pub insecure_space: Space,
 }
 
 impl std::fmt::Debug for Auth {
@@ -156,6 +159,7 @@ impl Auth {
                 tokens,
                 sessions: Mutex::new(HashMap::new()),
                 insecure,
+                insecure_space: Space::default(),
             },
             created,
         ))
@@ -167,6 +171,7 @@ impl Auth {
             tokens: tokens.into_iter().map(|(t, g)| (digest(&t), g)).collect(),
             sessions: Mutex::new(HashMap::new()),
             insecure: false,
+            insecure_space: Space::default(),
         }
     }
 
@@ -180,6 +185,14 @@ impl Auth {
             }
         }
         found
+    }
+
+    /// The grant of every call in insecure mode.
+    pub fn insecure_grant(&self) -> Grant {
+        Grant {
+            space: self.insecure_space.clone(),
+            scopes: vec![Scope::Read, Scope::Write, Scope::Admin, Scope::Pii],
+        }
     }
 
     /// Hand out a bearer token for `grant`.

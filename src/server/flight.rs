@@ -75,10 +75,7 @@ struct TicketBody {
 impl Flight {
     fn grant<T>(&self, req: &Request<T>) -> Result<Grant, Status> {
         if self.auth.insecure {
-            return Ok(Grant {
-                space: Space::default(),
-                scopes: vec![Scope::Read, Scope::Write, Scope::Admin, Scope::Pii],
-            });
+            return Ok(self.auth.insecure_grant());
         }
         let h = req
             .metadata()
@@ -486,10 +483,7 @@ impl FlightService for Flight {
         req: Request<Streaming<HandshakeRequest>>,
     ) -> Result<Response<Self::HandshakeStream>, Status> {
         let grant = if self.auth.insecure {
-            Grant {
-                space: Space::default(),
-                scopes: vec![Scope::Read, Scope::Write, Scope::Admin, Scope::Pii],
-            }
+            self.auth.insecure_grant()
         } else {
             let header = req
                 .metadata()

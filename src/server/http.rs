@@ -38,9 +38,36 @@ pub struct HttpState {
     pub auth: Arc<Auth>,
     /// The configuration (identity rules per space).
     pub config: Arc<crate::config::Config>,
+    /// Profile API requests per second per space (also the burst).
+    pub rate: f64,
+    /// Token buckets per space: (tokens, last refill).
+    pub buckets: std::sync::Mutex<std::collections::HashMap<String, (f64, std::time::Instant)>>,
 }
 
 impl HttpState {
+    /// Take one request from the space's token bucket, or answer 429.
+    pub fn limit(&self, space: &str) -> Result<(), Response> {
+        let mut b = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        let (tokens, last) = b.entry(space.to_string()).or_insert((self.rate, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.rate).min(self.rate);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            return Ok(());
+        }
+        let wait = ((1.0 - *tokens) / self.rate).ceil().max(1.0) as u64;
+        let mut r = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            &format!("over {} requests per second for this space", self.rate),
+        );
+        if let Ok(v) = HeaderValue::from_str(&wait.to_string()) {
+            r.headers_mut().insert("retry-after", v);
+        }
+        Err(r)
+    }
+
     /// The identity rules of a space.
     pub fn rules(
         &self,
@@ -109,18 +136,32 @@ pub(crate) fn authorize(
     headers: &HeaderMap,
     scope: Scope,
 ) -> Result<Grant, Response> {
-    let unauthorized = || {
-        error(
-            StatusCode::UNAUTHORIZED,
-            "authentication_error",
-            "a valid token is required as the HTTP Basic username",
-        )
-    };
+    authorize_in(state, headers, scope, None)
+}
+
+/// The one answer to missing, malformed, wrong and other-space credentials.
+fn unauthorized() -> Response {
+    error(
+        StatusCode::UNAUTHORIZED,
+        "authentication_error",
+        "a valid token of this space is required as the HTTP Basic username",
+    )
+}
+
+/// [`authorize`] for a route naming a space: a token of another space is answered exactly like
+/// a wrong token.
+pub(crate) fn authorize_in(
+    state: &HttpState,
+    headers: &HeaderMap,
+    scope: Scope,
+    space: Option<&str>,
+) -> Result<Grant, Response> {
     if state.auth.insecure {
-        return Ok(Grant {
-            space: crate::store::Space::default(),
-            scopes: vec![Scope::Read, Scope::Write, Scope::Admin, Scope::Pii],
-        });
+        let mut g = state.auth.insecure_grant();
+        if let Some(s) = space.and_then(|s| crate::store::Space::new(s).ok()) {
+            g.space = s;
+        }
+        return Ok(g);
     }
     let header = headers
         .get("authorization")
@@ -129,6 +170,7 @@ pub(crate) fn authorize(
     let (user, pass) = basic(header).ok_or_else(unauthorized)?;
     let token = if user.is_empty() { pass } else { user };
     match state.auth.check_token(&token) {
+        Some(g) if space.is_some_and(|s| s != g.space.as_str()) => Err(unauthorized()),
         Some(g) if g.allows(scope) => Ok(g),
         Some(_) => Err(error(
             StatusCode::FORBIDDEN,
@@ -254,7 +296,7 @@ async fn export(
     axum::extract::Query(q): axum::extract::Query<ExportQuery>,
     headers: HeaderMap,
 ) -> Response {
-    let grant = match authorize(&state, &headers, Scope::Read) {
+    let grant = match authorize_in(&state, &headers, Scope::Read, Some(&space)) {
         Ok(g) => g,
         Err(r) => return r,
     };
@@ -265,9 +307,6 @@ async fn export(
             &format!("no audience '{key}' in space '{space}'"),
         )
     };
-    if grant.space.as_str() != space && !state.auth.insecure {
-        return not_found();
-    }
     let Ok(space) = crate::store::Space::new(&space) else {
         return not_found();
     };

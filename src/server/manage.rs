@@ -19,7 +19,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use super::http::{HttpState, authorize, error};
+use super::http::{HttpState, authorize_in, error};
 use crate::config::Scope;
 use crate::error::Error;
 use crate::lang::definition::{DefinitionFile, Kind};
@@ -57,12 +57,9 @@ fn space_of(
     collection: &str,
     scope: Scope,
 ) -> Result<(Space, Kind), Response> {
-    let grant = authorize(state, headers, scope)?;
+    authorize_in(state, headers, scope, Some(space))?;
     let not_found = || error(StatusCode::NOT_FOUND, "not_found", "no such collection");
     let kind = kind_of(collection).ok_or_else(not_found)?;
-    if !state.auth.insecure && grant.space.as_str() != space {
-        return Err(not_found());
-    }
     Ok((Space::new(space).map_err(|_| not_found())?, kind))
 }
 

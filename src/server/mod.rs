@@ -40,6 +40,8 @@ pub struct ServeOptions {
     pub json: bool,
     /// Memory one Flight SQL query may use (bytes).
     pub query_memory: Option<usize>,
+    /// Profile API requests per second per space (and burst).
+    pub profile_api_rate: f64,
 }
 
 async fn shutdown_signal() {
@@ -67,7 +69,10 @@ async fn shutdown_signal() {
 
 /// Serve until interrupted (or until the refresh loops have run `refreshes` passes).
 pub async fn run(store: &Store, config: Config, opts: ServeOptions) -> Result<()> {
-    let (auth, created) = auth::Auth::load(store, &config, opts.insecure).await?;
+    let (mut auth, created) = auth::Auth::load(store, &config, opts.insecure).await?;
+    if let Some(s) = opts.spaces.first() {
+        auth.insecure_space = s.clone();
+    }
     if let Some(t) = created {
         // Shown once: only its SHA-256 digest is kept (in the store).
         eprintln!(
@@ -76,8 +81,9 @@ pub async fn run(store: &Store, config: Config, opts: ServeOptions) -> Result<()
     }
     if opts.insecure {
         eprintln!(
-            "audiences serve: WARNING: --insecure-no-auth: every caller is an admin of space \
-             'default'; never expose these ports"
+            "audiences serve: WARNING: --insecure-no-auth: every caller is an admin (Flight: of \
+             space '{}'); never expose these ports",
+            auth.insecure_space
         );
     }
     let auth = Arc::new(auth);
@@ -126,6 +132,8 @@ pub async fn run(store: &Store, config: Config, opts: ServeOptions) -> Result<()
         store: store.clone(),
         auth: Arc::clone(&auth),
         config: Arc::clone(&config),
+        rate: opts.profile_api_rate,
+        buckets: Default::default(),
     }));
     let mut stop = stop_rx.clone();
     let http_task = tokio::spawn(async move {

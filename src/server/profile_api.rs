@@ -12,8 +12,10 @@
 //! - `external_ids` (users: every id of the profile; accounts: `group_id`), `events` (newest
 //!   first, `limit` default 10, cursor), `metadata` (`created_at`, `updated_at`), `links`
 //!   (users → their accounts, accounts → their users).
-//! - Errors: `{"error": {"code", "message"}}` with `authentication_error`,
-//!   `validation_error`, `not_found`.
+//! - Errors: `{"error": {"code", "message"}}` with `authentication_error` (401, the same body for
+//!   a missing header, a wrong token, a Bearer header and another space's token),
+//!   `invalid_request_error`, `validation_error`, `not_found`, `rate_limit_error` (429 with
+//!   `Retry-After`, over the per-space request rate).
 
 // Handlers return early with a finished error response; boxing it would only add noise.
 #![allow(clippy::result_large_err)]
@@ -29,7 +31,7 @@ use base64::Engine;
 use datafusion::prelude::{SessionContext, col, lit};
 use serde_json::{Value, json};
 
-use super::http::{HttpState, authorize, error};
+use super::http::{HttpState, authorize_in, error};
 use crate::config::Scope;
 use crate::store::Space;
 
@@ -199,21 +201,20 @@ pub async fn handler(
     Query(p): Query<Params>,
     headers: HeaderMap,
 ) -> Response {
-    let grant = match authorize(&state, &headers, Scope::Read) {
-        Ok(g) => g,
-        Err(r) => return r,
-    };
-    let not_found = || error(StatusCode::NOT_FOUND, "not_found", "Profile not found");
-    if !state.auth.insecure && grant.space.as_str() != space {
-        return not_found();
+    if let Err(r) = authorize_in(&state, &headers, Scope::Read, Some(&space)) {
+        return r;
     }
+    if let Err(r) = state.limit(&space) {
+        return r;
+    }
+    let not_found = || error(StatusCode::NOT_FOUND, "not_found", "Profile not found");
     let Ok(space) = Space::new(&space) else {
         return not_found();
     };
     let Some((id_type, value)) = id.split_once(':') else {
         return error(
             StatusCode::BAD_REQUEST,
-            "validation_error",
+            "invalid_request_error",
             "the profile is addressed as id_type:value, e.g. user_id:u1",
         );
     };

@@ -91,6 +91,8 @@ analytics.on_error = lambda e, batch: errors.append(str(e))
 analytics.identify('u-1', {'email': 'one@example.com', 'plan': 'pro'})
 analytics.identify('u-2', {'email': ' Two@Example.COM '})
 analytics.group('u-1', 'acct-1', {'plan': 'business', 'employees': 12})
+analytics.identify('u-3', {'email': 'a@x.com'})
+analytics.identify('u-3', {'email': ' B@x.com'})
 analytics.track('u-1', 'Order Completed', {'price': 30, 'product_id': 'p-1'})
 analytics.track('u-2', 'Order Completed', {'price': 12})
 analytics.track(anonymous_id='anon-9', event='Product Viewed', properties={'price': 5})
@@ -240,6 +242,8 @@ fn tracking_api_and_flight_with_real_clients() {
             "identify u-2 -",
             "page u-2 -",
             "track u-2 Order Completed",
+            "identify u-3 -",
+            "identify u-3 -",
             "track u-3 Order Completed",
             "track u-5 Order Completed",
         ]
@@ -371,7 +375,20 @@ fn tracking_api_and_flight_with_real_clients() {
         out["expected"]["single_raw"]
     );
     assert_eq!(out["http_raw_as_reader"], 403);
-    assert_eq!(out["http_other_space"], 404);
+    assert_eq!(out["http_other_space"], 401);
+    assert_eq!(
+        out["duckdb_formatted"], out["cli"]["formatted"],
+        "DuckDB reads our CSV"
+    );
+    // u-3 has two emails: indexed columns
+    assert!(
+        out["expected"]["formatted"][0]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c == "email_1"),
+        "{out}"
+    );
     assert!(
         out["version"]
             .as_str()
@@ -445,15 +462,17 @@ fn tracking_api_and_flight_with_real_clients() {
     );
     assert_eq!(out["missing"][0], 404);
     assert_eq!(out["missing"][1]["error"]["code"], "not_found");
-    assert_eq!(
-        out["other_space"], out["missing"],
-        "another space looks missing"
-    );
-    assert_eq!(
-        out["other_token"], out["missing"],
-        "another space's token sees nothing here"
-    );
+    // the auth matrix: one 401 body for a missing header, a wrong token, a Bearer header, and
+    // a token of another space (on its path or on ours)
     assert_eq!(out["no_auth"][0], 401);
+    for k in ["wrong_token", "bearer", "other_token", "other_space"] {
+        assert_eq!(out[k], out["no_auth"], "{k}: {out}");
+    }
+    assert_eq!(out["malformed_id"][0], 400);
+    assert_eq!(
+        out["malformed_id"][1]["error"]["code"],
+        "invalid_request_error"
+    );
     assert!(out["request_id"].as_bool().unwrap());
 
     // Management API: create, list, show, preview, edit (also while locked), delete, reuse.
@@ -525,7 +544,7 @@ fn tracking_api_and_flight_with_real_clients() {
             .contains("never reused"),
         "{r}"
     );
-    assert_eq!(step("show_other_space")["status"], 404);
+    assert_eq!(step("show_other_space")["status"], 401);
 
     // Flight SQL through the ADBC driver: queries see the caller's space only, metadata calls
     // work, writes are refused.
@@ -645,6 +664,14 @@ out['missing'] = get('/v1/spaces/default/collections/users/profiles/user_id:nobo
 out['other_space'] = get('/v1/spaces/other/collections/users/profiles/user_id:u-1/traits')[:2]
 out['other_token'] = get(u + '/traits', key='other-token')[:2]
 out['no_auth'] = get(u + '/traits', key=None)[:2]
+out['wrong_token'] = get(u + '/traits', key='wrong')[:2]
+req = urllib.request.Request(host + u + '/traits', headers={'Authorization': 'Bearer read-token-1'})
+try:
+    urllib.request.urlopen(req)
+    out['bearer'] = 'ok'
+except urllib.error.HTTPError as e:
+    out['bearer'] = [e.code, json.loads(e.read())]
+out['malformed_id'] = get('/v1/spaces/default/collections/users/profiles/nocolon/traits')[:2]
 print(json.dumps(out))
 "#;
 
@@ -785,6 +812,12 @@ def single(raw):
     return out
 exp['single'], exp['single_raw'] = single(False), single(True)
 res = {'expected': exp, 'cli': {k: rows(v) for k, v in cli.items()}, 'http': {}, 'flight': {}}
+import duckdb, tempfile, os
+with tempfile.NamedTemporaryFile('w', suffix='.csv', delete=False) as f:
+    f.write(cli['formatted'])
+t = duckdb.read_csv(f.name, header=True, all_varchar=True)
+res['duckdb_formatted'] = [t.columns] + [['' if v is None else v for v in r] for r in t.fetchall()]
+os.remove(f.name)
 def get(path, key):
     req = urllib.request.Request(host + path, headers={'Authorization': 'Basic ' + base64.b64encode((key + ':').encode()).decode()})
     try:
@@ -821,7 +854,12 @@ fn first_start_token_memory_limit_shutdown_and_insecure_mode() {
     let store = dir.path().join("store");
     let store = store.to_str().unwrap();
     let mut early = Vec::new();
-    let mut server = start_with(store, &[], &["--query-memory", "4MB"], &mut early);
+    let mut server = start_with(
+        store,
+        &[],
+        &["--query-memory", "4MB", "--profile-api-rate", "1"],
+        &mut early,
+    );
     let token = early
         .iter()
         .find_map(|l| l.split("(shown this once; keep it): ").nth(1))
@@ -840,6 +878,18 @@ fn first_start_token_memory_limit_shutdown_and_insecure_mode() {
     assert_eq!(out["small"], 55);
     let big = out["big"].as_str().unwrap();
     assert!(big.to_lowercase().contains("resources exhausted"), "{big}");
+    // over the Profile API rate: 429 rate_limit_error with Retry-After
+    let out: serde_json::Value =
+        serde_json::from_str(&python(RATE, &[&format!("http://{}", server.http), &token])).unwrap();
+    assert_eq!(out[0][0], 404, "{out}");
+    assert_eq!(out[1][0], 429, "{out}");
+    assert_eq!(out[1][1]["error"]["code"], "rate_limit_error");
+    assert!(
+        out[1][2]
+            .as_str()
+            .is_some_and(|s| s.parse::<u64>().unwrap() >= 1),
+        "{out}"
+    );
     // graceful shutdown on SIGTERM
     let pid = server.child.id().to_string();
     assert!(
@@ -898,4 +948,134 @@ with fs.connect('grpc://' + loc, db_kwargs={'username': 'default', 'password': t
         except Exception as e:
             out['big'] = str(e)
 print(json.dumps(out))
+"#;
+
+/// Two Profile API calls in a row against a rate of 1/s.
+const RATE: &str = r#"
+import json, sys, base64, urllib.request, urllib.error
+host, token = sys.argv[1], sys.argv[2]
+out = []
+for _ in range(2):
+    req = urllib.request.Request(host + '/v1/spaces/default/collections/users/profiles/user_id:x/traits',
+        headers={'Authorization': 'Basic ' + base64.b64encode((token + ':').encode()).decode()})
+    try:
+        urllib.request.urlopen(req)
+        out.append([200])
+    except urllib.error.HTTPError as e:
+        out.append([e.code, json.loads(e.read()), e.headers.get('Retry-After')])
+print(json.dumps(out))
+"#;
+
+/// 32 Flight clients pull an audience while new events arrive and refreshes commit new
+/// versions: no errors, and every stream equals exactly the membership of the version its
+/// ticket pinned.
+#[test]
+fn concurrent_pulls_while_refreshes_commit_read_one_version_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let store = store.to_str().unwrap();
+    let cfg = dir.path().join("cfg.toml");
+    std::fs::write(&cfg, CONFIG).unwrap();
+    let base = dir.path().join("base.ndjson");
+    std::fs::write(&base, generated(3000, 17)).unwrap();
+    run_ok(store, &["ingest", base.to_str().unwrap()]);
+    let def = dir.path().join("buyers.json");
+    std::fs::write(
+        &def,
+        r#"{"key": "buyers", "kind": "audience", "definition": "event('Order Completed').count() >= 1"}"#,
+    )
+    .unwrap();
+    run_ok(store, &["audience", "create", def.to_str().unwrap()]);
+    let server = start(store, &cfg);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while run_ok(
+        store,
+        &["--json", "sql", "SELECT count(*) AS n FROM memberships"],
+    )
+    .contains("\"n\":0")
+    {
+        assert!(std::time::Instant::now() < deadline, "no first version");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let out: serde_json::Value = serde_json::from_str(&python(
+        CONCURRENT,
+        &[&server.flight, &format!("http://{}", server.http)],
+    ))
+    .unwrap();
+    assert_eq!(out["errors"], serde_json::json!([]), "{out}");
+    let pulls = out["pulls"].as_array().unwrap();
+    assert!(pulls.len() >= 32 * 4, "{}", pulls.len());
+    let mut by_version: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
+    for p in pulls {
+        let v = p[0].as_u64().unwrap();
+        let ids: Vec<String> = serde_json::from_value(p[1].clone()).unwrap();
+        let want = by_version.entry(v).or_insert_with(|| {
+            let m: Vec<serde_json::Value> = serde_json::from_str(&run_ok(
+                store,
+                &[
+                    "members",
+                    "buyers",
+                    "--version",
+                    &v.to_string(),
+                    "--format",
+                    "json",
+                ],
+            ))
+            .unwrap();
+            let mut ids: Vec<String> = m
+                .iter()
+                .map(|r| r["profile_id"].as_str().unwrap().to_string())
+                .collect();
+            ids.sort();
+            ids
+        });
+        assert_eq!(
+            &ids, want,
+            "a stream of version {v} differs from that version"
+        );
+    }
+    assert!(
+        by_version.len() >= 2,
+        "refreshes committed during the pulls: {:?}",
+        by_version.keys()
+    );
+}
+
+/// 32 pulling threads and one writer posting new buyers.
+const CONCURRENT: &str = r#"
+import json, sys, threading, time, base64, urllib.request
+import pyarrow.flight as fl
+loc, host = sys.argv[1], sys.argv[2]
+pulls, errors = [], []
+lock = threading.Lock()
+stop = threading.Event()
+def writer():
+    for i in range(25):
+        body = json.dumps({'batch': [{'type': 'track', 'userId': f'new-{i}', 'event': 'Order Completed'}]}).encode()
+        req = urllib.request.Request(host + '/v1/batch', data=body, method='POST', headers={'Content-Type': 'application/json', 'Authorization': 'Basic ' + base64.b64encode(b'write-key-1:').decode()})
+        try:
+            urllib.request.urlopen(req).read()
+        except Exception as e:
+            with lock: errors.append('write: ' + str(e))
+        time.sleep(0.12)
+def puller():
+    try:
+        c = fl.FlightClient('grpc://' + loc)
+        opts = fl.FlightCallOptions(headers=[c.authenticate_basic_token('', 'read-token-1')])
+        for _ in range(4):
+            info = c.get_flight_info(fl.FlightDescriptor.for_path('audiences', 'buyers'), opts)
+            t = info.endpoints[0].ticket
+            version = json.loads(t.ticket)['version']
+            ids = sorted(c.do_get(t, opts).read_all().column('profile_id').to_pylist())
+            with lock: pulls.append([version, ids])
+            time.sleep(0.3)
+    except Exception as e:
+        with lock: errors.append('pull: ' + str(e))
+w = threading.Thread(target=writer)
+w.start()
+ts = [threading.Thread(target=puller) for _ in range(32)]
+for t in ts: t.start()
+for t in ts: t.join()
+w.join()
+print(json.dumps({'pulls': pulls, 'errors': errors}))
 "#;
