@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""Serving benchmark (issue 7): CSV exports and Flight do_get against peers, same data.
+
+Input: a store with a computed audience (default `everyone`: every profile, anonymous ones
+included, so the audience is as large as the dataset allows), plus its members and the space's
+identities exported once to Parquet for the peers (`--members`, `--ids`).
+
+  1. formatted CSV export: `audiences export KEY --format formatted -o F` (whole process) against
+     DuckDB `COPY (members LEFT JOIN identities GROUP BY profile, ids aggregated) TO F (HEADER)`;
+  2. SHA-256 single-column export: `audiences export KEY --format single --id-type email` against
+     DuckDB `COPY (SELECT DISTINCT profile, sha256(lower(trim(email))) ...)`, as rows per second;
+  3. Flight `do_get` of the audience from `audiences serve` against a pyarrow.flight server
+     serving the very same record batches from memory (what a plain Flight server costs).
+
+2 threads everywhere, median of --runs, rows checked equal before timing.
+
+Usage: python3 benches/serving.py --store DIR --members m.parquet --ids ids.parquet [--key K]
+"""
+import argparse, json, os, statistics, subprocess, sys, tempfile, threading, time
+
+def timed(cmd, env):
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--store", required=True)
+    ap.add_argument("--members", required=True)
+    ap.add_argument("--ids", required=True)
+    ap.add_argument("--key", default="everyone")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--bin", default=os.path.expanduser("~/.cache/audiences-target/release/audiences"))
+    a = ap.parse_args()
+    import duckdb, csv
+    import pyarrow.flight as fl
+    env = dict(os.environ, TOKIO_WORKER_THREADS="2", RAYON_NUM_THREADS="2")
+    work = tempfile.mkdtemp(prefix="audiences-serving-bench-")
+    con = duckdb.connect()
+    con.execute("SET threads TO 2")
+    con.execute(f"CREATE VIEW m AS SELECT * FROM read_parquet('{a.members}')")
+    con.execute(f"CREATE VIEW ids AS SELECT * FROM read_parquet('{a.ids}')")
+    members = con.execute("SELECT count(*) FROM m").fetchone()[0]
+    out = os.path.join(work, "ours.csv")
+    rows = []
+    # 1. formatted CSV
+    ours = [timed([a.bin, "--store", a.store, "export", a.key, "--format", "formatted", "-o", out], env) for _ in range(a.runs)]
+    n_ours = sum(1 for _ in open(out)) - 1
+    duck_sql = f"""COPY (SELECT m.profile_id AS key, string_agg(i.id_type || ':' || i.id_value, ',' ORDER BY i.id_type, i.id_value) AS ids
+        FROM m LEFT JOIN ids i USING (profile_id) GROUP BY m.profile_id ORDER BY m.profile_id) TO '{work}/duck.csv' (HEADER)"""
+    duck = []
+    for _ in range(a.runs):
+        t = time.perf_counter(); con.execute(duck_sql); duck.append(time.perf_counter() - t)
+    n_duck = sum(1 for _ in open(f"{work}/duck.csv")) - 1
+    assert n_ours == n_duck == members, (n_ours, n_duck, members)
+    rows.append(("formatted CSV export", members, statistics.median(ours), statistics.median(duck)))
+    # 2. SHA-256 single
+    ours = [timed([a.bin, "--store", a.store, "export", a.key, "--format", "single", "--id-type", "email", "-o", out], env) for _ in range(a.runs)]
+    hashed = sorted(r[0] for r in csv.reader(open(out)))[:-1]  # drop the header ('email' sorts last)
+    duck_sql = f"""COPY (SELECT DISTINCT m.profile_id, sha256(lower(trim(i.id_value))) AS email FROM m JOIN ids i USING (profile_id)
+        WHERE i.id_type = 'email' AND trim(i.id_value) <> '') TO '{work}/duck.csv' (HEADER)"""
+    duck = []
+    for _ in range(a.runs):
+        t = time.perf_counter(); con.execute(duck_sql); duck.append(time.perf_counter() - t)
+    theirs = sorted(r[1] for r in csv.reader(open(f"{work}/duck.csv")))[:-1]
+    assert hashed == theirs, (len(hashed), len(theirs))
+    rows.append(("SHA-256 single export (rows)", len(hashed), statistics.median(ours), statistics.median(duck)))
+    # 3. Flight do_get
+    srv = subprocess.Popen([a.bin, "--store", a.store, "serve", "--insecure-no-auth", "--flight", "127.0.0.1:0",
+                            "--http", "127.0.0.1:0", "--refresh-interval", "1h"], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    loc = None
+    while loc is None:
+        line = srv.stderr.readline()
+        if not line:
+            sys.exit("serve exited")
+        if "flight listening on " in line:
+            loc = line.split("flight listening on ")[1].strip()
+    threading.Thread(target=lambda: [None for _ in srv.stderr], daemon=True).start()
+    c = fl.FlightClient("grpc://" + loc)
+    def pull(client, desc):
+        info = client.get_flight_info(desc)
+        return client.do_get(info.endpoints[0].ticket).read_all()
+    desc = fl.FlightDescriptor.for_path("audiences", a.key)
+    table = pull(c, desc)
+    ours = []
+    for _ in range(a.runs):
+        t = time.perf_counter(); n = pull(c, desc).num_rows; ours.append(time.perf_counter() - t)
+    class Peer(fl.FlightServerBase):
+        def get_flight_info(self, context, descriptor):
+            return fl.FlightInfo(table.schema, descriptor, [fl.FlightEndpoint(b"t", [])], table.num_rows, -1)
+        def do_get(self, context, ticket):
+            return fl.RecordBatchStream(table)
+    peer = Peer("grpc://127.0.0.1:0")
+    pc = fl.FlightClient(f"grpc://127.0.0.1:{peer.port}")
+    theirs = []
+    for _ in range(a.runs):
+        t = time.perf_counter(); m = pull(pc, desc).num_rows; theirs.append(time.perf_counter() - t)
+    assert n == m == members, (n, m, members)
+    peer.shutdown()
+    srv.terminate(); srv.wait()
+    rows.append(("Flight do_get", members, statistics.median(ours), statistics.median(theirs)))
+    print(f"\n| measure | rows | audiences s | peer s | ratio (peer / ours) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, n, o, p in rows:
+        print(f"| {name} | {n:,} | {o:.2f} | {p:.2f} | {p / o:.2f}x |")
+    print(f"\nSHA-256 rows/s: ours {rows[1][1] / rows[1][2]:,.0f}, DuckDB {rows[1][1] / rows[1][3]:,.0f}")
+
+if __name__ == "__main__":
+    main()
