@@ -529,9 +529,9 @@ impl EventSink {
         self.pending = 0;
         let min_received = std::mem::replace(&mut self.min_received, i64::MAX);
         // Load committed ids that fall into the dedup window of this chunk.
-        let snapshot = self.log.snapshot().await?;
-        self.committed
-            .load(&self.store, &snapshot.files, min_received)
+        let snapshot = self
+            .committed
+            .load_latest(&self.store, &self.log, min_received)
             .await?;
         let mut dropped = drop_committed(&mut batches, &self.committed.ids)?;
         let mut files = self.write_all(&batches).await?;
@@ -555,11 +555,11 @@ impl EventSink {
                 break;
             }
             // Another writer committed first: check its files for our messageIds and rebase.
-            let snap = self.log.snapshot().await?;
-            base = snap.version;
-            self.committed
-                .load(&self.store, &snap.files, min_received)
+            let snap = self
+                .committed
+                .load_latest(&self.store, &self.log, min_received)
                 .await?;
+            base = snap.version;
             let more = drop_committed(&mut batches, &self.committed.ids)?;
             if more > 0 {
                 dropped += more;
@@ -647,7 +647,9 @@ struct CommittedIds {
 }
 
 impl CommittedIds {
-    async fn load(&mut self, store: &Store, files: &[FileAdd], min_received: i64) -> Result<()> {
+    /// Load the ids of `files`; false when one of them has been compacted away meanwhile (load
+    /// again from a fresh snapshot).
+    async fn load(&mut self, store: &Store, files: &[FileAdd], min_received: i64) -> Result<bool> {
         let horizon = min_received.saturating_sub(DEDUP_WINDOW_DAYS * 86_400_000_000);
         for f in files {
             if self.loaded.contains(&f.path) {
@@ -656,8 +658,16 @@ impl CommittedIds {
             if f.received_range.is_some_and(|(_, max)| max < horizon) {
                 continue;
             }
+            let bytes = match store.get(&Key::from_committed(&f.path)).await {
+                Ok(b) => b,
+                // compacted (and deleted) since the snapshot was taken: its rows are in the
+                // compaction's file, which a fresh snapshot names
+                Err(Error::ObjectStore(object_store::Error::NotFound { .. })) => {
+                    return Ok(false);
+                }
+                Err(e) => return Err(e),
+            };
             self.loaded.insert(f.path.clone());
-            let bytes = store.get(&Key::from_committed(&f.path)).await?;
             let hashes = tokio::task::spawn_blocking(move || -> Result<Vec<u128>> {
                 let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)?;
                 let mask = ProjectionMask::roots(builder.parquet_schema(), [0]);
@@ -679,7 +689,26 @@ impl CommittedIds {
             .map_err(|e| Error::Usage(format!("dedup loader task failed: {e}")))??;
             self.ids.extend(hashes);
         }
-        Ok(())
+        Ok(true)
+    }
+
+    /// Load the ids of the latest snapshot, retrying when a concurrent compaction removed a
+    /// file between reading the log and reading the file; returns the snapshot.
+    async fn load_latest(
+        &mut self,
+        store: &Store,
+        log: &CommitLog,
+        min_received: i64,
+    ) -> Result<crate::store::log::Snapshot> {
+        for _ in 0..8 {
+            let snap = log.snapshot().await?;
+            if self.load(store, &snap.files, min_received).await? {
+                return Ok(snap);
+            }
+        }
+        Err(Error::Usage(
+            "event files kept being compacted while loading committed messageIds; retry".into(),
+        ))
     }
 }
 
