@@ -111,6 +111,23 @@ pub async fn audience_version(
         .rfind(|v| version.is_none_or(|p| v.version == p)))
 }
 
+/// A session of the space with the members file of version `v` as `__version_members`.
+async fn version_session(
+    store: &Store,
+    space: &Space,
+    v: &VersionRef,
+) -> Result<datafusion::prelude::SessionContext> {
+    let ctx = crate::tables::session(store, space).await?;
+    ctx.register_table(
+        "__version_members",
+        Arc::new(CommittedTable::plain(
+            crate::compute::schema("members"),
+            vec![v.data.clone()],
+        )),
+    )?;
+    Ok(ctx)
+}
+
 /// The membership of one committed version as a stream (see the module docs).
 pub async fn membership_stream(
     store: &Store,
@@ -124,14 +141,7 @@ pub async fn membership_stream(
         id_types(store, space).await?
     };
     let schema = membership_schema(accounts, &types);
-    let ctx = crate::tables::session(store, space).await?;
-    ctx.register_table(
-        "__version_members",
-        Arc::new(CommittedTable::plain(
-            crate::compute::schema("members"),
-            vec![v.data.clone()],
-        )),
-    )?;
+    let ctx = version_session(store, space, v).await?;
     // Fixed internal SQL: the key only selected the file above.
     let sql = if accounts {
         "SELECT account_id, entered_at, CAST(NULL AS VARCHAR) AS t, CAST(NULL AS VARCHAR) AS v \
@@ -303,14 +313,7 @@ async fn max_counts(
     space: &Space,
     v: &VersionRef,
 ) -> Result<BTreeMap<String, usize>> {
-    let ctx = crate::tables::session(store, space).await?;
-    ctx.register_table(
-        "__version_members",
-        Arc::new(CommittedTable::plain(
-            crate::compute::schema("members"),
-            vec![v.data.clone()],
-        )),
-    )?;
+    let ctx = version_session(store, space, v).await?;
     let batches = ctx
         .sql(
             "SELECT id_type, max(n) AS n FROM (SELECT m.profile_id, i.id_type, count(DISTINCT i.id_value) AS n \

@@ -135,3 +135,14 @@ pub async fn generated_store(events: u64, seed: u64) -> Store {
     assert_eq!(r.accepted, events);
     store
 }
+
+/// The JSON a command printed on stdout (panics with both streams when it is not JSON).
+pub fn json_out(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "bad JSON ({e}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}

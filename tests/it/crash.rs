@@ -3,16 +3,6 @@
 
 use crate::common::*;
 
-fn json_out(out: &std::process::Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "bad JSON ({e}): {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
-
 fn count_events(store: &str) -> i64 {
     let out = run_ok(
         store,
