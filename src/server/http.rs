@@ -121,6 +121,16 @@ async fn request_id(mut r: Response) -> Response {
     r
 }
 
+/// A 5xx answer for `e` (logged; the client sees only `message`).
+pub(crate) fn server_error(
+    e: &dyn std::fmt::Display,
+    status: StatusCode,
+    message: &str,
+) -> Response {
+    tracing::error!(error = %e, "{message}");
+    error(status, "server_error", message)
+}
+
 /// A Segment-shaped error body.
 pub fn error(status: StatusCode, code: &str, message: &str) -> Response {
     (
@@ -339,26 +349,12 @@ async fn export(
     let v = match crate::export::audience_version(&state.store, &space, &key, None).await {
         Ok(Some(v)) => v,
         Ok(None) => return not_found(),
-        Err(e) => {
-            tracing::error!(error = %e, "export");
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                "export failed",
-            );
-        }
+        Err(e) => return server_error(&e, StatusCode::INTERNAL_SERVER_ERROR, "export failed"),
     };
     let (schema, batches) =
         match crate::export::export_stream(&state.store, &space, &v, &format).await {
             Ok(x) => x,
-            Err(e) => {
-                tracing::error!(error = %e, "export");
-                return error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "server_error",
-                    "export failed",
-                );
-            }
+            Err(e) => return server_error(&e, StatusCode::INTERNAL_SERVER_ERROR, "export failed"),
         };
     // CSV chunks per batch: the header with the first, then rows only.
     let body = futures::stream::unfold(
@@ -428,10 +424,9 @@ async fn accept(state: &HttpState, grant: &Grant, items: Vec<Value>) -> Response
         match crate::events::ingest::commit_events(&state.store, &grant.space, events).await {
             Ok(r) => r,
             Err(e) => {
-                tracing::error!(error = %e, "tracking API commit failed");
-                return error(
+                return server_error(
+                    &e,
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "server_error",
                     "the events could not be committed; retry",
                 );
             }

@@ -38,14 +38,11 @@ fn failure(e: Error) -> Response {
         Error::Usage(m) => error(StatusCode::BAD_REQUEST, "validation_error", &m),
         Error::Locked(m) => error(StatusCode::CONFLICT, "locked", &m),
         Error::Conflict(m) => error(StatusCode::CONFLICT, "conflict", &m),
-        other => {
-            tracing::error!(error = %other, "management API");
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                "the request failed",
-            )
-        }
+        other => super::http::server_error(
+            &other,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the request failed",
+        ),
     }
 }
 
@@ -84,6 +81,19 @@ fn parse_file(body: &[u8], kind: Kind) -> Result<DefinitionFile, Response> {
     Ok(file)
 }
 
+/// [`space_of`] and the definition file of the body.
+fn space_and_file(
+    state: &HttpState,
+    headers: &HeaderMap,
+    space: &str,
+    collection: &str,
+    scope: Scope,
+    body: &[u8],
+) -> Result<(Space, Kind, DefinitionFile), Response> {
+    let (space, kind) = space_of(state, headers, space, collection, scope)?;
+    Ok((space, kind, parse_file(body, kind)?))
+}
+
 /// `GET /v1/spaces/{space}/{collection}`.
 pub async fn list(
     State(state): State<Arc<HttpState>>,
@@ -110,14 +120,11 @@ pub async fn create(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (space, kind) = match space_of(&state, &headers, &space, &collection, Scope::Admin) {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
-    let file = match parse_file(&body, kind) {
-        Ok(f) => f,
-        Err(r) => return r,
-    };
+    let (space, kind, file) =
+        match space_and_file(&state, &headers, &space, &collection, Scope::Admin, &body) {
+            Ok(x) => x,
+            Err(r) => return r,
+        };
     match crate::definitions::create(&state.store, &space, &file).await {
         Ok(_) => show_status(&state, &space, &file.key, kind, StatusCode::CREATED).await,
         Err(e) => failure(e),
@@ -164,14 +171,11 @@ pub async fn edit(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (space, kind) = match space_of(&state, &headers, &space, &collection, Scope::Admin) {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
-    let file = match parse_file(&body, kind) {
-        Ok(f) => f,
-        Err(r) => return r,
-    };
+    let (space, _, file) =
+        match space_and_file(&state, &headers, &space, &collection, Scope::Admin, &body) {
+            Ok(x) => x,
+            Err(r) => return r,
+        };
     if file.key != key {
         return error(
             StatusCode::BAD_REQUEST,
@@ -236,14 +240,11 @@ pub async fn preview(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (space, kind) = match space_of(&state, &headers, &space, &collection, Scope::Read) {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
-    let file = match parse_file(&body, kind) {
-        Ok(f) => f,
-        Err(r) => return r,
-    };
+    let (space, _, file) =
+        match space_and_file(&state, &headers, &space, &collection, Scope::Read, &body) {
+            Ok(x) => x,
+            Err(r) => return r,
+        };
     let now = chrono::Utc::now().timestamp_micros();
     match crate::compute::lifecycle::preview(&state.store, &space, &file, now).await {
         Ok(p) => (StatusCode::OK, axum::Json(json!(p))).into_response(),

@@ -243,12 +243,7 @@ pub async fn handler(
         Ok(Some(Ok(v))) => (StatusCode::OK, axum::Json(v)).into_response(),
         Ok(Some(Err(r))) => r,
         Err(e) => {
-            tracing::error!(error = %e, "profile API");
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                "the request failed",
-            )
+            super::http::server_error(&e, StatusCode::INTERNAL_SERVER_ERROR, "the request failed")
         }
     }
 }
@@ -574,45 +569,29 @@ async fn metadata(ctx: &SessionContext, e: &Entity) -> crate::error::Result<Answ
 }
 
 async fn links(ctx: &SessionContext, e: &Entity) -> crate::error::Result<Answer> {
-    let data = match e {
-        Entity::User(pid) => {
-            let r = rows(
-                ctx,
-                "account_links",
-                col("profile_id").eq(lit(pid.clone())),
-                &["account_id"],
-            )
-            .await?;
-            let mut accts: Vec<String> = r[0].iter().flatten().cloned().collect();
-            accts.sort();
-            accts.dedup();
-            if accts.is_empty() {
-                vec![]
-            } else {
-                vec![
-                    json!({"to_collection": "accounts", "external_ids": accts.iter().map(|a| json!({"id": a, "type": "group_id"})).collect::<Vec<_>>()}),
-                ]
-            }
-        }
-        Entity::Account(a) => {
-            let r = rows(
-                ctx,
-                "account_links",
-                col("account_id").eq(lit(a.clone())),
-                &["profile_id"],
-            )
-            .await?;
-            let mut users: Vec<String> = r[0].iter().flatten().cloned().collect();
-            users.sort();
-            users.dedup();
-            if users.is_empty() {
-                vec![]
-            } else {
-                vec![
-                    json!({"to_collection": "users", "external_ids": users.iter().map(|u| json!({"id": u, "type": "profile_id"})).collect::<Vec<_>>()}),
-                ]
-            }
-        }
+    // users link to their accounts, accounts to their users
+    let (key, who, other, to, id_type) = match e {
+        Entity::User(p) => ("profile_id", p, "account_id", "accounts", "group_id"),
+        Entity::Account(a) => ("account_id", a, "profile_id", "users", "profile_id"),
+    };
+    let r = rows(
+        ctx,
+        "account_links",
+        col(key).eq(lit(who.clone())),
+        &[other],
+    )
+    .await?;
+    let mut ids: Vec<String> = r[0].iter().flatten().cloned().collect();
+    ids.sort();
+    ids.dedup();
+    let data = if ids.is_empty() {
+        vec![]
+    } else {
+        let ids: Vec<Value> = ids
+            .iter()
+            .map(|i| json!({"id": i, "type": id_type}))
+            .collect();
+        vec![json!({"to_collection": to, "external_ids": ids})]
     };
     Ok(Ok(json!({"data": data})))
 }
