@@ -88,6 +88,12 @@ pub enum Command {
     Members(MembersArgs),
     /// CSV export of an audience version: unformatted, formatted, or single (hashed ids).
     Export(ExportArgs),
+    /// One destination sync pass: every destination of every audience (or of AUDIENCE...) gets
+    /// what it has not acknowledged yet (a backfill on first connection).
+    Sync(SyncArgs),
+    /// Destinations: status | receive (a local webhook receiver).
+    #[command(subcommand)]
+    Destinations(DestinationsCommand),
     /// Manage audiences: create FILE | edit FILE | delete KEY | list | show KEY.
     #[command(subcommand)]
     Audience(DefinitionCommand),
@@ -160,6 +166,30 @@ pub struct ServeArgs {
     /// Profile API requests per second per space (also the burst), as Segment's 100/s.
     #[arg(long, env = "AUDIENCES_PROFILE_API_RATE", default_value_t = 100.0)]
     pub profile_api_rate: f64,
+}
+
+/// `sync` options.
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    /// Audience keys (default: all with destinations).
+    pub audiences: Vec<String>,
+}
+
+/// `destinations` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DestinationsCommand {
+    /// Per destination: cursor version, lag, sent, retried, dead-lettered, last error.
+    Status,
+    /// Run a local webhook receiver that answers 200 to every POST and prints each body as a
+    /// JSON line (point a webhook destination at the printed URL to try it).
+    Receive {
+        /// Address to listen on (port 0: any free port; the URL is printed on stderr).
+        #[arg(long, env = "AUDIENCES_RECEIVER_LISTEN", default_value = "127.0.0.1:8090")]
+        listen: String,
+        /// Count calls instead of printing them (the count is printed on exit).
+        #[arg(long, env = "AUDIENCES_RECEIVER_QUIET")]
+        quiet: bool,
+    },
 }
 
 /// `members` options.
@@ -377,6 +407,8 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         Command::Refresh(a) => refresh(&g, &a).await.map(|_| 0),
         Command::Export(a) => export(&g, &a).await,
         Command::Serve(a) => serve(&g, &a).await.map(|_| 0),
+        Command::Sync(a) => sync(&g, &a).await,
+        Command::Destinations(c) => destinations(&g, c).await,
         Command::Audience(c) => definition(&g, crate::lang::definition::Kind::Audience, c).await,
         Command::Trait(c) => definition(&g, crate::lang::definition::Kind::ComputedTrait, c).await,
     }
@@ -774,8 +806,11 @@ async fn definition(
         }
         DefinitionCommand::List => {
             let defs = crate::definitions::live(&store, &space).await?;
-            let rows: Vec<&crate::definitions::Stored> =
-                defs.values().filter(|s| s.file.kind == kind).collect();
+            let rows: Vec<crate::definitions::Stored> = defs
+                .values()
+                .filter(|s| s.file.kind == kind)
+                .map(|s| s.redacted())
+                .collect();
             if g.json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
@@ -790,7 +825,7 @@ async fn definition(
         DefinitionCommand::Show { key } => {
             let defs = crate::definitions::live(&store, &space).await?;
             match defs.get(&key).filter(|s| s.file.kind == kind) {
-                Some(s) => println!("{}", serde_json::to_string_pretty(s)?),
+                Some(s) => println!("{}", serde_json::to_string_pretty(&s.redacted())?),
                 None => {
                     eprintln!("no {noun} '{key}'");
                     return Ok(1);
@@ -936,6 +971,108 @@ async fn serve(g: &Global, a: &ServeArgs) -> Result<()> {
         opts.interval
     );
     crate::server::run(&store, config, opts).await
+}
+
+async fn sync(g: &Global, a: &SyncArgs) -> Result<i32> {
+    let store = g.open_store()?;
+    let opts = crate::destinations::SyncOptions {
+        audiences: (!a.audiences.is_empty()).then(|| a.audiences.iter().cloned().collect()),
+        ..Default::default()
+    };
+    let reports = crate::destinations::sync(&store, &g.space()?, &opts).await?;
+    if g.json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    } else {
+        if reports.is_empty() {
+            println!("no destinations configured");
+        }
+        for r in &reports {
+            println!("{}", sync_line(r));
+        }
+    }
+    Ok(if reports.iter().any(|r| r.error.is_some()) { 1 } else { 0 })
+}
+
+/// One line about a sync report.
+pub fn sync_line(r: &crate::destinations::SyncReport) -> String {
+    let mut line = format!(
+        "{}/{} ({}): version {} -> {}, {} messages in {} requests{}: {} sent, {} retried, {} dead-lettered, {} without an id, {} ms",
+        r.audience,
+        r.destination,
+        r.kind,
+        r.from_version,
+        r.to_version,
+        r.messages,
+        r.requests,
+        if r.backfills > 0 { " (backfill)" } else { "" },
+        r.sent,
+        r.retried,
+        r.dead_lettered,
+        r.skipped_no_id,
+        r.millis
+    );
+    if let Some(e) = &r.error {
+        line.push_str(&format!("; error: {e}"));
+    }
+    line
+}
+
+async fn destinations(g: &Global, c: DestinationsCommand) -> Result<i32> {
+    match c {
+        DestinationsCommand::Status => {
+            let store = g.open_store()?;
+            let st = crate::destinations::status(&store, &g.space()?).await?;
+            if g.json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+                return Ok(0);
+            }
+            if st.is_empty() {
+                println!("no destinations configured");
+            }
+            for d in &st {
+                println!(
+                    "{}/{} ({} {} by {}): cursor v{} of v{} (lag {} versions{}), {} sent, {} retried, {} dead-lettered, {} without an id{}{}",
+                    d.audience,
+                    d.destination,
+                    d.kind,
+                    d.mode,
+                    d.id_type,
+                    d.cursor_version,
+                    d.current_version,
+                    d.lag_versions,
+                    d.lag_seconds
+                        .map(|s| format!(", {s:.0} s"))
+                        .unwrap_or_default(),
+                    d.sent,
+                    d.retried,
+                    d.dead_lettered,
+                    d.skipped_no_id,
+                    d.pending
+                        .as_ref()
+                        .map(|p| format!(", step {}->{} in progress ({} done)", p.from, p.to, p.done))
+                        .unwrap_or_default(),
+                    d.last_error
+                        .as_ref()
+                        .map(|e| format!(", last error: {e}"))
+                        .unwrap_or_default(),
+                );
+            }
+            Ok(0)
+        }
+        DestinationsCommand::Receive { listen, quiet } => {
+            let addr: std::net::SocketAddr = listen
+                .parse()
+                .map_err(|_| Error::Usage(format!("--listen: '{listen}' is not HOST:PORT")))?;
+            let r = crate::destinations::receiver::Receiver::start(addr, quiet, !quiet).await?;
+            eprintln!("audiences destinations receive: listening on {}", r.url());
+            crate::server::shutdown_signal().await;
+            if quiet {
+                eprintln!("received {} calls", r.calls().len());
+            }
+            r.stop().await;
+            Ok(0)
+        }
+    }
 }
 
 async fn compute(g: &Global, a: &ComputeArgs) -> Result<()> {

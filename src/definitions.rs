@@ -217,7 +217,13 @@ fn replay(entries: &[crate::store::CommitEntry]) -> Result<BTreeMap<String, Stor
                 let file: DefinitionFile = serde_json::from_value(e.info["file"].clone())?;
                 let prev = out.get(&key);
                 let created_at = prev.map_or(e.committed_at, |p| p.created_at);
-                let version = prev.map_or(1, |p| p.version + 1);
+                // An edit of only the name or the destinations keeps the version: what is
+                // evaluated did not change, so nothing is recomputed.
+                let version = match prev {
+                    Some(p) if !p.deleted && same_evaluation(&p.file, &file) => p.version,
+                    Some(p) => p.version + 1,
+                    None => 1,
+                };
                 out.insert(
                     key,
                     Stored {
@@ -279,6 +285,68 @@ fn check_graph(defs: &BTreeMap<String, Stored>, file: &DefinitionFile, body: &Bo
     Ok(())
 }
 
+/// True when two definition files evaluate the same (they differ at most in name and
+/// destinations).
+pub fn same_evaluation(a: &DefinitionFile, b: &DefinitionFile) -> bool {
+    let strip = |f: &DefinitionFile| DefinitionFile {
+        name: None,
+        destinations: None,
+        ..f.clone()
+    };
+    strip(a) == strip(b)
+}
+
+impl Stored {
+    /// A copy safe to show: destination header values (secrets) replaced by `<redacted>`.
+    pub fn redacted(&self) -> Stored {
+        let mut s = self.clone();
+        for d in s.file.destinations.iter_mut().flatten() {
+            if let Some(h) = d.get_mut("headers").and_then(|h| h.as_object_mut()) {
+                for v in h.values_mut() {
+                    *v = serde_json::json!(crate::destinations::config::REDACTED);
+                }
+            }
+        }
+        s
+    }
+}
+
+/// Header values written as `<redacted>` (a shown definition sent back) take the stored value
+/// of the same header of the same destination.
+fn unredact(file: &mut DefinitionFile, stored: Option<&DefinitionFile>) -> Result<()> {
+    let redacted = serde_json::json!(crate::destinations::config::REDACTED);
+    for d in file.destinations.iter_mut().flatten() {
+        let name = d.get("name").and_then(|n| n.as_str()).unwrap_or("").to_string();
+        let Some(h) = d.get_mut("headers").and_then(|h| h.as_object_mut()) else {
+            continue;
+        };
+        for (k, v) in h.iter_mut() {
+            if *v != redacted {
+                continue;
+            }
+            let old = stored
+                .and_then(|f| f.destinations.as_ref())
+                .and_then(|ds| {
+                    ds.iter()
+                        .find(|o| o.get("name").and_then(|n| n.as_str()) == Some(name.as_str()))
+                })
+                .and_then(|o| o.get("headers"))
+                .and_then(|o| o.get(k.as_str()))
+                .cloned();
+            match old {
+                Some(o) => *v = o,
+                None => {
+                    return Err(Error::Usage(format!(
+                        "destination '{name}': header '{k}' is {} and there is no stored value to keep; write the value",
+                        crate::destinations::config::REDACTED
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Create a definition. Fails if the key exists or ever existed in the space.
 pub async fn create(store: &Store, space: &Space, file: &DefinitionFile) -> Result<u64> {
     let body = file.validate().map_err(|e| Error::Usage(e.to_string()))?;
@@ -298,6 +366,11 @@ pub async fn create(store: &Store, space: &Space, file: &DefinitionFile) -> Resu
 
 /// Edit a definition: a new version of an existing key of the same kind.
 pub async fn edit(store: &Store, space: &Space, file: &DefinitionFile) -> Result<u64> {
+    let mut file = file.clone();
+    let stored = load(store, space).await?;
+    let key = file.key.clone();
+    unredact(&mut file, stored.get(&key).map(|s| &s.file))?;
+    let file = &file;
     let body = file.validate().map_err(|e| Error::Usage(e.to_string()))?;
     write(store, space, "edit", &file.key, Some(file), |defs| {
         match defs.get(&file.key) {

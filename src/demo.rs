@@ -213,6 +213,30 @@ pub async fn run(g: &Global, a: &DemoArgs) -> Result<()> {
         "   account audiences (business accounts where all / none of the users logged in within 30 days):"
     );
     crate::cli::print_batches(g.json, &batches)?;
+    // A local webhook receiver connected to an audience: the first sync is a backfill.
+    let receiver =
+        crate::destinations::receiver::Receiver::start(([127, 0, 0, 1], 0).into(), true, false)
+            .await?;
+    let synced = connect_webhook(&store, &space, DEMO_SYNCED, &receiver.url()).await?;
+    let reports = crate::destinations::sync(&store, &space, &Default::default()).await?;
+    println!(
+        "   connected a webhook receiver at {} to '{DEMO_SYNCED}' (track calls by email, batches of 100; definition version stays {synced}, nothing recomputed):",
+        receiver.url()
+    );
+    for r in &reports {
+        println!("   {}", crate::cli::sync_line(r));
+    }
+    let backfill = receiver.calls().len();
+    if let Some(c) = receiver.calls().first()
+        && let Some(m) = c.body["batch"].get(0)
+    {
+        println!(
+            "   first backfill call (Idempotency-Key {}), first of its {} messages:",
+            c.idempotency_key.as_deref().unwrap_or("-"),
+            c.body["batch"].as_array().map_or(0, |b| b.len())
+        );
+        println!("{}", serde_json::to_string_pretty(m)?);
+    }
     // A delta batch (1% more events, the day after), then one refresh.
     let delta_path = dir.join("delta.ndjson");
     crate::cli::write_generated(
@@ -262,6 +286,33 @@ pub async fn run(g: &Global, a: &DemoArgs) -> Result<()> {
         println!("   who entered and exited (membership_changes of the refreshed versions):");
         crate::cli::print_batches(g.json, &batches)?;
     }
+    let reports = crate::destinations::sync(&store, &space, &Default::default()).await?;
+    println!("9. synced the refresh's changes of '{DEMO_SYNCED}' to the webhook receiver:");
+    for r in &reports {
+        println!("   {}", crate::cli::sync_line(r));
+    }
+    let calls = receiver.calls();
+    let mut shown = 0;
+    for c in &calls[backfill..] {
+        for m in c.body["batch"].as_array().into_iter().flatten() {
+            if shown < 6 {
+                println!(
+                    "   {} {:<16} {} (messageId {})",
+                    m["timestamp"].as_str().unwrap_or(""),
+                    m["event"].as_str().unwrap_or(""),
+                    m["context"]["externalIds"][0]["id"].as_str().unwrap_or(""),
+                    m["messageId"].as_str().unwrap_or("")
+                );
+            }
+            shown += 1;
+        }
+    }
+    println!(
+        "   {} calls received after the refresh ({} messages); `audiences destinations status` shows the cursor",
+        calls.len() - backfill,
+        shown
+    );
+    receiver.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
     println!(
         "Try: audiences --store {} --space {} sql \"SELECT * FROM events LIMIT 5\"",
@@ -269,6 +320,36 @@ pub async fn run(g: &Global, a: &DemoArgs) -> Result<()> {
         space
     );
     Ok(())
+}
+
+/// The demo audience a webhook is connected to.
+const DEMO_SYNCED: &str = "cart_abandoners";
+
+/// Add a webhook destination to `key` (an edit that keeps the definition version).
+async fn connect_webhook(
+    store: &crate::store::Store,
+    space: &crate::store::Space,
+    key: &str,
+    url: &str,
+) -> Result<u64> {
+    let defs = crate::definitions::live(store, space).await?;
+    let stored = defs
+        .get(key)
+        .ok_or_else(|| Error::Usage(format!("demo audience '{key}' is missing")))?;
+    let file = crate::lang::definition::DefinitionFile {
+        destinations: Some(vec![serde_json::json!({
+            "name": "demo-webhook", "kind": "webhook", "url": url, "mode": "track",
+            "id_type": "email", "batch_size": 100,
+            "rate_limit": {"per_second": 1000, "burst": 100},
+            "headers": {"Authorization": "Bearer demo-secret"},
+        })]),
+        ..stored.file.clone()
+    };
+    crate::definitions::edit(store, space, &file).await?;
+    Ok(crate::definitions::live(store, space)
+        .await?
+        .get(key)
+        .map_or(0, |s| s.version))
 }
 
 /// Remove everything of a space (the demo starts from scratch each run).

@@ -8,6 +8,9 @@
 //! - [`lang`]: the audience query language (AST, parser, printer).
 //! - [`tables`]: committed tables as DataFusion tables; the SQL session.
 //! - [`generate`]: the deterministic synthetic data generator.
+//! - [`compute`], [`plan`]: full compute and refresh of traits and audiences.
+//! - [`server`], [`export`]: Flight, Flight SQL, HTTP and CSV exports.
+//! - [`destinations`]: membership synced to webhooks, files and Flight clients.
 //! - [`cli`] and [`demo`]: the command line.
 #![warn(missing_docs)]
 
@@ -16,6 +19,7 @@ pub mod compute;
 pub mod config;
 pub mod definitions;
 pub mod demo;
+pub mod destinations;
 pub mod error;
 pub mod events;
 pub mod export;

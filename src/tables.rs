@@ -387,6 +387,17 @@ async fn session_with(
             Arc::new(CommittedTable::plain(crate::compute::schema(kind), files)),
         )?;
     }
+    // `dead_letters`: messages destinations gave up on, with the reason.
+    let dead = CommitLog::new(store, space, crate::destinations::sync::DEAD_LETTERS)
+        .snapshot()
+        .await?;
+    ctx.register_table(
+        "dead_letters",
+        Arc::new(CommittedTable::plain(
+            crate::destinations::sync::dead_letter_schema(),
+            dead.files,
+        )),
+    )?;
     // `profiles`: the canonical profiles only.
     let profiles = ctx
         .table("profile_index")

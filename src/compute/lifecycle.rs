@@ -128,10 +128,15 @@ pub async fn edit(
     file: &DefinitionFile,
     as_of: i64,
 ) -> Result<(u64, Vec<super::KeyReport>)> {
-    let current = definitions::live(store, space)
-        .await?
-        .get(&file.key)
-        .map_or(0, |s| s.version);
+    let live = definitions::live(store, space).await?;
+    let current = live.get(&file.key).map_or(0, |s| s.version);
+    if let Some(s) = live.get(&file.key)
+        && definitions::same_evaluation(&s.file, file)
+    {
+        // only the name or the destinations change: nothing to recompute
+        definitions::edit(store, space, file).await?;
+        return Ok((current, Vec::new()));
+    }
     let held = lock(store, space, &file.key, current + 1).await?;
     let run = async {
         definitions::edit(store, space, file).await?;

@@ -154,6 +154,20 @@ impl DefinitionFile {
             field: "schedule",
             reason,
         })?;
+        if let Some(d) = &self.destinations {
+            if self.kind != Kind::Audience && !d.is_empty() {
+                return Err(DefinitionError::Field {
+                    field: "destinations",
+                    reason: "only audiences have destinations".into(),
+                });
+            }
+            crate::destinations::config::parse_all(d, self.level).map_err(|reason| {
+                DefinitionError::Field {
+                    field: "destinations",
+                    reason,
+                }
+            })?;
+        }
         match self.kind {
             Kind::Audience => super::parser::parse(&self.definition).map(Body::Audience),
             Kind::ComputedTrait => super::parser::parse_value(&self.definition).map(Body::Trait),

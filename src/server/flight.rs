@@ -169,6 +169,26 @@ impl Flight {
                     },
                 ))
             }
+            [a, key, name] if a == "destinations" => {
+                let (from, v) = self.flight_destination(&g.space, key, name).await?;
+                let rows = if from == 0 {
+                    v.data.rows as i64
+                } else {
+                    self.changes_files(&g.space, key, from, v.version)
+                        .await?
+                        .iter()
+                        .map(|f| f.rows as i64)
+                        .sum()
+                };
+                Ok((
+                    Self::changes_schema(),
+                    rows,
+                    TicketBody {
+                        path: vec![a.clone(), key.clone(), name.clone(), from.to_string()],
+                        version: v.version,
+                    },
+                ))
+            }
             [a, key, format, rest @ ..] if a == "exports" && rest.len() <= 1 => {
                 let f = export_format(g, format, rest.first())?;
                 let v = self.version(&g.space, key, None).await?;
@@ -186,9 +206,26 @@ impl Flight {
                 ))
             }
             _ => Err(Status::not_found(format!(
-                "unknown descriptor path {path:?}: expected [\"audiences\", KEY] or [\"audiences\", KEY, \"changes\", FROM_VERSION]"
+                "unknown descriptor path {path:?}: expected [\"audiences\", KEY], [\"audiences\", KEY, \"changes\", FROM_VERSION], [\"destinations\", KEY, NAME] or [\"exports\", KEY, FORMAT]"
             ))),
         }
+    }
+
+    /// A Flight destination's cursor and the current version (not found: no such destination).
+    async fn flight_destination(
+        &self,
+        space: &Space,
+        key: &str,
+        name: &str,
+    ) -> Result<(u64, VersionRef), Status> {
+        crate::destinations::sync::flight_range(&self.store, space, key, name)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no flight destination '{name}' of an audience '{key}' with a version"
+                ))
+            })
     }
 
     async fn changes_files(
@@ -404,7 +441,7 @@ fn read_only() -> datafusion::execution::context::SQLOptions {
 }
 
 /// The tables Flight SQL lists (all readable by queries of the caller's space).
-pub const SQL_TABLES: [&str; 10] = [
+pub const SQL_TABLES: [&str; 11] = [
     "events",
     "profiles",
     "identities",
@@ -415,6 +452,7 @@ pub const SQL_TABLES: [&str; 10] = [
     "account_links",
     "profile_merges",
     "identity_keys",
+    "dead_letters",
 ];
 
 fn sql_infos() -> Result<SqlInfoData, Status> {
@@ -605,6 +643,44 @@ impl FlightService for Flight {
                     .map_err(internal)?;
                 (schema, flight_errors(batches))
             }
+            [a, key, _name, from] if a == "destinations" => {
+                let from: u64 = from
+                    .parse()
+                    .map_err(|_| Status::invalid_argument("not a ticket of this server"))?;
+                let sql = if from == 0 {
+                    // a backfill: the whole membership of the pinned version, as entries
+                    let v = self.version(&g.space, key, Some(t.version)).await?;
+                    ctx.register_table(
+                        "__version_members",
+                        Arc::new(CommittedTable::plain(
+                            crate::compute::schema("members"),
+                            vec![v.data],
+                        )),
+                    )
+                    .map_err(internal)?;
+                    "SELECT profile_id, account_id, 'entered' AS change, version, as_of FROM __version_members ORDER BY profile_id, account_id"
+                } else {
+                    let files = self.changes_files(&g.space, key, from, t.version).await?;
+                    ctx.register_table(
+                        "__version_changes",
+                        Arc::new(CommittedTable::plain(
+                            crate::compute::schema("changes"),
+                            files,
+                        )),
+                    )
+                    .map_err(internal)?;
+                    "SELECT profile_id, account_id, change, version, as_of FROM __version_changes ORDER BY version, change, profile_id, account_id"
+                };
+                let stream = ctx
+                    .sql(sql)
+                    .await
+                    .map_err(internal)?
+                    .execute_stream()
+                    .await
+                    .map_err(internal)?
+                    .map_err(|e| FlightError::ExternalError(Box::new(e)));
+                (Self::changes_schema(), stream.boxed())
+            }
             [a, key, c, from] if a == "audiences" && c == "changes" => {
                 let from: u64 = from
                     .parse()
@@ -789,6 +865,34 @@ impl FlightService for Flight {
                     .map_err(usage)?;
                 serde_json::to_vec(&r).map_err(internal)?
             }
+            "ack" => {
+                self.need(&g, Scope::Write)?;
+                let field = |f: &str| {
+                    body.get(f).cloned().ok_or_else(|| {
+                        Status::invalid_argument(format!(
+                            "ack: expected {{\"audience\", \"destination\", \"version\"}}; '{f}' is missing"
+                        ))
+                    })
+                };
+                let (aud, name, version) = (field("audience")?, field("destination")?, field("version")?);
+                let (Some(aud), Some(name), Some(version)) = (aud.as_str(), name.as_str(), version.as_u64()) else {
+                    return Err(Status::invalid_argument(
+                        "ack: audience and destination are strings, version a number",
+                    ));
+                };
+                let c = crate::destinations::sync::acknowledge(&self.store, &g.space, aud, name, version)
+                    .await
+                    .map_err(usage)?;
+                serde_json::to_vec(&serde_json::json!({"audience": aud, "destination": name, "cursor_version": c.version}))
+                    .map_err(internal)?
+            }
+            "sync" => {
+                self.need(&g, Scope::Admin)?;
+                let r = crate::destinations::sync(&self.store, &g.space, &Default::default())
+                    .await
+                    .map_err(usage)?;
+                serde_json::to_vec(&r).map_err(internal)?
+            }
             "preview" => {
                 self.need(&g, Scope::Read)?;
                 // the body is a definition file, or {"definition": <file>, "as_of": ...}
@@ -828,6 +932,14 @@ impl FlightService for Flight {
             (
                 "compute",
                 "Full recompute. Body: {\"keys\": [KEY...]?, \"as_of\": RFC3339?}. Admin scope. Returns the per-key reports (JSON).",
+            ),
+            (
+                "ack",
+                "A Flight destination's client acknowledges what it pulled from [\"destinations\", KEY, NAME]. Body: {\"audience\": KEY, \"destination\": NAME, \"version\": V}. Write scope.",
+            ),
+            (
+                "sync",
+                "One destination sync pass of the space. Admin scope. Returns the per-destination reports (JSON).",
             ),
             (
                 "preview",

@@ -103,6 +103,10 @@ pub fn router(state: Arc<HttpState>) -> Router {
             post(super::manage::preview),
         )
         .route(
+            "/v1/spaces/{space}/{collection}/{key}/destinations",
+            axum::routing::put(super::manage::set_destinations),
+        )
+        .route(
             "/v1/spaces/{space}/{collection}/{key}",
             axum::routing::get(super::manage::show)
                 .put(super::manage::edit)

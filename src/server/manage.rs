@@ -100,13 +100,20 @@ pub async fn list(
     Path((space, collection)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
+    if collection == "destinations" {
+        return destinations_status(&state, &headers, &space).await;
+    }
     let (space, kind) = match space_of(&state, &headers, &space, &collection, Scope::Read) {
         Ok(x) => x,
         Err(r) => return r,
     };
     match crate::definitions::live(&state.store, &space).await {
         Ok(defs) => {
-            let items: Vec<_> = defs.values().filter(|s| s.file.kind == kind).collect();
+            let items: Vec<_> = defs
+                .values()
+                .filter(|s| s.file.kind == kind)
+                .map(|s| s.redacted())
+                .collect();
             (StatusCode::OK, axum::Json(json!({ "data": items }))).into_response()
         }
         Err(e) => failure(e),
@@ -140,7 +147,7 @@ async fn show_status(
 ) -> Response {
     match crate::definitions::live(&state.store, space).await {
         Ok(defs) => match defs.get(key).filter(|s| s.file.kind == kind) {
-            Some(s) => (status, axum::Json(json!(s))).into_response(),
+            Some(s) => (status, axum::Json(json!(s.redacted()))).into_response(),
             None => error(
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -248,6 +255,64 @@ pub async fn preview(
     let now = chrono::Utc::now().timestamp_micros();
     match crate::compute::lifecycle::preview(&state.store, &space, &file, now).await {
         Ok(p) => (StatusCode::OK, axum::Json(json!(p))).into_response(),
+        Err(e) => failure(e),
+    }
+}
+
+/// `GET /v1/spaces/{space}/destinations`: the status of every destination.
+async fn destinations_status(state: &HttpState, headers: &HeaderMap, space: &str) -> Response {
+    if let Err(r) = authorize_in(state, headers, Scope::Read, Some(space)) {
+        return r;
+    }
+    let Ok(space) = Space::new(space) else {
+        return error(StatusCode::NOT_FOUND, "not_found", "no such collection");
+    };
+    match crate::destinations::status(&state.store, &space).await {
+        Ok(s) => (StatusCode::OK, axum::Json(json!({ "data": s }))).into_response(),
+        Err(e) => failure(e),
+    }
+}
+
+/// `PUT /v1/spaces/{space}/audiences/{key}/destinations`: replace an audience's destinations
+/// (a JSON array as under `"destinations"`); nothing is recomputed, the next sync backfills
+/// new destinations.
+pub async fn set_destinations(
+    State(state): State<Arc<HttpState>>,
+    Path((space, collection, key)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (space, kind) = match space_of(&state, &headers, &space, &collection, Scope::Admin) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let dests: Vec<serde_json::Value> = match serde_json::from_slice(&body) {
+        Ok(d) => d,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "validation_error",
+                &format!("expected a JSON array of destinations: {e}"),
+            );
+        }
+    };
+    let defs = match crate::definitions::live(&state.store, &space).await {
+        Ok(d) => d,
+        Err(e) => return failure(e),
+    };
+    let Some(stored) = defs.get(&key).filter(|s| s.file.kind == kind) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("no definition '{key}'"),
+        );
+    };
+    let file = DefinitionFile {
+        destinations: Some(dests),
+        ..stored.file.clone()
+    };
+    match crate::definitions::edit(&state.store, &space, &file).await {
+        Ok(_) => show_status(&state, &space, &key, kind, StatusCode::OK).await,
         Err(e) => failure(e),
     }
 }

@@ -44,7 +44,8 @@ pub struct ServeOptions {
     pub profile_api_rate: f64,
 }
 
-async fn shutdown_signal() {
+/// Ctrl-C or SIGTERM.
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -144,7 +145,38 @@ pub async fn run(store: &Store, config: Config, opts: ServeOptions) -> Result<()
             .await
     });
     let mut loops = Vec::new();
+    let mut syncs = Vec::new();
     for space in &opts.spaces {
+        // Destinations sync after every refresh (and once at start), in their own task so a
+        // slow destination never holds refreshes back.
+        let kick = Arc::new(tokio::sync::Notify::new());
+        kick.notify_one();
+        {
+            let (store, space, kick, json) =
+                (store.clone(), space.clone(), Arc::clone(&kick), opts.json);
+            let mut stop = stop_rx.clone();
+            syncs.push(tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        biased;
+                        _ = kick.notified() => {}
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
+                    match crate::destinations::sync(&store, &space, &Default::default()).await {
+                        Ok(reports) => {
+                            for r in reports.iter().filter(|r| r.messages > 0 || r.error.is_some()) {
+                                if json {
+                                    println!("{}", serde_json::to_string(r).unwrap_or_default());
+                                } else {
+                                    println!("sync of space {space}: {}", crate::cli::sync_line(r));
+                                }
+                            }
+                        }
+                        Err(e) => eprintln!("sync of space {space} failed: {e}"),
+                    }
+                }
+            }));
+        }
         let rules = match config.spaces.get(space.as_str()) {
             Some(s) => crate::identity::IdentityRules::from_config(&s.identity)?,
             None => crate::identity::IdentityRules::default(),
@@ -159,7 +191,11 @@ pub async fn run(store: &Store, config: Config, opts: ServeOptions) -> Result<()
                 interval,
                 passes,
                 stop,
-                |r| match r {
+                |r| {
+                    if r.is_ok() {
+                        kick.notify_one();
+                    }
+                    match r {
                     Ok(r) if json => println!("{}", serde_json::to_string(r).unwrap_or_default()),
                     Ok(r) => println!(
                         "refresh of space {space}: {} new event rows, {} in {} ms",
@@ -171,7 +207,7 @@ pub async fn run(store: &Store, config: Config, opts: ServeOptions) -> Result<()
                         r.millis
                     ),
                     Err(e) => eprintln!("refresh of space {space} failed: {e}"),
-                },
+                }},
             )
             .await
         }));
@@ -184,6 +220,15 @@ pub async fn run(store: &Store, config: Config, opts: ServeOptions) -> Result<()
     }
     eprintln!("audiences serve: shutting down");
     let _ = stop_tx.send(true);
+    for t in syncs {
+        if opts.refreshes.is_some() {
+            // a bounded run finishes the sync its last refresh asked for
+            let _ = t.await;
+        } else {
+            // a sync cut short resumes from its checkpoint at the next start
+            t.abort();
+        }
+    }
     if let Ok(Err(e)) = flight_task.await {
         return Err(Error::Usage(format!("flight server: {e}")));
     }

@@ -150,6 +150,30 @@ pub fn data_file(space: &Space, table: TableName, date: Option<&str>, ext: &str)
     }
 }
 
+/// The cursor of destination `name` of `audience`.
+pub fn destination_cursor(space: &Space, audience: &str, name: &str) -> Key {
+    Key(Path::from(format!(
+        "spaces/{space}/_destinations/{audience}/{name}.json"
+    )))
+}
+
+/// The file a file destination writes for the step `from`..`to`: under the space's
+/// `destinations/` prefix, or at the root of the destination's own store (`space` None).
+pub fn destination_file(
+    space: Option<&Space>,
+    audience: &str,
+    name: &str,
+    from: u64,
+    to: u64,
+    ext: &str,
+) -> Key {
+    let file = format!("{audience}/{name}/{to:020}-from-{from:020}.{ext}");
+    Key(Path::from(match space {
+        Some(s) => format!("spaces/{s}/destinations/{file}"),
+        None => file,
+    }))
+}
+
 /// True when `key` is inside a table's log directory.
 pub fn is_log_key(key: &Path) -> bool {
     key.parts().any(|p| p.as_ref() == "_log")
