@@ -184,7 +184,11 @@ pub enum DestinationsCommand {
     /// JSON line (point a webhook destination at the printed URL to try it).
     Receive {
         /// Address to listen on (port 0: any free port; the URL is printed on stderr).
-        #[arg(long, env = "AUDIENCES_RECEIVER_LISTEN", default_value = "127.0.0.1:8090")]
+        #[arg(
+            long,
+            env = "AUDIENCES_RECEIVER_LISTEN",
+            default_value = "127.0.0.1:8090"
+        )]
         listen: String,
         /// Count calls instead of printing them (the count is printed on exit).
         #[arg(long, env = "AUDIENCES_RECEIVER_QUIET")]
@@ -990,7 +994,11 @@ async fn sync(g: &Global, a: &SyncArgs) -> Result<i32> {
             println!("{}", sync_line(r));
         }
     }
-    Ok(if reports.iter().any(|r| r.error.is_some()) { 1 } else { 0 })
+    Ok(if reports.iter().any(|r| r.error.is_some()) {
+        1
+    } else {
+        0
+    })
 }
 
 /// One line about a sync report.
@@ -1049,7 +1057,10 @@ async fn destinations(g: &Global, c: DestinationsCommand) -> Result<i32> {
                     d.skipped_no_id,
                     d.pending
                         .as_ref()
-                        .map(|p| format!(", step {}->{} in progress ({} done)", p.from, p.to, p.done))
+                        .map(|p| format!(
+                            ", step {}->{} in progress ({} done)",
+                            p.from, p.to, p.done
+                        ))
                         .unwrap_or_default(),
                     d.last_error
                         .as_ref()

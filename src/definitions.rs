@@ -316,7 +316,11 @@ impl Stored {
 fn unredact(file: &mut DefinitionFile, stored: Option<&DefinitionFile>) -> Result<()> {
     let redacted = serde_json::json!(crate::destinations::config::REDACTED);
     for d in file.destinations.iter_mut().flatten() {
-        let name = d.get("name").and_then(|n| n.as_str()).unwrap_or("").to_string();
+        let name = d
+            .get("name")
+            .and_then(|n| n.as_str())
+            .unwrap_or("")
+            .to_string();
         let Some(h) = d.get_mut("headers").and_then(|h| h.as_object_mut()) else {
             continue;
         };

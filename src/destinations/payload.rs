@@ -40,8 +40,12 @@ pub struct Ids {
     pub links: HashMap<String, Vec<String>>,
 }
 
+/// What a destination in a state mode (identify, list, group) holds about one member:
+/// (mode, member, profile addressed, id value); group entries have empty profile and value.
+pub type Entry = (Mode, String, String, String);
+
 /// One message to deliver.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Message {
     /// Stable idempotency key (hex).
     pub key: String,
@@ -225,6 +229,70 @@ impl Sender<'_> {
         (out, no_id)
     }
 
+    /// What the destination should hold for `members` (sorted), and how many members have no
+    /// value of the id type.
+    pub fn desired(&self, members: &[String], accounts: bool, ids: &Ids) -> (Vec<Entry>, u64) {
+        let mut out = Vec::new();
+        let mut no_id = 0u64;
+        let none = Vec::new();
+        for m in members {
+            let before = out.len();
+            for mode in self.dest.mode.list() {
+                if mode == Mode::Group {
+                    out.push((mode, m.clone(), String::new(), String::new()));
+                    continue;
+                }
+                let profiles: Vec<&String> = if accounts {
+                    ids.links.get(m).unwrap_or(&none).iter().collect()
+                } else {
+                    vec![m]
+                };
+                for p in profiles {
+                    for v in ids.values.get(p).unwrap_or(&none) {
+                        out.push((mode, m.clone(), p.clone(), v.clone()));
+                    }
+                }
+            }
+            if out.len() == before {
+                no_id += 1;
+            }
+        }
+        (out, no_id)
+    }
+
+    /// Messages that add `adds` and remove `removes` at `version`, sorted by member.
+    pub fn entry_messages(
+        &self,
+        adds: &[&Entry],
+        removes: &[&Entry],
+        version: u64,
+        as_of: i64,
+        ids: &Ids,
+    ) -> Vec<Message> {
+        let mut all: Vec<(&Entry, bool)> = adds
+            .iter()
+            .map(|e| (*e, true))
+            .chain(removes.iter().map(|e| (*e, false)))
+            .collect();
+        all.sort_by(|a, b| (&a.0.1, &a.0.2, &a.0.3, a.0.0).cmp(&(&b.0.1, &b.0.2, &b.0.3, b.0.0)));
+        all.into_iter()
+            .map(|((mode, member, p, v), entered)| {
+                let c = Change {
+                    member: member.clone(),
+                    entered,
+                    version,
+                    as_of,
+                };
+                let (p, v) = if *mode == Mode::Group {
+                    (None, None)
+                } else {
+                    (Some(p.as_str()), Some(v.as_str()))
+                };
+                self.message(*mode, &c, p, v, ids)
+            })
+            .collect()
+    }
+
     /// Group messages into requests of at most `batch` messages (list mode: list requests).
     pub fn requests(
         &self,
@@ -277,24 +345,6 @@ impl Sender<'_> {
     }
 }
 
-/// Net changes per member over several versions (applied in order), for modes where only the
-/// final state matters: a member that entered and exited again (or the reverse) needs nothing.
-pub fn collapse(changes: Vec<Change>) -> Vec<Change> {
-    let mut by: std::collections::BTreeMap<String, (bool, Change)> = Default::default();
-    for c in changes {
-        match by.get_mut(&c.member) {
-            Some((_, last)) => *last = c,
-            None => {
-                by.insert(c.member.clone(), (c.entered, c));
-            }
-        }
-    }
-    by.into_values()
-        .filter(|(first, last)| *first == last.entered)
-        .map(|(_, last)| last)
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,22 +362,6 @@ mod tests {
             version,
             as_of: 1_700_000_000_000_000,
         }
-    }
-
-    #[test]
-    fn collapse_keeps_the_net_change_of_each_member() {
-        let out = collapse(vec![
-            ch("a", true, 2),
-            ch("b", false, 2),
-            ch("a", false, 3),
-            ch("b", true, 3),
-            ch("c", true, 3),
-            ch("d", false, 2),
-            ch("d", true, 3),
-            ch("d", false, 4),
-        ]);
-        // a: in then out (never sent) → nothing; b: out then in → nothing; c: entered; d: exited
-        assert_eq!(out, vec![ch("c", true, 3), ch("d", false, 4)]);
     }
 
     #[test]

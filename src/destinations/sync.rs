@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use super::config::{Destination, FileFormat, SinkKind, parse_all};
 use super::deliver::{Clock, Limiter, SystemClock, Verdict, Webhook};
-use super::payload::{Change, Ids, Message, Sender, collapse};
+use super::payload::{Change, Entry, Ids, Message, Sender};
 use crate::compute::{MEMBERSHIPS, VersionRef, conform, read_file, versions};
 use crate::definitions::Stored;
 use crate::error::{Error, Result};
@@ -81,6 +81,9 @@ pub struct Cursor {
     /// Backfills made.
     #[serde(default)]
     pub backfills: u64,
+    /// Identity log version of the last state-mode step.
+    #[serde(default)]
+    pub identity_version: u64,
     /// Last error (delivery or sync), if any.
     #[serde(default)]
     pub last_error: Option<String>,
@@ -308,7 +311,13 @@ async fn run_destination(
         dest,
     };
     let track = dest.mode.list().contains(&super::config::Mode::Track);
+    // State modes also re-check members whose ids changed since the last step.
+    let identity_version = CommitLog::new(store, space, crate::identity::persist::IDENTITY)
+        .snapshot()
+        .await?
+        .version;
     loop {
+        let resumed = cur.pending.is_some();
         let step = if let Some(p) = cur.pending.clone() {
             p
         } else if cur.version == 0 {
@@ -318,7 +327,9 @@ async fn run_destination(
                 backfill: true,
                 done: 0,
             }
-        } else if cur.version < latest.version {
+        } else if cur.version < latest.version
+            || (!track && cur.identity_version < identity_version)
+        {
             let to = if track {
                 vs.iter()
                     .map(|v| v.version)
@@ -342,29 +353,65 @@ async fn run_destination(
                 step.to
             )));
         };
-        let changes = if step.backfill {
-            backfill_changes(store, to_ref).await?
+        // What the destination holds (state modes): nothing before a backfill.
+        let held: BTreeSet<Entry> = if track || step.backfill {
+            BTreeSet::new()
         } else {
-            let mut all = Vec::new();
-            for v in vs
-                .iter()
-                .filter(|v| v.version > step.from && v.version <= step.to)
-            {
-                all.extend(version_changes(store, v).await?);
-            }
-            if track { all } else { collapse(all) }
+            load_entries(store, space, audience, &dest.name, "state").await?
         };
-        let ids = load_ids(store, space, &changes, dest, accounts).await?;
-        let (msgs, no_id) = sender.messages(&changes, accounts, &ids);
+        let saved = if resumed {
+            load_pending(store, space, audience, dest, &step).await?
+        } else {
+            None
+        };
+        let msgs: Vec<Message> = match saved {
+            Some(m) => m, // a resumed step sends exactly what it was sending
+            None => {
+                let (msgs, no_id) = if track {
+                    let changes = if step.backfill {
+                        backfill_changes(store, to_ref).await?
+                    } else {
+                        let mut all = Vec::new();
+                        for v in vs
+                            .iter()
+                            .filter(|v| v.version > step.from && v.version <= step.to)
+                        {
+                            all.extend(version_changes(store, v).await?);
+                        }
+                        all
+                    };
+                    let ids = load_ids(store, space, &changes, dest, accounts).await?;
+                    sender.messages(&changes, accounts, &ids)
+                } else {
+                    // State modes: the difference between what the destination holds and
+                    // what it should hold now (membership changes, and ids added to or gone
+                    // from members).
+                    let members = backfill_changes(store, to_ref).await?;
+                    let ids = load_ids(store, space, &members, dest, accounts).await?;
+                    let names: Vec<String> = members.into_iter().map(|c| c.member).collect();
+                    let (want, no_id) = sender.desired(&names, accounts, &ids);
+                    let want: BTreeSet<Entry> = want.into_iter().collect();
+                    let adds: Vec<&Entry> = want.difference(&held).collect();
+                    let removes: Vec<&Entry> = held.difference(&want).collect();
+                    (
+                        sender.entry_messages(&adds, &removes, step.to, to_ref.as_of, &ids),
+                        no_id,
+                    )
+                };
+                report.skipped_no_id += no_id;
+                cur.skipped_no_id += no_id;
+                if step.backfill {
+                    report.backfills += 1;
+                    cur.backfills += 1;
+                }
+                save_pending(store, space, audience, dest, &step, &msgs).await?;
+                cur.pending = Some(step.clone());
+                cur.identity_version = identity_version;
+                save_cursor(store, space, audience, &dest.name, &cur).await?;
+                msgs
+            }
+        };
         report.messages += msgs.len() as u64;
-        report.skipped_no_id += no_id;
-        cur.skipped_no_id += no_id;
-        if step.backfill {
-            report.backfills += 1;
-            cur.backfills += 1;
-        }
-        cur.pending = Some(step.clone());
-        save_cursor(store, space, audience, &dest.name, &cur).await?;
         match (&webhook, &file_store) {
             (Some(w), _) => {
                 let reqs = sender.requests(&msgs, step.to, to_ref.as_of)?;
@@ -383,6 +430,23 @@ async fn run_destination(
                 cur.sent += msgs.len() as u64;
             }
             _ => {}
+        }
+        if !track {
+            let mut now_held = held;
+            for m in &msgs {
+                let e: Entry = (
+                    m.mode,
+                    m.member.clone(),
+                    m.profile.clone().unwrap_or_default(),
+                    m.id_value.clone().unwrap_or_default(),
+                );
+                if m.entered {
+                    now_held.insert(e);
+                } else {
+                    now_held.remove(&e);
+                }
+            }
+            save_entries(store, space, audience, &dest.name, "state", &now_held).await?;
         }
         crate::fault::hit("sync_before_cursor");
         cur.version = step.to;
@@ -516,6 +580,136 @@ async fn deliver_step(
     step.done = n as u64;
     cur.pending = Some(step);
     Ok(())
+}
+
+/// Gzipped JSON lines of `T` at `key` (None when absent).
+async fn load_lines<T: serde::de::DeserializeOwned>(
+    store: &Store,
+    key: &Key,
+) -> Result<Option<Vec<T>>> {
+    let bytes = match store.get(key).await {
+        Ok(b) => b,
+        Err(Error::ObjectStore(object_store::Error::NotFound { .. })) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&bytes[..]), &mut text)
+        .map_err(|e| Error::io(key.as_str(), e))?;
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        out.push(serde_json::from_str(line).map_err(|e| Error::CorruptLog {
+            path: key.to_string(),
+            reason: e.to_string(),
+        })?);
+    }
+    Ok(Some(out))
+}
+
+async fn save_lines<T: Serialize>(
+    store: &Store,
+    key: &Key,
+    items: impl Iterator<Item = T>,
+) -> Result<()> {
+    use std::io::Write;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    for it in items {
+        serde_json::to_writer(&mut gz, &it)?;
+        gz.write_all(b"\n")
+            .map_err(|e| Error::io(key.as_str(), e))?;
+    }
+    let bytes = gz.finish().map_err(|e| Error::io(key.as_str(), e))?;
+    store.put(key, bytes.into()).await
+}
+
+/// What a state-mode destination holds (`which` = "state").
+async fn load_entries(
+    store: &Store,
+    space: &Space,
+    audience: &str,
+    name: &str,
+    which: &str,
+) -> Result<BTreeSet<Entry>> {
+    let key = keys::destination_data(space, audience, name, which);
+    Ok(load_lines::<Entry>(store, &key)
+        .await?
+        .unwrap_or_default()
+        .into_iter()
+        .collect())
+}
+
+async fn save_entries(
+    store: &Store,
+    space: &Space,
+    audience: &str,
+    name: &str,
+    which: &str,
+    e: &BTreeSet<Entry>,
+) -> Result<()> {
+    let key = keys::destination_data(space, audience, name, which);
+    save_lines(store, &key, e.iter()).await
+}
+
+/// The messages of a step in progress, saved before its first request.
+#[derive(Serialize, serde::Deserialize)]
+struct PendingHeader {
+    fingerprint: String,
+    from: u64,
+    to: u64,
+    backfill: bool,
+}
+
+async fn load_pending(
+    store: &Store,
+    space: &Space,
+    audience: &str,
+    dest: &Destination,
+    step: &Pending,
+) -> Result<Option<Vec<Message>>> {
+    let key = keys::destination_data(space, audience, &dest.name, "pending");
+    let Some(lines) = load_lines::<serde_json::Value>(store, &key).await? else {
+        return Ok(None);
+    };
+    let Some((head, rest)) = lines.split_first() else {
+        return Ok(None);
+    };
+    let head: PendingHeader = serde_json::from_value(head.clone())?;
+    if (head.fingerprint.as_str(), head.from, head.to, head.backfill)
+        != (
+            dest.fingerprint().as_str(),
+            step.from,
+            step.to,
+            step.backfill,
+        )
+    {
+        return Ok(None);
+    }
+    Ok(Some(
+        rest.iter()
+            .map(|v| serde_json::from_value(v.clone()))
+            .collect::<std::result::Result<Vec<Message>, _>>()?,
+    ))
+}
+
+async fn save_pending(
+    store: &Store,
+    space: &Space,
+    audience: &str,
+    dest: &Destination,
+    step: &Pending,
+    msgs: &[Message],
+) -> Result<()> {
+    let key = keys::destination_data(space, audience, &dest.name, "pending");
+    let head = serde_json::to_value(PendingHeader {
+        fingerprint: dest.fingerprint(),
+        from: step.from,
+        to: step.to,
+        backfill: step.backfill,
+    })?;
+    let rest = msgs
+        .iter()
+        .map(serde_json::to_value)
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    save_lines(store, &key, std::iter::once(head).chain(rest)).await
 }
 
 /// Every member of a version, as entries.

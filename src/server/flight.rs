@@ -874,15 +874,24 @@ impl FlightService for Flight {
                         ))
                     })
                 };
-                let (aud, name, version) = (field("audience")?, field("destination")?, field("version")?);
-                let (Some(aud), Some(name), Some(version)) = (aud.as_str(), name.as_str(), version.as_u64()) else {
+                let (aud, name, version) =
+                    (field("audience")?, field("destination")?, field("version")?);
+                let (Some(aud), Some(name), Some(version)) =
+                    (aud.as_str(), name.as_str(), version.as_u64())
+                else {
                     return Err(Status::invalid_argument(
                         "ack: audience and destination are strings, version a number",
                     ));
                 };
-                let c = crate::destinations::sync::acknowledge(&self.store, &g.space, aud, name, version)
-                    .await
-                    .map_err(usage)?;
+                let c = crate::destinations::sync::acknowledge(
+                    &self.store,
+                    &g.space,
+                    aud,
+                    name,
+                    version,
+                )
+                .await
+                .map_err(usage)?;
                 serde_json::to_vec(&serde_json::json!({"audience": aud, "destination": name, "cursor_version": c.version}))
                     .map_err(internal)?
             }

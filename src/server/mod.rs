@@ -164,7 +164,10 @@ pub async fn run(store: &Store, config: Config, opts: ServeOptions) -> Result<()
                     }
                     match crate::destinations::sync(&store, &space, &Default::default()).await {
                         Ok(reports) => {
-                            for r in reports.iter().filter(|r| r.messages > 0 || r.error.is_some()) {
+                            for r in reports
+                                .iter()
+                                .filter(|r| r.messages > 0 || r.error.is_some())
+                            {
                                 if json {
                                     println!("{}", serde_json::to_string(r).unwrap_or_default());
                                 } else {
@@ -184,18 +187,11 @@ pub async fn run(store: &Store, config: Config, opts: ServeOptions) -> Result<()
         let (store, space, stop, json) = (store.clone(), space.clone(), stop_rx.clone(), opts.json);
         let (interval, passes) = (opts.interval, opts.refreshes);
         loops.push(tokio::spawn(async move {
-            crate::serve::run(
-                &store,
-                &space,
-                &rules,
-                interval,
-                passes,
-                stop,
-                |r| {
-                    if r.is_ok() {
-                        kick.notify_one();
-                    }
-                    match r {
+            crate::serve::run(&store, &space, &rules, interval, passes, stop, |r| {
+                if r.is_ok() {
+                    kick.notify_one();
+                }
+                match r {
                     Ok(r) if json => println!("{}", serde_json::to_string(r).unwrap_or_default()),
                     Ok(r) => println!(
                         "refresh of space {space}: {} new event rows, {} in {} ms",
@@ -207,8 +203,8 @@ pub async fn run(store: &Store, config: Config, opts: ServeOptions) -> Result<()
                         r.millis
                     ),
                     Err(e) => eprintln!("refresh of space {space} failed: {e}"),
-                }},
-            )
+                }
+            })
             .await
         }));
     }

@@ -157,6 +157,14 @@ pub fn destination_cursor(space: &Space, audience: &str, name: &str) -> Key {
     )))
 }
 
+/// Data kept for destination `name` of `audience`: `state` (what it holds) or `pending` (the
+/// messages of the step in progress), gzipped JSON lines.
+pub fn destination_data(space: &Space, audience: &str, name: &str, which: &str) -> Key {
+    Key(Path::from(format!(
+        "spaces/{space}/_destinations/{audience}/{name}.{which}.jsonl.gz"
+    )))
+}
+
 /// The file a file destination writes for the step `from`..`to`: under the space's
 /// `destinations/` prefix, or at the root of the destination's own store (`space` None).
 pub fn destination_file(

@@ -7,6 +7,7 @@ mod commit_log;
 mod common;
 mod crash;
 mod demo;
+mod destinations;
 mod duckdb;
 mod identity;
 mod ingest;
