@@ -142,6 +142,14 @@ out['rows'] = t.to_pylist()
 info = c.get_flight_info(fl.FlightDescriptor.for_path('audiences', key, 'changes', '0'), opts)
 out['changes'] = c.do_get(info.endpoints[0].ticket, opts).read_all().to_pylist()
 out['actions'] = sorted(a.type for a in c.list_actions(opts))
+info = c.get_flight_info(fl.FlightDescriptor.for_path('destinations', key, 'pull'), opts)
+out['dest_first'] = c.do_get(info.endpoints[0].ticket, opts).read_all().to_pylist()
+w, wopts = client('admin-token-1')
+v = max(r['version'] for r in out['dest_first'])
+ack = {'audience': key, 'destination': 'pull', 'version': v}
+out['ack'] = json.loads(list(w.do_action(fl.Action('ack', json.dumps(ack).encode()), wopts))[0].body.to_pybytes())
+info = c.get_flight_info(fl.FlightDescriptor.for_path('destinations', key, 'pull'), opts)
+out['dest_after_ack'] = c.do_get(info.endpoints[0].ticket, opts).read_all().to_pylist()
 def code(f):
     try:
         f()
@@ -182,7 +190,8 @@ fn tracking_api_and_flight_with_real_clients() {
     let def = dir.path().join("buyers.json");
     std::fs::write(
         &def,
-        r#"{"key": "buyers", "kind": "audience", "definition": "event('Order Completed').count() >= 1"}"#,
+        r#"{"key": "buyers", "kind": "audience", "definition": "event('Order Completed').count() >= 1",
+            "destinations": [{"name": "pull", "kind": "flight"}]}"#,
     )
     .unwrap();
     run_ok(store, &["audience", "create", def.to_str().unwrap()]);
@@ -272,6 +281,22 @@ fn tracking_api_and_flight_with_real_clients() {
     let out: serde_json::Value =
         serde_json::from_str(&python(FLIGHT, &[&server.flight, "buyers"])).unwrap();
     assert_eq!(out["flights"]["audiences/buyers"], 4, "{out}");
+    // The Flight destination: a backfill of the membership, then nothing once acknowledged.
+    let first: Vec<&str> = out["dest_first"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert_eq!(r["change"], "entered", "{r}");
+            r["profile_id"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(first, members, "{out}");
+    assert_eq!(
+        out["ack"]["cursor_version"],
+        out["dest_first"][0]["version"]
+    );
+    assert_eq!(out["dest_after_ack"], serde_json::json!([]), "{out}");
     let rows_of = out["rows"].as_array().unwrap();
     let ids: Vec<&str> = rows_of
         .iter()
@@ -301,7 +326,7 @@ fn tracking_api_and_flight_with_real_clients() {
     assert!(changes.iter().all(|c| c["change"] == "entered"));
     assert_eq!(
         out["actions"],
-        serde_json::json!(["compute", "preview", "refresh"])
+        serde_json::json!(["ack", "compute", "preview", "refresh", "sync"])
     );
     assert_eq!(out["refresh_as_reader"], "unauthorized", "{out}");
     assert!(out["refresh_as_admin"]["keys"].is_array(), "{out}");
