@@ -1074,11 +1074,11 @@ async fn destinations(g: &Global, c: DestinationsCommand) -> Result<i32> {
             let addr: std::net::SocketAddr = listen
                 .parse()
                 .map_err(|_| Error::Usage(format!("--listen: '{listen}' is not HOST:PORT")))?;
-            let r = crate::destinations::receiver::Receiver::start(addr, quiet, !quiet).await?;
+            let r = crate::destinations::receiver::Receiver::start(addr, false, !quiet).await?;
             eprintln!("audiences destinations receive: listening on {}", r.url());
             crate::server::shutdown_signal().await;
             if quiet {
-                eprintln!("received {} calls", r.calls().len());
+                eprintln!("received {} calls", r.count());
             }
             r.stop().await;
             Ok(0)

@@ -7,7 +7,7 @@
 //! mode) one list of adds and removes; their order is deterministic (sorted by member and value),
 //! so a resumed sync rebuilds exactly the requests it was sending.
 
-use std::collections::HashMap;
+use hashbrown::HashMap;
 
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};

@@ -24,6 +24,7 @@ pub struct Call {
 #[derive(Default)]
 struct Shared {
     calls: Mutex<Vec<Call>>,
+    count: std::sync::atomic::AtomicU64,
     keep: bool,
     print: bool,
 }
@@ -86,6 +87,11 @@ impl Receiver {
             .clone()
     }
 
+    /// Requests received so far (kept or not).
+    pub fn count(&self) -> u64 {
+        self.shared.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Stop listening.
     pub async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
@@ -103,6 +109,7 @@ async fn receive(
     headers: HeaderMap,
     body: bytes::Bytes,
 ) -> StatusCode {
+    s.count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
     if s.print {
         println!("{json}");

@@ -17,7 +17,9 @@
 //! so a profile's changes arrive in order (a stale exit never overwrites a newer entry).
 //! Dead letters are committed to the `dead_letters` table before the cursor passes them.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use hashbrown::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -605,18 +607,28 @@ async fn load_lines<T: serde::de::DeserializeOwned>(
     Ok(Some(out))
 }
 
-async fn save_lines<T: Serialize>(
+/// Write JSON lines (a header line, if any, then `items`), gzipped in one piece.
+async fn save_lines<H: Serialize, T: Serialize>(
     store: &Store,
     key: &Key,
+    header: Option<H>,
     items: impl Iterator<Item = T>,
 ) -> Result<()> {
     use std::io::Write;
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    for it in items {
-        serde_json::to_writer(&mut gz, &it)?;
-        gz.write_all(b"\n")
-            .map_err(|e| Error::io(key.as_str(), e))?;
+    let mut buf = Vec::new();
+    if let Some(h) = header {
+        serde_json::to_writer(&mut buf, &h)?;
+        buf.push(b'\n');
     }
+    for it in items {
+        serde_json::to_writer(&mut buf, &it)?;
+        buf.push(b'\n');
+    }
+    let mut gz = flate2::write::GzEncoder::new(
+        Vec::with_capacity(buf.len() / 4),
+        flate2::Compression::fast(),
+    );
+    gz.write_all(&buf).map_err(|e| Error::io(key.as_str(), e))?;
     let bytes = gz.finish().map_err(|e| Error::io(key.as_str(), e))?;
     store.put(key, bytes.into()).await
 }
@@ -646,7 +658,7 @@ async fn save_entries(
     e: &BTreeSet<Entry>,
 ) -> Result<()> {
     let key = keys::destination_data(space, audience, name, which);
-    save_lines(store, &key, e.iter()).await
+    save_lines(store, &key, None::<()>, e.iter()).await
 }
 
 /// The messages of a step in progress, saved before its first request.
@@ -699,17 +711,13 @@ async fn save_pending(
     msgs: &[Message],
 ) -> Result<()> {
     let key = keys::destination_data(space, audience, &dest.name, "pending");
-    let head = serde_json::to_value(PendingHeader {
+    let head = PendingHeader {
         fingerprint: dest.fingerprint(),
         from: step.from,
         to: step.to,
         backfill: step.backfill,
-    })?;
-    let rest = msgs
-        .iter()
-        .map(serde_json::to_value)
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    save_lines(store, &key, std::iter::once(head).chain(rest)).await
+    };
+    save_lines(store, &key, Some(head), msgs.iter()).await
 }
 
 /// Every member of a version, as entries.
@@ -790,10 +798,9 @@ async fn load_ids(
     if changes.is_empty() {
         return Ok(ids);
     }
-    let members: std::collections::HashSet<&str> =
-        changes.iter().map(|c| c.member.as_str()).collect();
+    let members: HashSet<&str> = changes.iter().map(|c| c.member.as_str()).collect();
     let ctx = crate::tables::session(store, space).await?;
-    let mut profiles: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut profiles: HashSet<String> = HashSet::new();
     if accounts {
         let links = ctx
             .table("account_links")
