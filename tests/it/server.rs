@@ -188,10 +188,22 @@ fn tracking_api_and_flight_with_real_clients() {
     let cfg = dir.path().join("cfg.toml");
     std::fs::write(&cfg, CONFIG).unwrap();
     let def = dir.path().join("buyers.json");
+    // A webhook receiver the serve loop syncs to after its refreshes.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let rx = rt
+        .block_on(audiences::destinations::receiver::Receiver::start(
+            ([127, 0, 0, 1], 0).into(),
+            true,
+            false,
+        ))
+        .unwrap();
     std::fs::write(
         &def,
-        r#"{"key": "buyers", "kind": "audience", "definition": "event('Order Completed').count() >= 1",
-            "destinations": [{"name": "pull", "kind": "flight"}]}"#,
+        serde_json::json!({"key": "buyers", "kind": "audience",
+            "definition": "event('Order Completed').count() >= 1",
+            "destinations": [{"name": "pull", "kind": "flight"},
+                             {"name": "hook", "kind": "webhook", "url": rx.url(), "mode": "track"}]})
+        .to_string(),
     )
     .unwrap();
     run_ok(store, &["audience", "create", def.to_str().unwrap()]);
@@ -278,6 +290,33 @@ fn tracking_api_and_flight_with_real_clients() {
         .iter()
         .map(|r| r["profile_id"].as_str().unwrap())
         .collect();
+    // serve synced the webhook after the refresh: one Audience Entered per user id of a member
+    let want: std::collections::BTreeSet<String> = rows(
+        "default",
+        "SELECT i.id_value AS u FROM memberships m JOIN identities i ON i.profile_id = m.profile_id \
+         AND i.id_type = 'user_id' WHERE m.audience_key = 'buyers'",
+    )
+    .iter()
+    .map(|r| r["u"].as_str().unwrap().to_string())
+    .collect();
+    assert!(!want.is_empty());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let got: std::collections::BTreeSet<String> = rx
+            .calls()
+            .iter()
+            .filter(|c| c.body["event"] == "Audience Entered")
+            .map(|c| c.body["userId"].as_str().unwrap_or("").to_string())
+            .collect();
+        if got == want {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "serve never synced the webhook: {got:?} vs {want:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
     let out: serde_json::Value =
         serde_json::from_str(&python(FLIGHT, &[&server.flight, "buyers"])).unwrap();
     assert_eq!(out["flights"]["audiences/buyers"], 4, "{out}");
