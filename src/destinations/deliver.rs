@@ -110,13 +110,16 @@ impl Limiter {
             let wait = {
                 let now = self.clock.now();
                 let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-                let elapsed = (now - s.last).max(0.0);
+                // no tokens accrue while a Retry-After pause lasts
+                let elapsed = (now - s.last.max(s.paused_until)).max(0.0);
                 s.tokens = (s.tokens + elapsed * s.rate).min(s.burst);
                 s.last = now;
                 if now < s.paused_until {
                     s.paused_until - now
-                } else if s.tokens >= 1.0 {
-                    s.tokens -= 1.0;
+                } else if s.tokens >= 1.0 - 1e-9 {
+                    // (the tolerance: a refill that lands a rounding error short of a whole
+                    // token must not wait for a sleep too short to move the clock)
+                    s.tokens = (s.tokens - 1.0).max(0.0);
                     return;
                 } else {
                     (1.0 - s.tokens) / s.rate
@@ -328,20 +331,48 @@ mod tests {
         }
     }
 
+    /// A clock whose sleeps return at once, moving its time forward (one task at a time).
+    #[derive(Debug, Default)]
+    struct JumpClock(std::sync::Mutex<f64>);
+
+    impl Clock for JumpClock {
+        fn now(&self) -> f64 {
+            *self.0.lock().unwrap()
+        }
+        fn sleep(&self, secs: f64) -> BoxFuture<'static, ()> {
+            *self.0.lock().unwrap() += secs.max(0.0);
+            Box::pin(async {})
+        }
+    }
+
     #[tokio::test]
     async fn the_bucket_allows_burst_then_rate_and_pauses_on_throttle() {
-        let clock: Arc<dyn Clock> = Arc::new(ScaledClock::new(100.0));
+        let clock: Arc<dyn Clock> = Arc::new(JumpClock::default());
         let l = Limiter::new(50.0, 5, Arc::clone(&clock));
-        let t0 = clock.now();
-        for _ in 0..105 {
+        for _ in 0..5 {
             l.acquire().await;
         }
-        // 5 at once, then 100 at 50/s: about 2 clock seconds
-        let took = clock.now() - t0;
-        assert!((1.9..2.6).contains(&took), "{took}");
+        assert_eq!(clock.now(), 0.0, "the burst is free");
+        for _ in 0..100 {
+            l.acquire().await;
+        }
+        // then 100 at 50/s
+        assert!((clock.now() - 2.0).abs() < 1e-6, "{}", clock.now());
         l.throttled(Some(3.0));
         let t1 = clock.now();
         l.acquire().await;
-        assert!(clock.now() - t1 >= 3.0);
+        assert!(
+            (clock.now() - t1 - 3.0 - 1.0 / 25.0).abs() < 1e-6,
+            "Retry-After honoured, nothing saved up meanwhile: {}",
+            clock.now() - t1
+        );
+        // halved rate after the pause: the next token takes 1/25 s
+        let t2 = clock.now();
+        l.acquire().await;
+        assert!(
+            (clock.now() - t2 - 1.0 / 25.0).abs() < 1e-6,
+            "{}",
+            clock.now() - t2
+        );
     }
 }
