@@ -301,10 +301,102 @@ pub fn normalize(id_type: &str, value: &str) -> String {
 
 /// SHA-256 as lowercase hex.
 pub fn sha256_hex(s: &str) -> String {
-    Sha256::digest(s.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let d = Sha256::digest(s.as_bytes());
+    let mut out = String::with_capacity(64);
+    for b in d {
+        out.push(HEX[(b >> 4) as usize] as char);
+        out.push(HEX[(b & 15) as usize] as char);
+    }
+    out
+}
+
+/// The `single` export: the version's members joined with their values of one id type only,
+/// sorted by (profile, value), each profile's normalized values once, hashed in parallel.
+async fn single_stream(
+    store: &Store,
+    space: &Space,
+    v: &VersionRef,
+    id_type: &str,
+    raw: bool,
+) -> Result<(SchemaRef, Batches)> {
+    use datafusion::prelude::{col, lit};
+    let schema = Arc::new(Schema::new(vec![Field::new(
+        id_type,
+        DataType::Utf8,
+        false,
+    )]));
+    if is_accounts(store, v).await? {
+        // account audiences carry no external ids of their own
+        return Ok((schema, futures::stream::empty().boxed()));
+    }
+    let ctx = version_session(store, space, v).await?;
+    let ids = ctx
+        .table("identities")
+        .await?
+        .filter(col("id_type").eq(lit(id_type)))?
+        .select(vec![col("profile_id").alias("__p"), col("id_value")])?;
+    let input = ctx
+        .table("__version_members")
+        .await?
+        .select(vec![col("profile_id")])?
+        .join(
+            ids,
+            datafusion::prelude::JoinType::Inner,
+            &["profile_id"],
+            &["__p"],
+            None,
+        )?
+        .select(vec![col("profile_id"), col("id_value")])?
+        .sort(vec![
+            col("profile_id").sort(true, false),
+            col("id_value").sort(true, false),
+        ])?
+        .execute_stream()
+        .await?;
+    let out_schema = Arc::clone(&schema);
+    let id_type = id_type.to_string();
+    // (current profile, its normalized values so far): a profile's rows may span batches
+    let state: (String, std::collections::HashSet<String>) = Default::default();
+    let stream = input.scan(state, move |(cur, seen), b| {
+        let out = (|| -> Result<RecordBatch> {
+            let b = b?;
+            let (p, val) = (
+                b.column(0).as_string::<i32>(),
+                b.column(1).as_string::<i32>(),
+            );
+            let mut values: Vec<String> = Vec::with_capacity(b.num_rows());
+            for r in 0..b.num_rows() {
+                if !p.is_valid(r) || !val.is_valid(r) {
+                    continue;
+                }
+                if cur.as_str() != p.value(r) {
+                    cur.clear();
+                    cur.push_str(p.value(r));
+                    seen.clear();
+                }
+                let n = normalize(&id_type, val.value(r));
+                if n.is_empty() || seen.contains(&n) {
+                    continue;
+                }
+                seen.insert(n.clone());
+                values.push(n);
+            }
+            let col: StringArray = if raw {
+                StringArray::from(values)
+            } else {
+                use rayon::prelude::*;
+                let hashed: Vec<String> = values.par_iter().map(|n| sha256_hex(n)).collect();
+                StringArray::from(hashed)
+            };
+            Ok(RecordBatch::try_new(
+                Arc::clone(&out_schema),
+                vec![Arc::new(col)],
+            )?)
+        })();
+        futures::future::ready(Some(out))
+    });
+    Ok((schema, stream.boxed()))
 }
 
 /// Largest number of values per id type over the members of a version.
@@ -351,6 +443,9 @@ pub async fn export_stream(
     v: &VersionRef,
     format: &Format,
 ) -> Result<(SchemaRef, Batches)> {
+    if let Format::Single { id_type, raw } = format {
+        return single_stream(store, space, v, id_type, *raw).await;
+    }
     let (mschema, input) = membership_stream(store, space, v).await?;
     let types: Vec<String> = mschema
         .fields()
@@ -414,34 +509,7 @@ pub async fn export_stream(
             });
             Ok((schema, stream.boxed()))
         }
-        Format::Single { id_type, raw } => {
-            let schema = Arc::new(Schema::new(vec![utf8(id_type)]));
-            let out_schema = Arc::clone(&schema);
-            let col = types.iter().position(|t| t == id_type);
-            let (id_type, raw) = (id_type.clone(), *raw);
-            let stream = input.map(move |b| {
-                let b = b?;
-                let mut out = StringBuilder::new();
-                if let Some(c) = col {
-                    let l = b.column(c + 2).as_list::<i32>();
-                    for r in 0..b.num_rows() {
-                        let mut seen = std::collections::BTreeSet::new();
-                        for v in list_values(l, r) {
-                            let n = normalize(&id_type, &v);
-                            if n.is_empty() || !seen.insert(n.clone()) {
-                                continue;
-                            }
-                            out.append_value(if raw { n } else { sha256_hex(&n) });
-                        }
-                    }
-                }
-                Ok(RecordBatch::try_new(
-                    Arc::clone(&out_schema),
-                    vec![Arc::new(out.finish())],
-                )?)
-            });
-            Ok((schema, stream.boxed()))
-        }
+        Format::Single { .. } => unreachable!("handled by single_stream above"),
     }
 }
 
