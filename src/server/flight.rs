@@ -65,6 +65,41 @@ fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
 }
 
+/// Register changes files as `__version_changes`; returns the query of their rows in order.
+fn register_changes(
+    ctx: &datafusion::prelude::SessionContext,
+    files: Vec<crate::store::log::FileAdd>,
+) -> Result<&'static str, Status> {
+    ctx.register_table(
+        "__version_changes",
+        Arc::new(CommittedTable::plain(
+            crate::compute::schema("changes"),
+            files,
+        )),
+    )
+    .map_err(internal)?;
+    Ok(
+        "SELECT profile_id, account_id, change, version, as_of FROM __version_changes \
+        ORDER BY version, change, profile_id, account_id",
+    )
+}
+
+/// The rows of fixed internal SQL as a Flight batch stream.
+async fn sql_stream(
+    ctx: &datafusion::prelude::SessionContext,
+    sql: &str,
+) -> Result<BoxStream<'static, Result<arrow::array::RecordBatch, FlightError>>, Status> {
+    Ok(ctx
+        .sql(sql)
+        .await
+        .map_err(internal)?
+        .execute_stream()
+        .await
+        .map_err(internal)?
+        .map_err(|e| FlightError::ExternalError(Box::new(e)))
+        .boxed())
+}
+
 /// What a ticket names: a descriptor path and the committed version it pins.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct TicketBody {
@@ -661,48 +696,17 @@ impl FlightService for Flight {
                     "SELECT profile_id, account_id, 'entered' AS change, version, as_of FROM __version_members ORDER BY profile_id, account_id"
                 } else {
                     let files = self.changes_files(&g.space, key, from, t.version).await?;
-                    ctx.register_table(
-                        "__version_changes",
-                        Arc::new(CommittedTable::plain(
-                            crate::compute::schema("changes"),
-                            files,
-                        )),
-                    )
-                    .map_err(internal)?;
-                    "SELECT profile_id, account_id, change, version, as_of FROM __version_changes ORDER BY version, change, profile_id, account_id"
+                    register_changes(&ctx, files)?
                 };
-                let stream = ctx
-                    .sql(sql)
-                    .await
-                    .map_err(internal)?
-                    .execute_stream()
-                    .await
-                    .map_err(internal)?
-                    .map_err(|e| FlightError::ExternalError(Box::new(e)));
-                (Self::changes_schema(), stream.boxed())
+                (Self::changes_schema(), sql_stream(&ctx, sql).await?)
             }
             [a, key, c, from] if a == "audiences" && c == "changes" => {
                 let from: u64 = from
                     .parse()
                     .map_err(|_| Status::invalid_argument("FROM_VERSION must be a number"))?;
                 let files = self.changes_files(&g.space, key, from, t.version).await?;
-                ctx.register_table(
-                    "__version_changes",
-                    Arc::new(CommittedTable::plain(
-                        crate::compute::schema("changes"),
-                        files,
-                    )),
-                )
-                .map_err(internal)?;
-                let stream = ctx
-                    .sql("SELECT profile_id, account_id, change, version, as_of FROM __version_changes ORDER BY version, change, profile_id, account_id")
-                    .await
-                    .map_err(internal)?
-                    .execute_stream()
-                    .await
-                    .map_err(internal)?
-                    .map_err(|e| FlightError::ExternalError(Box::new(e)));
-                (Self::changes_schema(), stream.boxed())
+                let sql = register_changes(&ctx, files)?;
+                (Self::changes_schema(), sql_stream(&ctx, sql).await?)
             }
             _ => return Err(Status::not_found("unknown ticket path")),
         };
