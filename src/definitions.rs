@@ -434,6 +434,54 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn shown_definitions_hide_header_values_and_edits_keep_them() {
+        let store = Store::memory();
+        let s = Space::default();
+        let with = |secret: &str| -> DefinitionFile {
+            serde_json::from_value(serde_json::json!({
+                "key": "a", "kind": "audience", "definition": "trait('x') = 1",
+                "destinations": [{"name": "crm", "kind": "webhook", "url": "http://h/x",
+                                  "headers": {"Authorization": secret}}]
+            }))
+            .unwrap()
+        };
+        create(&store, &s, &with("Bearer one")).await.unwrap();
+        let shown = live(&store, &s).await.unwrap()["a"].redacted();
+        let text = serde_json::to_string(&shown).unwrap();
+        assert!(
+            !text.contains("Bearer one") && text.contains("<redacted>"),
+            "{text}"
+        );
+        // sending the shown file back keeps the secret, and the version (nothing evaluated changed)
+        edit(&store, &s, &shown.file).await.unwrap();
+        let now = &live(&store, &s).await.unwrap()["a"];
+        assert_eq!(now.version, 1);
+        assert_eq!(
+            now.file.destinations.as_ref().unwrap()[0]["headers"]["Authorization"],
+            "Bearer one"
+        );
+        // a new value replaces it; a redacted header with nothing stored is an error
+        edit(&store, &s, &with("Bearer two")).await.unwrap();
+        assert_eq!(
+            live(&store, &s).await.unwrap()["a"]
+                .file
+                .destinations
+                .as_ref()
+                .unwrap()[0]["headers"]["Authorization"],
+            "Bearer two"
+        );
+        let mut other = with("<redacted>");
+        other.destinations.as_mut().unwrap()[0]["name"] = serde_json::json!("other");
+        let e = edit(&store, &s, &other).await.unwrap_err().to_string();
+        assert!(e.contains("no stored value"), "{e}");
+        // an edit of the definition itself is a new version
+        let mut changed = with("Bearer two");
+        changed.definition = "trait('x') = 2".into();
+        edit(&store, &s, &changed).await.unwrap();
+        assert_eq!(live(&store, &s).await.unwrap()["a"].version, 2);
+    }
+
+    #[tokio::test]
     async fn keys_are_immutable_and_never_reused() {
         let store = Store::memory();
         let s = Space::default();

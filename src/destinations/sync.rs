@@ -1271,8 +1271,3 @@ pub async fn acknowledge(
     }
     Ok(c)
 }
-
-/// The store key of a destination cursor (for tests).
-pub fn cursor_key(space: &Space, audience: &str, name: &str) -> Key {
-    keys::destination_cursor(space, audience, name)
-}
