@@ -444,9 +444,13 @@ pub async fn export_stream(
     v: &VersionRef,
     format: &Format,
 ) -> Result<(SchemaRef, Batches)> {
-    if let Format::Single { id_type, raw } = format {
-        return single_stream(store, space, v, id_type, *raw).await;
-    }
+    let formatted = match format {
+        Format::Single { id_type, raw } => {
+            return single_stream(store, space, v, id_type, *raw).await;
+        }
+        Format::Formatted => true,
+        Format::Unformatted => false,
+    };
     let (mschema, input) = membership_stream(store, space, v).await?;
     let types: Vec<String> = mschema
         .fields()
@@ -455,63 +459,57 @@ pub async fn export_stream(
         .map(|f| f.name().clone())
         .collect();
     let utf8 = |n: &str| Field::new(n, DataType::Utf8, false);
-    match format {
-        Format::Unformatted | Format::Formatted => {
-            let counts = if *format == Format::Formatted {
-                max_counts(store, space, v).await?
+    let counts = if formatted {
+        max_counts(store, space, v).await?
+    } else {
+        BTreeMap::new()
+    };
+    let mut fields = vec![utf8("key"), utf8("external_ids")];
+    let mut extra: Vec<(usize, String, usize)> = Vec::new(); // (type column, type, index)
+    for (ti, t) in types.iter().enumerate() {
+        for i in 0..counts.get(t).copied().unwrap_or(0) {
+            let name = if i == 0 {
+                t.clone()
             } else {
-                BTreeMap::new()
+                format!("{t}_{i}")
             };
-            let mut fields = vec![utf8("key"), utf8("external_ids")];
-            let mut extra: Vec<(usize, String, usize)> = Vec::new(); // (type column, type, index)
+            fields.push(Field::new(&name, DataType::Utf8, true));
+            extra.push((ti, t.clone(), i));
+        }
+    }
+    let schema = Arc::new(Schema::new(fields));
+    let out_schema = Arc::clone(&schema);
+    let stream = input.map(move |b| {
+        let b = b?;
+        let keys = b.column(0).as_string::<i32>();
+        let lists: Vec<&ListArray> = (0..types.len())
+            .map(|i| b.column(i + 2).as_list::<i32>())
+            .collect();
+        let mut ext = StringBuilder::new();
+        let mut cols: Vec<StringBuilder> = extra.iter().map(|_| StringBuilder::new()).collect();
+        for r in 0..b.num_rows() {
+            let mut obj = serde_json::Map::new();
+            let vals: Vec<Vec<String>> = lists.iter().map(|l| list_values(l, r)).collect();
             for (ti, t) in types.iter().enumerate() {
-                for i in 0..counts.get(t).copied().unwrap_or(0) {
-                    let name = if i == 0 {
-                        t.clone()
-                    } else {
-                        format!("{t}_{i}")
-                    };
-                    fields.push(Field::new(&name, DataType::Utf8, true));
-                    extra.push((ti, t.clone(), i));
+                if !vals[ti].is_empty() {
+                    obj.insert(t.clone(), serde_json::json!(vals[ti]));
                 }
             }
-            let schema = Arc::new(Schema::new(fields));
-            let out_schema = Arc::clone(&schema);
-            let stream = input.map(move |b| {
-                let b = b?;
-                let keys = b.column(0).as_string::<i32>();
-                let lists: Vec<&ListArray> = (0..types.len())
-                    .map(|i| b.column(i + 2).as_list::<i32>())
-                    .collect();
-                let mut ext = StringBuilder::new();
-                let mut cols: Vec<StringBuilder> =
-                    extra.iter().map(|_| StringBuilder::new()).collect();
-                for r in 0..b.num_rows() {
-                    let mut obj = serde_json::Map::new();
-                    let vals: Vec<Vec<String>> = lists.iter().map(|l| list_values(l, r)).collect();
-                    for (ti, t) in types.iter().enumerate() {
-                        if !vals[ti].is_empty() {
-                            obj.insert(t.clone(), serde_json::json!(vals[ti]));
-                        }
-                    }
-                    ext.append_value(serde_json::Value::Object(obj).to_string());
-                    for (c, (ti, _, i)) in cols.iter_mut().zip(&extra) {
-                        c.append_option(vals[*ti].get(*i));
-                    }
-                }
-                let mut arrays: Vec<ArrayRef> = vec![
-                    Arc::new(StringArray::from_iter_values(
-                        keys.iter().map(|k| k.unwrap_or_default()),
-                    )),
-                    Arc::new(ext.finish()),
-                ];
-                arrays.extend(cols.iter_mut().map(|c| Arc::new(c.finish()) as ArrayRef));
-                Ok(RecordBatch::try_new(Arc::clone(&out_schema), arrays)?)
-            });
-            Ok((schema, stream.boxed()))
+            ext.append_value(serde_json::Value::Object(obj).to_string());
+            for (c, (ti, _, i)) in cols.iter_mut().zip(&extra) {
+                c.append_option(vals[*ti].get(*i));
+            }
         }
-        Format::Single { .. } => unreachable!("handled by single_stream above"),
-    }
+        let mut arrays: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from_iter_values(
+                keys.iter().map(|k| k.unwrap_or_default()),
+            )),
+            Arc::new(ext.finish()),
+        ];
+        arrays.extend(cols.iter_mut().map(|c| Arc::new(c.finish()) as ArrayRef));
+        Ok(RecordBatch::try_new(Arc::clone(&out_schema), arrays)?)
+    });
+    Ok((schema, stream.boxed()))
 }
 
 /// Write a stream as CSV (RFC 4180 quoting, UTF-8, a header row) into `w`.

@@ -145,8 +145,15 @@ pub async fn edit(
             .get(&file.key)
             .map_or(0, |s| s.version);
         crate::fault::hit("edit_before_recompute");
-        let reports =
-            super::compute(store, space, rules, as_of, std::slice::from_ref(&file.key)).await?;
+        // A refresh (the serve loop) may commit the key meanwhile; compute again on top of it.
+        let mut attempt = 0;
+        let reports = loop {
+            match super::compute(store, space, rules, as_of, std::slice::from_ref(&file.key)).await
+            {
+                Err(Error::Conflict(_)) if attempt < 3 => attempt += 1,
+                other => break other?,
+            }
+        };
         Ok::<_, Error>((version, reports))
     };
     let out = run.await;

@@ -391,7 +391,7 @@ async fn commit_version(
             .iter()
             .any(|v| v.key == key && v.version >= draft.info["version"].as_u64().unwrap_or(0))
         {
-            return Err(Error::Usage(format!(
+            return Err(Error::Conflict(format!(
                 "'{key}' was committed by a concurrent compute; run again"
             )));
         }

@@ -197,34 +197,50 @@ impl Sender<'_> {
         }
     }
 
+    /// The entries one member fans out to: a group entry per account, and per (profile, value
+    /// of the id type) of the member (accounts: of its linked profiles) for the other modes.
+    fn fan_out(&self, member: &str, accounts: bool, ids: &Ids) -> Vec<Entry> {
+        let mut out = Vec::new();
+        let none = Vec::new();
+        for mode in self.dest.mode.list() {
+            if mode == Mode::Group {
+                out.push((mode, member.to_string(), String::new(), String::new()));
+                continue;
+            }
+            let own = [member.to_string()];
+            let profiles: &[String] = if accounts {
+                ids.links.get(member).unwrap_or(&none)
+            } else {
+                &own
+            };
+            for p in profiles {
+                for v in ids.values.get(p).unwrap_or(&none) {
+                    out.push((mode, member.to_string(), p.clone(), v.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// The message of one entry for change `c`.
+    fn entry_message(&self, e: &Entry, c: &Change, ids: &Ids) -> Message {
+        let (mode, _, p, v) = e;
+        if *mode == Mode::Group {
+            self.message(*mode, c, None, None, ids)
+        } else {
+            self.message(*mode, c, Some(p.as_str()), Some(v.as_str()), ids)
+        }
+    }
+
     /// The messages for `changes` (sorted by member), and how many members had no value of the
     /// id type (nothing to send them).
     pub fn messages(&self, changes: &[Change], accounts: bool, ids: &Ids) -> (Vec<Message>, u64) {
         let mut out = Vec::new();
         let mut no_id = 0u64;
-        let modes = self.dest.mode.list();
-        let none = Vec::new();
         for c in changes {
-            let before = out.len();
-            for &mode in &modes {
-                if mode == Mode::Group {
-                    out.push(self.message(mode, c, None, None, ids));
-                    continue;
-                }
-                let profiles: Vec<&String> = if accounts {
-                    ids.links.get(&c.member).unwrap_or(&none).iter().collect()
-                } else {
-                    vec![&c.member]
-                };
-                for p in profiles {
-                    for v in ids.values.get(p).unwrap_or(&none) {
-                        out.push(self.message(mode, c, Some(p), Some(v), ids));
-                    }
-                }
-            }
-            if out.len() == before {
-                no_id += 1;
-            }
+            let entries = self.fan_out(&c.member, accounts, ids);
+            no_id += u64::from(entries.is_empty());
+            out.extend(entries.iter().map(|e| self.entry_message(e, c, ids)));
         }
         (out, no_id)
     }
@@ -234,28 +250,10 @@ impl Sender<'_> {
     pub fn desired(&self, members: &[String], accounts: bool, ids: &Ids) -> (Vec<Entry>, u64) {
         let mut out = Vec::new();
         let mut no_id = 0u64;
-        let none = Vec::new();
         for m in members {
-            let before = out.len();
-            for mode in self.dest.mode.list() {
-                if mode == Mode::Group {
-                    out.push((mode, m.clone(), String::new(), String::new()));
-                    continue;
-                }
-                let profiles: Vec<&String> = if accounts {
-                    ids.links.get(m).unwrap_or(&none).iter().collect()
-                } else {
-                    vec![m]
-                };
-                for p in profiles {
-                    for v in ids.values.get(p).unwrap_or(&none) {
-                        out.push((mode, m.clone(), p.clone(), v.clone()));
-                    }
-                }
-            }
-            if out.len() == before {
-                no_id += 1;
-            }
+            let entries = self.fan_out(m, accounts, ids);
+            no_id += u64::from(entries.is_empty());
+            out.extend(entries);
         }
         (out, no_id)
     }
@@ -276,19 +274,14 @@ impl Sender<'_> {
             .collect();
         all.sort_by(|a, b| (&a.0.1, &a.0.2, &a.0.3, a.0.0).cmp(&(&b.0.1, &b.0.2, &b.0.3, b.0.0)));
         all.into_iter()
-            .map(|((mode, member, p, v), entered)| {
+            .map(|(e, entered)| {
                 let c = Change {
-                    member: member.clone(),
+                    member: e.1.clone(),
                     entered,
                     version,
                     as_of,
                 };
-                let (p, v) = if *mode == Mode::Group {
-                    (None, None)
-                } else {
-                    (Some(p.as_str()), Some(v.as_str()))
-                };
-                self.message(*mode, &c, p, v, ids)
+                self.entry_message(e, &c, ids)
             })
             .collect()
     }
