@@ -904,7 +904,8 @@ async fn export(g: &Global, a: &ExportArgs) -> Result<i32> {
         );
         return Ok(1);
     };
-    let (schema, batches) = crate::export::export_stream(&store, &space, &v, &format).await?;
+    let (schema, batches) =
+        crate::export::export_stream(&store, &space, &v, &format, &Default::default()).await?;
     let rows = match &a.output {
         Some(p) => {
             let mut f =

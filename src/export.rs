@@ -1,10 +1,11 @@
 //! Memberships as streams and CSV exports (SPEC §8), shared by `audiences export`, the HTTP
 //! export endpoint and Flight.
 //!
-//! A membership stream reads one committed version: its members file joined with the space's
-//! identities, sorted by profile (DataFusion sorts, spilling if it must), and folded into one row
-//! per profile with a list column per external id type, sent in batches through a bounded
-//! channel (backpressure: nothing collects the whole result).
+//! A membership stream reads one committed version: its members file (written sorted by member
+//! key; sorted here if it is not), and for each batch of members their external ids from an
+//! [`IdIndex`] of the space's current identity version (a list column per id type, gathered by
+//! dense profile index: no join, no sort per request). The decoded members are held while the
+//! stream runs (tens of bytes per member); output batches are built as the client pulls them.
 //!
 //! Formats: `unformatted` (`key,external_ids`: the profile id, or account id for account
 //! audiences, and a JSON object from id type to the sorted array of its values), `formatted`
@@ -13,16 +14,14 @@
 //! and lower-cased for emails; SHA-256 lowercase hex unless raw). Account audiences carry no
 //! external ids of their own: their `external_ids` is `{}` and `single` has no rows.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, ListArray, ListBuilder, RecordBatch, StringArray, StringBuilder,
-    TimestampMicrosecondArray, TimestampMicrosecondBuilder,
+    Array, ArrayRef, AsArray, RecordBatch, StringArray, StringBuilder, TimestampMicrosecondArray,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use futures::StreamExt;
 use futures::stream::BoxStream;
-use futures::{SinkExt, StreamExt};
 use sha2::{Digest, Sha256};
 
 use crate::compute::{MEMBERSHIPS, VersionRef, versions};
@@ -30,32 +29,14 @@ use crate::error::{Error, Result};
 use crate::store::{CommitLog, Space, Store};
 use crate::tables::CommittedTable;
 
+mod ids;
+pub use ids::{IdIndex, IdIndexCache};
+
 /// Rows per streamed batch.
 pub const BATCH_ROWS: usize = 8192;
 
 /// A stream of record batches.
 pub type Batches = BoxStream<'static, Result<RecordBatch>>;
-
-/// The external id types of a space, sorted.
-pub async fn id_types(store: &Store, space: &Space) -> Result<Vec<String>> {
-    let rows = crate::tables::query(
-        store,
-        space,
-        "SELECT DISTINCT id_type FROM identities ORDER BY id_type",
-    )
-    .await?;
-    Ok(rows
-        .iter()
-        .flat_map(|b| {
-            b.column(0)
-                .as_string::<i32>()
-                .iter()
-                .flatten()
-                .map(String::from)
-                .collect::<Vec<_>>()
-        })
-        .collect())
-}
 
 /// Schema of a membership stream.
 pub fn membership_schema(accounts: bool, id_types: &[String]) -> SchemaRef {
@@ -128,132 +109,78 @@ async fn version_session(
     Ok(ctx)
 }
 
-/// The membership of one committed version as a stream (see the module docs).
+/// The members of version `v` sorted by member key (profile id, or account id for account
+/// audiences): (keys, profile indexes, entered_at).
+async fn sorted_members(
+    store: &Store,
+    v: &VersionRef,
+    accounts: bool,
+) -> Result<(StringArray, Vec<Option<i64>>, TimestampMicrosecondArray)> {
+    let batches: Vec<RecordBatch> = crate::compute::read_file(store, &v.data)
+        .await?
+        .iter()
+        .map(|b| crate::compute::conform(b, "members"))
+        .collect::<Result<_>>()?;
+    let schema = crate::compute::schema("members");
+    let all = arrow::compute::concat_batches(&schema, &batches)?;
+    let key = all.column(if accounts { 6 } else { 1 });
+    // members without a key of this kind (none in a well-formed file) are left out
+    let keep = arrow::compute::is_not_null(key)?;
+    let all = arrow::compute::filter_record_batch(&all, &keep)?;
+    let keys = all.column(if accounts { 6 } else { 1 }).as_string::<i32>();
+    let sorted = keys.iter().zip(keys.iter().skip(1)).all(|(a, b)| a <= b);
+    let all = if sorted {
+        all
+    } else {
+        let order = arrow::compute::sort_to_indices(keys, None, None)?;
+        arrow::compute::take_record_batch(&all, &order)?
+    };
+    let keys = all
+        .column(if accounts { 6 } else { 1 })
+        .as_string::<i32>()
+        .clone();
+    let idx = all.column(2).as_primitive::<arrow::datatypes::Int64Type>();
+    let idx = idx.iter().collect();
+    let entered = all
+        .column(3)
+        .as_primitive_opt::<arrow::datatypes::TimestampMicrosecondType>()
+        .ok_or_else(|| Error::Usage(format!("members file {} has no entered_at", v.data.path)))?
+        .clone()
+        .with_timezone("UTC");
+    Ok((keys, idx, entered))
+}
+
+/// The membership of one committed version as a stream (see the module docs); external ids
+/// from the space's current identity version through `ids`.
 pub async fn membership_stream(
     store: &Store,
     space: &Space,
     v: &VersionRef,
+    ids: &IdIndexCache,
 ) -> Result<(SchemaRef, Batches)> {
     let accounts = is_accounts(store, v).await?;
-    let types = if accounts {
-        Vec::new()
+    let index = if accounts {
+        None
     } else {
-        id_types(store, space).await?
+        Some(ids.get(store, space).await?)
     };
+    let types = index.as_ref().map(|i| i.types.clone()).unwrap_or_default();
     let schema = membership_schema(accounts, &types);
-    let ctx = version_session(store, space, v).await?;
-    // Fixed internal SQL: the key only selected the file above.
-    let sql = if accounts {
-        "SELECT account_id, entered_at, CAST(NULL AS VARCHAR) AS t, CAST(NULL AS VARCHAR) AS v \
-         FROM __version_members ORDER BY account_id"
-    } else {
-        "SELECT m.profile_id, m.entered_at, i.id_type, i.id_value FROM __version_members m \
-         LEFT JOIN identities i ON i.profile_id = m.profile_id \
-         ORDER BY m.profile_id, i.id_type, i.id_value"
-    };
-    let input = ctx.sql(sql).await?.execute_stream().await?;
-    let (tx, rx) = futures::channel::mpsc::channel(2);
-    tokio::spawn(pivot(input, Arc::clone(&schema), types, tx));
-    Ok((schema, rx.boxed()))
-}
-
-/// Group `(profile_id, entered_at, id_type, id_value)` rows, sorted by profile, into one row
-/// per profile with a list column per id type; sends batches of [`BATCH_ROWS`].
-async fn pivot(
-    mut input: datafusion::physical_plan::SendableRecordBatchStream,
-    schema: SchemaRef,
-    types: Vec<String>,
-    mut out: futures::channel::mpsc::Sender<Result<RecordBatch>>,
-) {
-    let col_of: BTreeMap<&str, usize> = types
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.as_str(), i))
-        .collect();
-    let mut ids = StringBuilder::new();
-    let mut entered = TimestampMicrosecondBuilder::new().with_timezone("UTC");
-    let mut lists: Vec<ListBuilder<StringBuilder>> = types
-        .iter()
-        .map(|_| ListBuilder::new(StringBuilder::new()))
-        .collect();
-    let mut current: Option<(String, i64)> = None;
-    let mut values: Vec<Vec<String>> = vec![Vec::new(); types.len()];
-    let mut rows = 0usize;
-    macro_rules! finish_row {
-        () => {
-            if let Some((p, t)) = current.take() {
-                ids.append_value(&p);
-                entered.append_value(t);
-                for (i, l) in lists.iter_mut().enumerate() {
-                    for v in values[i].drain(..) {
-                        l.values().append_value(v);
-                    }
-                    l.append(true);
-                }
-                rows += 1;
-            }
-        };
-    }
-    let emit = |ids: &mut StringBuilder,
-                entered: &mut TimestampMicrosecondBuilder,
-                lists: &mut Vec<ListBuilder<StringBuilder>>|
-     -> Result<RecordBatch> {
-        let mut cols: Vec<ArrayRef> = vec![Arc::new(ids.finish()), Arc::new(entered.finish())];
-        for l in lists.iter_mut() {
-            cols.push(Arc::new(l.finish()));
+    let (keys, idx, entered) = sorted_members(store, v, accounts).await?;
+    let out_schema = Arc::clone(&schema);
+    let n = keys.len();
+    let stream = futures::stream::iter((0..n).step_by(BATCH_ROWS)).map(move |start| {
+        let len = BATCH_ROWS.min(n - start);
+        let mut cols: Vec<ArrayRef> = vec![
+            Arc::new(keys.slice(start, len)),
+            Arc::new(entered.slice(start, len)),
+        ];
+        if let Some(index) = &index {
+            cols.extend(index.lists(&idx[start..start + len])?);
         }
-        Ok(RecordBatch::try_new(Arc::clone(&schema), cols)?)
-    };
-    while let Some(b) = input.next().await {
-        let b = match b {
-            Ok(b) => b,
-            Err(e) => {
-                let _ = out.send(Err(e.into())).await;
-                return;
-            }
-        };
-        let (p, t, ty, val) = (
-            b.column(0).as_string::<i32>(),
-            b.column(1)
-                .as_any()
-                .downcast_ref::<TimestampMicrosecondArray>(),
-            b.column(2).as_string::<i32>(),
-            b.column(3).as_string::<i32>(),
-        );
-        let Some(t) = t else {
-            let _ = out
-                .send(Err(Error::Usage("entered_at is not a timestamp".into())))
-                .await;
-            return;
-        };
-        for r in 0..b.num_rows() {
-            if !p.is_valid(r) {
-                continue;
-            }
-            if current.as_ref().is_none_or(|(c, _)| c != p.value(r)) {
-                finish_row!();
-                if rows >= BATCH_ROWS {
-                    let batch = emit(&mut ids, &mut entered, &mut lists);
-                    rows = 0;
-                    if out.send(batch).await.is_err() {
-                        return; // the client went away
-                    }
-                }
-                current = Some((p.value(r).to_string(), t.value(r)));
-            }
-            if ty.is_valid(r)
-                && val.is_valid(r)
-                && let Some(i) = col_of.get(ty.value(r))
-            {
-                values[*i].push(val.value(r).to_string());
-            }
-        }
-    }
-    finish_row!();
-    if rows > 0 {
-        let batch = emit(&mut ids, &mut entered, &mut lists);
-        let _ = out.send(batch).await;
-    }
+        Ok(RecordBatch::try_new(Arc::clone(&out_schema), cols)?)
+    });
+    Ok((schema, stream.boxed()))
 }
 
 /// An export format.
@@ -399,50 +326,36 @@ async fn single_stream(
     Ok((schema, stream.boxed()))
 }
 
-/// Largest number of values per id type over the members of a version.
-async fn max_counts(
-    store: &Store,
-    space: &Space,
-    v: &VersionRef,
-) -> Result<BTreeMap<String, usize>> {
-    let ctx = version_session(store, space, v).await?;
-    let batches = ctx
-        .sql(
-            // (an id value belongs to one profile, so a plain count is the distinct count)
-            "SELECT id_type, max(n) AS n FROM (SELECT m.profile_id, i.id_type, count(*) AS n \
-             FROM __version_members m JOIN identities i ON i.profile_id = m.profile_id \
-             GROUP BY m.profile_id, i.id_type) GROUP BY id_type",
-        )
-        .await?
-        .collect()
-        .await?;
-    let mut out = BTreeMap::new();
-    for b in batches {
-        let t = b.column(0).as_string::<i32>();
-        let n = arrow::compute::cast(b.column(1), &DataType::Int64)?;
-        let n = n.as_primitive::<arrow::datatypes::Int64Type>();
-        for r in 0..b.num_rows() {
-            out.insert(t.value(r).to_string(), n.value(r) as usize);
+/// A JSON string literal of `v` appended to `out`.
+fn push_json_str(out: &mut String, v: &str) {
+    use std::fmt::Write;
+    out.push('"');
+    for c in v.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
         }
     }
-    Ok(out)
+    out.push('"');
 }
 
-fn list_values(a: &ListArray, r: usize) -> Vec<String> {
-    if a.is_null(r) {
-        return Vec::new();
-    }
-    let v = a.value(r);
-    let s = v.as_string::<i32>();
-    s.iter().flatten().map(String::from).collect()
-}
-
-/// An export of one committed version, as Arrow batches (the CSV columns).
+/// An export of one committed version, as Arrow batches (the CSV columns); external ids from
+/// the space's current identity version through `ids`.
 pub async fn export_stream(
     store: &Store,
     space: &Space,
     v: &VersionRef,
     format: &Format,
+    ids: &IdIndexCache,
 ) -> Result<(SchemaRef, Batches)> {
     let formatted = match format {
         Format::Single { id_type, raw } => {
@@ -451,61 +364,73 @@ pub async fn export_stream(
         Format::Formatted => true,
         Format::Unformatted => false,
     };
-    let (mschema, input) = membership_stream(store, space, v).await?;
-    let types: Vec<String> = mschema
-        .fields()
-        .iter()
-        .skip(2)
-        .map(|f| f.name().clone())
-        .collect();
-    let utf8 = |n: &str| Field::new(n, DataType::Utf8, false);
-    let counts = if formatted {
-        max_counts(store, space, v).await?
+    let accounts = is_accounts(store, v).await?;
+    let index = if accounts {
+        None
     } else {
-        BTreeMap::new()
+        Some(ids.get(store, space).await?)
     };
+    let (keys, idx, _) = sorted_members(store, v, accounts).await?;
+    let types = index.as_ref().map(|i| i.types.clone()).unwrap_or_default();
+    let counts = match (&index, formatted) {
+        (Some(ix), true) => ix.max_counts(idx.iter().copied()),
+        _ => vec![0; types.len()],
+    };
+    let utf8 = |n: &str| Field::new(n, DataType::Utf8, false);
     let mut fields = vec![utf8("key"), utf8("external_ids")];
-    let mut extra: Vec<(usize, String, usize)> = Vec::new(); // (type column, type, index)
+    let mut extra: Vec<(usize, usize)> = Vec::new(); // (type index, value index)
     for (ti, t) in types.iter().enumerate() {
-        for i in 0..counts.get(t).copied().unwrap_or(0) {
+        for i in 0..counts[ti] {
             let name = if i == 0 {
                 t.clone()
             } else {
                 format!("{t}_{i}")
             };
             fields.push(Field::new(&name, DataType::Utf8, true));
-            extra.push((ti, t.clone(), i));
+            extra.push((ti, i));
         }
     }
     let schema = Arc::new(Schema::new(fields));
     let out_schema = Arc::clone(&schema);
-    let stream = input.map(move |b| {
-        let b = b?;
-        let keys = b.column(0).as_string::<i32>();
-        let lists: Vec<&ListArray> = (0..types.len())
-            .map(|i| b.column(i + 2).as_list::<i32>())
-            .collect();
-        let mut ext = StringBuilder::new();
+    let n = keys.len();
+    let stream = futures::stream::iter((0..n).step_by(BATCH_ROWS)).map(move |start| {
+        let len = BATCH_ROWS.min(n - start);
+        let mut ext = StringBuilder::with_capacity(len, len * 64);
         let mut cols: Vec<StringBuilder> = extra.iter().map(|_| StringBuilder::new()).collect();
-        for r in 0..b.num_rows() {
-            let mut obj = serde_json::Map::new();
-            let vals: Vec<Vec<String>> = lists.iter().map(|l| list_values(l, r)).collect();
-            for (ti, t) in types.iter().enumerate() {
-                if !vals[ti].is_empty() {
-                    obj.insert(t.clone(), serde_json::json!(vals[ti]));
+        let mut obj = String::new();
+        let mut vals: Vec<Vec<&str>> = vec![Vec::new(); types.len()];
+        for &p in &idx[start..start + len] {
+            obj.clear();
+            obj.push('{');
+            if let Some(ix) = &index {
+                for (ti, t) in types.iter().enumerate() {
+                    vals[ti].clear();
+                    vals[ti].extend(ix.values_of(p, ti));
+                    if vals[ti].is_empty() {
+                        continue;
+                    }
+                    if obj.len() > 1 {
+                        obj.push(',');
+                    }
+                    push_json_str(&mut obj, t);
+                    obj.push_str(":[");
+                    for (i, v) in vals[ti].iter().enumerate() {
+                        if i > 0 {
+                            obj.push(',');
+                        }
+                        push_json_str(&mut obj, v);
+                    }
+                    obj.push(']');
                 }
             }
-            ext.append_value(serde_json::Value::Object(obj).to_string());
-            for (c, (ti, _, i)) in cols.iter_mut().zip(&extra) {
+            obj.push('}');
+            ext.append_value(&obj);
+            for (c, (ti, i)) in cols.iter_mut().zip(&extra) {
                 c.append_option(vals[*ti].get(*i));
             }
         }
-        let mut arrays: Vec<ArrayRef> = vec![
-            Arc::new(StringArray::from_iter_values(
-                keys.iter().map(|k| k.unwrap_or_default()),
-            )),
-            Arc::new(ext.finish()),
-        ];
+        let mut arrays: Vec<ArrayRef> =
+            vec![Arc::new(keys.slice(start, len)), Arc::new(ext.finish())];
         arrays.extend(cols.iter_mut().map(|c| Arc::new(c.finish()) as ArrayRef));
         Ok(RecordBatch::try_new(Arc::clone(&out_schema), arrays)?)
     });
@@ -536,6 +461,22 @@ pub async fn write_csv(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_strings_escape_like_serde() {
+        for v in [
+            "plain",
+            "qu\"ote",
+            "back\\slash",
+            "tab\tnl\ncr\r",
+            "ctl\u{1}\u{8}\u{c}\u{1f}",
+            "ünï",
+        ] {
+            let mut s = String::new();
+            push_json_str(&mut s, v);
+            assert_eq!(s, serde_json::to_string(v).unwrap(), "{v:?}");
+        }
+    }
 
     #[test]
     fn normalized_values_hash_to_known_sha256_vectors() {

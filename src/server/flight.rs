@@ -57,6 +57,8 @@ pub struct Flight {
     pub config: Arc<Config>,
     /// Memory one query may use (Flight SQL statements, streams).
     pub query_memory: Option<usize>,
+    /// External ids by profile, per space (shared with the HTTP exports).
+    pub ids: Arc<crate::export::IdIndexCache>,
 }
 
 type Stream<T> = BoxStream<'static, Result<T, Status>>;
@@ -172,9 +174,16 @@ impl Flight {
                 let accounts = crate::export::is_accounts(&self.store, &v)
                     .await
                     .map_err(internal)?;
-                let types = crate::export::id_types(&self.store, &g.space)
-                    .await
-                    .map_err(internal)?;
+                let types = if accounts {
+                    Vec::new()
+                } else {
+                    self.ids
+                        .get(&self.store, &g.space)
+                        .await
+                        .map_err(internal)?
+                        .types
+                        .clone()
+                };
                 Ok((
                     crate::export::membership_schema(accounts, &types),
                     v.data.rows as i64,
@@ -228,9 +237,10 @@ impl Flight {
                 let f = export_format(g, format, rest.first())?;
                 let v = self.version(&g.space, key, None).await?;
                 // the schema of an export is known once its stream is opened
-                let (schema, _) = crate::export::export_stream(&self.store, &g.space, &v, &f)
-                    .await
-                    .map_err(internal)?;
+                let (schema, _) =
+                    crate::export::export_stream(&self.store, &g.space, &v, &f, &self.ids)
+                        .await
+                        .map_err(internal)?;
                 Ok((
                     schema,
                     -1,
@@ -665,17 +675,19 @@ impl FlightService for Flight {
         let (schema, batches): (SchemaRef, _) = match t.path.as_slice() {
             [a, key] if a == "audiences" => {
                 let v = self.version(&g.space, key, Some(t.version)).await?;
-                let (schema, batches) = crate::export::membership_stream(&self.store, &g.space, &v)
-                    .await
-                    .map_err(internal)?;
+                let (schema, batches) =
+                    crate::export::membership_stream(&self.store, &g.space, &v, &self.ids)
+                        .await
+                        .map_err(internal)?;
                 (schema, flight_errors(batches))
             }
             [a, key, format, rest @ ..] if a == "exports" && rest.len() <= 1 => {
                 let f = export_format(&g, format, rest.first())?;
                 let v = self.version(&g.space, key, Some(t.version)).await?;
-                let (schema, batches) = crate::export::export_stream(&self.store, &g.space, &v, &f)
-                    .await
-                    .map_err(internal)?;
+                let (schema, batches) =
+                    crate::export::export_stream(&self.store, &g.space, &v, &f, &self.ids)
+                        .await
+                        .map_err(internal)?;
                 (schema, flight_errors(batches))
             }
             [a, key, _name, from] if a == "destinations" => {

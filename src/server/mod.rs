@@ -108,8 +108,10 @@ pub async fn run(store: &Store, config: Config, opts: ServeOptions) -> Result<()
     eprintln!("audiences serve: flight listening on {fa}");
     eprintln!("audiences serve: http listening on {ha}");
 
+    let ids = Arc::new(crate::export::IdIndexCache::default());
     let flight = flight::Flight {
         store: store.clone(),
+        ids: Arc::clone(&ids),
         auth: Arc::clone(&auth),
         config: Arc::clone(&config),
         query_memory: opts.query_memory,
@@ -131,6 +133,7 @@ pub async fn run(store: &Store, config: Config, opts: ServeOptions) -> Result<()
     });
     let router = http::router(Arc::new(http::HttpState {
         store: store.clone(),
+        ids,
         auth: Arc::clone(&auth),
         config: Arc::clone(&config),
         rate: opts.profile_api_rate,

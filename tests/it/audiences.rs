@@ -1725,3 +1725,122 @@ async fn dependencies_computed_from_the_same_inputs_are_reused() {
         vec![k("revenue_180d", 3), k("high_value", 4)]
     );
 }
+
+/// profile id → id type → sorted values, as a membership stream serves them.
+async fn streamed_ids(
+    store: &Store,
+    cache: &audiences::export::IdIndexCache,
+) -> BTreeMap<String, BTreeMap<String, Vec<String>>> {
+    use arrow::array::AsArray;
+    use futures::StreamExt;
+    let space = Space::default();
+    let v = audiences::export::audience_version(store, &space, "buyers", None)
+        .await
+        .unwrap()
+        .unwrap();
+    let (schema, mut batches) = audiences::export::membership_stream(store, &space, &v, cache)
+        .await
+        .unwrap();
+    let mut out = BTreeMap::new();
+    let mut last = String::new();
+    while let Some(b) = batches.next().await {
+        let b = b.unwrap();
+        let p = b.column(0).as_string::<i32>();
+        for r in 0..b.num_rows() {
+            assert!(p.value(r) > last.as_str(), "sorted by profile id");
+            last = p.value(r).to_string();
+            let mut types = BTreeMap::new();
+            for (i, f) in schema.fields().iter().enumerate().skip(2) {
+                let l = b.column(i).as_list::<i32>().value(r);
+                let vals: Vec<String> = l
+                    .as_string::<i32>()
+                    .iter()
+                    .flatten()
+                    .map(String::from)
+                    .collect();
+                if !vals.is_empty() {
+                    types.insert(f.name().clone(), vals);
+                }
+            }
+            out.insert(p.value(r).to_string(), types);
+        }
+    }
+    out
+}
+
+/// The same from SQL over `memberships` and `identities` (the reference).
+async fn sql_ids(store: &Store) -> BTreeMap<String, BTreeMap<String, Vec<String>>> {
+    let mut out: BTreeMap<String, BTreeMap<String, Vec<String>>> = BTreeMap::new();
+    for r in sql_rows(
+        store,
+        "default",
+        "SELECT profile_id FROM memberships WHERE audience_key = 'buyers'",
+    )
+    .await
+    {
+        out.insert(r["profile_id"].as_str().unwrap().into(), BTreeMap::new());
+    }
+    for r in sql_rows(
+        store,
+        "default",
+        "SELECT profile_id, id_type, id_value FROM identities",
+    )
+    .await
+    {
+        if let Some(m) = out.get_mut(r["profile_id"].as_str().unwrap()) {
+            m.entry(r["id_type"].as_str().unwrap().into())
+                .or_default()
+                .push(r["id_value"].as_str().unwrap().into());
+        }
+    }
+    out.values_mut()
+        .flat_map(|m| m.values_mut())
+        .for_each(|v| v.sort());
+    out
+}
+
+/// Membership streams attach each member's external ids from the dense-index cache; they
+/// equal a SQL join of the memberships with the identities, and follow an identity change
+/// (a member's new email) through the same cache.
+#[tokio::test(flavor = "multi_thread")]
+async fn membership_ids_follow_identity_changes() {
+    let store = generated_store(3000, 23).await;
+    create(
+        &store,
+        "buyers",
+        "event('Order Completed').count() >= 1",
+        false,
+    )
+    .await;
+    compute_all(&store, END).await;
+    let cache = audiences::export::IdIndexCache::default();
+    let before = streamed_ids(&store, &cache).await;
+    assert!(before.len() > 10, "{}", before.len());
+    assert_eq!(before, sql_ids(&store).await);
+    assert!(
+        before.values().any(|m| m.values().any(|v| v.len() > 1)),
+        "lists of several values, not only singletons"
+    );
+
+    // a member (known by user id) gains an email
+    let (pid, uid) = before
+        .iter()
+        .find_map(|(p, m)| m.get("user_id").map(|u| (p.clone(), u[0].clone())))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("new.ndjson");
+    let line = json!({"type": "identify", "userId": uid, "messageId": "new-email-1",
+        "timestamp": "2025-12-31T12:00:00Z", "traits": {"email": "zz-new@example.com"}});
+    std::fs::write(&f, format!("{line}\n")).unwrap();
+    ingest_files(&store, "default", &[f], &dir.path().join("d")).await;
+    audiences::identity::resolve(&store, &Space::default(), &Default::default(), false)
+        .await
+        .unwrap();
+    let after = streamed_ids(&store, &cache).await;
+    assert!(
+        after[&pid]["email"].contains(&"zz-new@example.com".to_string()),
+        "{:?}",
+        after[&pid]
+    );
+    assert_eq!(after, sql_ids(&store).await);
+}

@@ -1126,7 +1126,10 @@ def puller():
     try:
         c = fl.FlightClient('grpc://' + loc)
         opts = fl.FlightCallOptions(headers=[c.authenticate_basic_token('', 'read-token-1')])
-        for _ in range(4):
+        n, deadline = 0, time.time() + 60
+        # at least 4 pulls each, and on until pulls have seen two versions (a refresh committed)
+        while n < 4 or (len({p[0] for p in pulls}) < 2 and time.time() < deadline):
+            n += 1
             info = c.get_flight_info(fl.FlightDescriptor.for_path('audiences', 'buyers'), opts)
             t = info.endpoints[0].ticket
             version = json.loads(t.ticket)['version']
