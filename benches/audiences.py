@@ -22,8 +22,14 @@ checkout_funnel, q6 bought_viewed_product, q7 high_value, q8all/q8any/q8none
 business_logged_in_{all,any,none} (account level). `--queries q1,q5,q8` runs a subset (q8
 selects its three variants).
 
+q9 (`--suite`): every selected definition computed by one `audiences compute` (one process,
+scans shared where the plans allow) against one DuckDB process running the queries one by one.
+`--check` runs one untimed pass (every membership compared) and exits non-zero on a difference:
+the reduced mode's correctness gate, which CI runs.
+
 Usage: python3 benches/audiences.py [--events 1000000] [--runs 5] [--bin PATH]
                                     [--queries q1,...] [--datafusion-python] [--no-chdb]
+                                    [--suite] [--check]
 """
 import argparse, json, os, re, shutil, statistics, subprocess, sys, tempfile, time
 
@@ -118,6 +124,24 @@ rows = ctx.sql(sql).to_pylist()
 print(json.dumps(sorted(next(iter(r.values())) for r in rows)))
 '''
 
+# Suite mode: every query one by one in one DuckDB process. argv: store, JSON {label: SQL},
+# JSON tables; prints {label: sorted members}.
+DUCK_SUITE = r'''
+import duckdb, json, sys
+root, sqls, tables = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+con = duckdb.connect(); con.execute("SET threads TO 2")
+src = f"read_parquet('{root}/spaces/default/events/*/*.parquet', hive_partitioning = true, union_by_name = true)"
+con.execute(f"CREATE VIEW ev AS SELECT e.*, k.profile_id FROM {src} e JOIN read_parquet('{tables['keys']}') k USING (identity_key) WHERE k.known")
+for name, path in tables.items():
+    if name != "keys":
+        con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{path}')")
+out = {}
+for label, sql in sqls.items():
+    rows = con.execute(sql.replace("T0", "TIMESTAMPTZ '2026-01-01 00:00:00+00'")).fetchall()
+    out[label] = sorted(r[0] for r in rows)
+print(json.dumps(out))
+'''
+
 # argv: store, SQL, keys parquet.
 CHDB = r'''
 import chdb, json, sys
@@ -158,6 +182,32 @@ def tie_explains(store, keys, only_ours, only_chdb):
           AND c.timestamp >= TIMESTAMPTZ '2026-01-01 00:00:00+00' - INTERVAL 90 DAY AND c.timestamp <= TIMESTAMPTZ '2026-01-01 00:00:00+00'""").fetchall()}
     return set(only_ours) <= tied
 
+def suite(a, store, env, queries, tables, sizes):
+    """q9: all selected definitions in one `compute` (shared scans, one process) against one
+    DuckDB process running every query one by one; every membership checked against ours."""
+    nan = float("nan")
+    sqls = {q[0]: q[4] for q in queries if q[0] != "q7t"}
+    keys = list(dict.fromkeys(["revenue_180d"] * any(q[1] == "high_value" for q in queries) + [q[1] for q in queries]))
+    ours, duck = [], []
+    for i in range(1 if a.check else a.runs + 1):
+        dt, kb, _ = run([a.bin, "--store", store, "--json", "compute", "--as-of", AS_OF] + keys, env)
+        if i: ours.append((dt, kb))
+        dt, kb, out = run([sys.executable, "-c", DUCK_SUITE, store, json.dumps(sqls), json.dumps(tables)], env)
+        if i: duck.append((dt, kb))
+        got = json.loads(out)
+        for lab, key, level, *_ in queries:
+            if lab == "q7t":
+                continue
+            id_col = "account_id" if level == "accounts" else "profile_id"
+            mine = sorted(r[id_col] for r in json.loads(subprocess.run([a.bin, "--store", store, "members", key, "--format", "json"], check=True, capture_output=True, text=True).stdout))
+            if mine != got[lab]:
+                sys.exit(f"q9 suite: {lab} {key} differs from DuckDB (ours {len(mine)}, DuckDB {len(got[lab])}); timings do not count")
+    med = lambda xs: statistics.median(t for t, _ in xs) if xs else nan
+    peak = lambda xs: max(k for _, k in xs) / 1024 if xs else nan
+    o, d = med(ours), med(duck)
+    print(f"q9     suite ({len(sqls)} queries)      ours {o:6.2f}s  duckdb one by one {d:6.2f}s  ratio {d/o:5.2f}x", flush=True)
+    return ("q9", f"suite of {len(sqls)} queries", sum(sizes.get(l, 0) for l in sqls), o, d, nan, nan, "", peak(ours), peak(duck), nan)
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--events", type=int, default=1_000_000)
@@ -166,6 +216,8 @@ def main():
     ap.add_argument("--queries", default="q1,q2,q3,q4,q5,q6,q7,q8", help="comma list of labels (q8 = q8all,q8any,q8none)")
     ap.add_argument("--datafusion-python", action="store_true", help="also time datafusion-python 55 (pip install datafusion==55.0.0)")
     ap.add_argument("--no-chdb", action="store_true", help="skip chDB (q5) even if `import chdb` works")
+    ap.add_argument("--suite", action="store_true", help="also q9: every selected definition in one `compute` against DuckDB running the queries one by one in one process")
+    ap.add_argument("--check", action="store_true", help="correctness only: one pass per query (memberships of every engine compared), no timings; exit 1 on a difference")
     a = ap.parse_args()
     sel = {s.strip() for s in a.queries.split(",") if s.strip()}
     queries = [q for q in QUERIES if q[0] in sel or re.match(r"q\d+", q[0]).group() in sel]
@@ -227,7 +279,7 @@ def main():
             sys.exit(msg + "; timings do not count")
         ours, duck, dfpy, ch = [], [], [], []
         ours_set, ch_mark = None, ""
-        for i in range(a.runs + 1):
+        for i in range(1 if a.check else a.runs + 1):
             keys = ["revenue_180d", key] if lab == "q7t" else [key]
             dt, kb, _ = run([a.bin, "--store", store, "--json", "compute", "--as-of", AS_OF] + keys, env)
             if i: ours.append((dt, kb))
@@ -251,6 +303,12 @@ def main():
         o, d, f, c = med(ours), med(duck), med(dfpy), med(ch)
         rows.append((lab, key, len(ours_set), o, d, f, c, ch_mark, peak(ours), peak(duck), peak(ch)))
         print(f"{lab:<6} {key:<24} members {len(ours_set):>8}  ours {o:6.2f}s  duckdb {d:6.2f}s  datafusion-python {num(f, '6.2f', 's')}  chdb {num(c, '6.2f', 's')}{ch_mark}  ratio {d/o:5.2f}x", flush=True)
+    if a.suite:
+        rows.append(suite(a, store, env, queries, tables, {r[0]: r[2] for r in rows}))
+    if a.check:
+        print(f"check passed: {len(rows)} rows, every engine's membership equal to ours")
+        shutil.rmtree(work, ignore_errors=True)
+        return
     print(f"\n| query | members | audiences s | DuckDB s | datafusion-python s | chDB s | speed-up vs DuckDB | vs datafusion-python | vs chDB | peak RSS ours / DuckDB / chDB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for lab, key, n, o, d, f, c, m, ko, kd, kc in rows:

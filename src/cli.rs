@@ -163,6 +163,10 @@ pub struct ServeArgs {
     /// Memory one Flight SQL query may use (beyond it: spill, or a resources-exhausted error).
     #[arg(long, env = "AUDIENCES_QUERY_MEMORY", default_value = "2GiB")]
     pub query_memory: String,
+    /// Memory for finished membership streams (Flight `do_get` of an audience), kept per
+    /// version so later pulls of the same version are served from memory; 0 turns it off.
+    #[arg(long, env = "AUDIENCES_SERVING_CACHE", default_value = "1GiB")]
+    pub serving_cache: String,
     /// Profile API requests per second per space (also the burst), as Segment's 100/s.
     #[arg(long, env = "AUDIENCES_PROFILE_API_RATE", default_value_t = 100.0)]
     pub profile_api_rate: f64,
@@ -959,6 +963,11 @@ async fn serve(g: &Global, a: &ServeArgs) -> Result<()> {
         spaces,
         json: g.json,
         query_memory: Some(crate::serve::parse_bytes(&a.query_memory)?),
+        serving_cache: if a.serving_cache == "0" {
+            0
+        } else {
+            crate::serve::parse_bytes(&a.serving_cache)?
+        },
         profile_api_rate: if a.profile_api_rate > 0.0 {
             a.profile_api_rate
         } else {

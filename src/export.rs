@@ -29,7 +29,9 @@ use crate::error::{Error, Result};
 use crate::store::{CommitLog, Space, Store};
 use crate::tables::CommittedTable;
 
+mod cache;
 mod ids;
+pub use cache::ServingCache;
 pub use ids::{IdIndex, IdIndexCache};
 
 /// Rows per streamed batch.
@@ -63,11 +65,23 @@ pub fn membership_schema(accounts: bool, id_types: &[String]) -> SchemaRef {
 
 /// Whether a version is of an account audience (its members carry account ids).
 pub async fn is_accounts(store: &Store, v: &VersionRef) -> Result<bool> {
-    let batches = crate::compute::read_file(store, &v.data).await?;
-    Ok(batches.iter().any(|b| {
-        b.column_by_name("account_id")
+    use parquet::arrow::ProjectionMask;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let bytes = store
+        .get(&crate::store::keys::Key::from_committed(&v.data.path))
+        .await?;
+    // only the account_id column is decoded
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)?;
+    let mask = ProjectionMask::columns(builder.parquet_schema(), ["account_id"]);
+    for b in builder.with_projection(mask).build()? {
+        let b = b?;
+        if b.column_by_name("account_id")
             .is_some_and(|c| c.null_count() < c.len())
-    }))
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// The current (or `version`) committed version of live audience `key`; None when there is no
@@ -109,13 +123,20 @@ async fn version_session(
     Ok(ctx)
 }
 
-/// The members of version `v` sorted by member key (profile id, or account id for account
-/// audiences): (keys, profile indexes, entered_at).
-async fn sorted_members(
-    store: &Store,
-    v: &VersionRef,
+/// The members of one version sorted by member key.
+struct SortedMembers {
+    /// Whether the version is of an account audience (keys are account ids).
     accounts: bool,
-) -> Result<(StringArray, Vec<Option<i64>>, TimestampMicrosecondArray)> {
+    /// Profile ids, or account ids.
+    keys: StringArray,
+    /// Profile indexes (None for accounts).
+    idx: Vec<Option<i64>>,
+    entered: TimestampMicrosecondArray,
+}
+
+/// Read the members file of version `v` (written sorted by member key; sorted here if not).
+async fn sorted_members(store: &Store, v: &VersionRef) -> Result<SortedMembers> {
+    let started = std::time::Instant::now();
     let batches: Vec<RecordBatch> = crate::compute::read_file(store, &v.data)
         .await?
         .iter()
@@ -123,11 +144,12 @@ async fn sorted_members(
         .collect::<Result<_>>()?;
     let schema = crate::compute::schema("members");
     let all = arrow::compute::concat_batches(&schema, &batches)?;
-    let key = all.column(if accounts { 6 } else { 1 });
+    let accounts = all.column(6).null_count() < all.num_rows();
+    let k = if accounts { 6 } else { 1 };
     // members without a key of this kind (none in a well-formed file) are left out
-    let keep = arrow::compute::is_not_null(key)?;
+    let keep = arrow::compute::is_not_null(all.column(k))?;
     let all = arrow::compute::filter_record_batch(&all, &keep)?;
-    let keys = all.column(if accounts { 6 } else { 1 }).as_string::<i32>();
+    let keys = all.column(k).as_string::<i32>();
     let sorted = keys.iter().zip(keys.iter().skip(1)).all(|(a, b)| a <= b);
     let all = if sorted {
         all
@@ -135,19 +157,54 @@ async fn sorted_members(
         let order = arrow::compute::sort_to_indices(keys, None, None)?;
         arrow::compute::take_record_batch(&all, &order)?
     };
-    let keys = all
-        .column(if accounts { 6 } else { 1 })
-        .as_string::<i32>()
-        .clone();
-    let idx = all.column(2).as_primitive::<arrow::datatypes::Int64Type>();
-    let idx = idx.iter().collect();
+    let keys = all.column(k).as_string::<i32>().clone();
+    let idx = if accounts {
+        vec![None; keys.len()]
+    } else {
+        all.column(2)
+            .as_primitive::<arrow::datatypes::Int64Type>()
+            .iter()
+            .collect()
+    };
     let entered = all
         .column(3)
         .as_primitive_opt::<arrow::datatypes::TimestampMicrosecondType>()
         .ok_or_else(|| Error::Usage(format!("members file {} has no entered_at", v.data.path)))?
         .clone()
         .with_timezone("UTC");
-    Ok((keys, idx, entered))
+    tracing::debug!(
+        key = %v.key,
+        version = v.version,
+        members = keys.len(),
+        millis = started.elapsed().as_millis() as u64,
+        "members read"
+    );
+    Ok(SortedMembers {
+        accounts,
+        keys,
+        idx,
+        entered,
+    })
+}
+
+/// The schema of version `v`'s membership stream when a finished stream of it is in `cache`.
+pub async fn cached_membership_schema(
+    store: &Store,
+    space: &Space,
+    v: &VersionRef,
+    cache: &ServingCache,
+) -> Result<Option<SchemaRef>> {
+    if !cache.keeps_streams() {
+        return Ok(None);
+    }
+    let identity = cache.ids.version(store, space).await?;
+    let key = (
+        space.as_str().to_string(),
+        v.key.clone(),
+        v.version,
+        identity,
+    );
+    Ok(cache.stream(&key).map(|(schema, _)| schema))
 }
 
 /// The membership of one committed version as a stream (see the module docs); external ids
@@ -156,21 +213,41 @@ pub async fn membership_stream(
     store: &Store,
     space: &Space,
     v: &VersionRef,
-    ids: &IdIndexCache,
+    cache: &Arc<ServingCache>,
 ) -> Result<(SchemaRef, Batches)> {
-    let accounts = is_accounts(store, v).await?;
+    let identity = cache.ids.version(store, space).await?;
+    let key = (
+        space.as_str().to_string(),
+        v.key.clone(),
+        v.version,
+        identity,
+    );
+    if let Some((schema, batches)) = cache.stream(&key) {
+        let batches: Vec<Result<RecordBatch>> = batches.iter().cloned().map(Ok).collect();
+        return Ok((schema, futures::stream::iter(batches).boxed()));
+    }
+    let SortedMembers {
+        accounts,
+        keys,
+        idx,
+        entered,
+    } = sorted_members(store, v).await?;
     let index = if accounts {
         None
     } else {
-        Some(ids.get(store, space).await?)
+        Some(cache.ids.get(store, space).await?)
     };
     let types = index.as_ref().map(|i| i.types.clone()).unwrap_or_default();
     let schema = membership_schema(accounts, &types);
-    let (keys, idx, entered) = sorted_members(store, v, accounts).await?;
     let out_schema = Arc::clone(&schema);
     let n = keys.len();
-    let stream = futures::stream::iter((0..n).step_by(BATCH_ROWS)).map(move |start| {
-        let len = BATCH_ROWS.min(n - start);
+    let key = (
+        key.0,
+        key.1,
+        key.2,
+        index.as_ref().map_or(identity, |i| i.version),
+    );
+    let stream = blocking_batches(n, move |start, len| {
         let mut cols: Vec<ArrayRef> = vec![
             Arc::new(keys.slice(start, len)),
             Arc::new(entered.slice(start, len)),
@@ -180,6 +257,36 @@ pub async fn membership_stream(
         }
         Ok(RecordBatch::try_new(Arc::clone(&out_schema), cols)?)
     });
+    if !cache.keeps_streams() {
+        return Ok((schema, stream));
+    }
+    // keep the stream once a client has read all of it
+    let (cache, kept_schema) = (Arc::clone(cache), Arc::clone(&schema));
+    let mut kept = Some(Vec::new());
+    let stream = stream
+        .map(Some)
+        .chain(futures::stream::iter([None]))
+        .filter_map(move |b| {
+            let out = match b {
+                Some(Ok(b)) => {
+                    if let Some(k) = kept.as_mut() {
+                        k.push(b.clone());
+                    }
+                    Some(Ok(b))
+                }
+                Some(Err(e)) => {
+                    kept = None;
+                    Some(Err(e))
+                }
+                None => {
+                    if let Some(k) = kept.take() {
+                        cache.keep(key.clone(), Arc::clone(&kept_schema), k);
+                    }
+                    None
+                }
+            };
+            futures::future::ready(out)
+        });
     Ok((schema, stream.boxed()))
 }
 
@@ -326,26 +433,53 @@ async fn single_stream(
     Ok((schema, stream.boxed()))
 }
 
-/// A JSON string literal of `v` appended to `out`.
+/// A JSON string literal of `v` appended to `out` (escapes as serde_json does).
 fn push_json_str(out: &mut String, v: &str) {
     use std::fmt::Write;
     out.push('"');
-    for c in v.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '\u{8}' => out.push_str("\\b"),
-            '\u{c}' => out.push_str("\\f"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
+    let mut plain = 0; // start of the run not yet copied
+    for (i, b) in v.bytes().enumerate() {
+        let esc = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            8 => "\\b",
+            12 => "\\f",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&v[plain..i]);
+        if esc.is_empty() {
+            let _ = write!(out, "\\u{b:04x}");
+        } else {
+            out.push_str(esc);
         }
+        plain = i + 1;
     }
+    out.push_str(&v[plain..]);
     out.push('"');
+}
+
+/// Batches of `n` rows built by `build(start, len)` on blocking threads, two in flight (the
+/// consumer writes one while the next is built), in order.
+fn blocking_batches(
+    n: usize,
+    build: impl Fn(usize, usize) -> Result<RecordBatch> + Send + Sync + 'static,
+) -> Batches {
+    let build = Arc::new(build);
+    futures::stream::iter((0..n).step_by(BATCH_ROWS))
+        .map(move |start| {
+            let build = Arc::clone(&build);
+            async move {
+                tokio::task::spawn_blocking(move || build(start, BATCH_ROWS.min(n - start)))
+                    .await
+                    .map_err(|e| Error::Usage(format!("export batch failed: {e}")))?
+            }
+        })
+        .buffered(2)
+        .boxed()
 }
 
 /// An export of one committed version, as Arrow batches (the CSV columns); external ids from
@@ -355,7 +489,7 @@ pub async fn export_stream(
     space: &Space,
     v: &VersionRef,
     format: &Format,
-    ids: &IdIndexCache,
+    cache: &Arc<ServingCache>,
 ) -> Result<(SchemaRef, Batches)> {
     let formatted = match format {
         Format::Single { id_type, raw } => {
@@ -364,13 +498,17 @@ pub async fn export_stream(
         Format::Formatted => true,
         Format::Unformatted => false,
     };
-    let accounts = is_accounts(store, v).await?;
+    let SortedMembers {
+        accounts,
+        keys,
+        idx,
+        ..
+    } = sorted_members(store, v).await?;
     let index = if accounts {
         None
     } else {
-        Some(ids.get(store, space).await?)
+        Some(cache.ids.get(store, space).await?)
     };
-    let (keys, idx, _) = sorted_members(store, v, accounts).await?;
     let types = index.as_ref().map(|i| i.types.clone()).unwrap_or_default();
     let counts = match (&index, formatted) {
         (Some(ix), true) => ix.max_counts(idx.iter().copied()),
@@ -393,34 +531,30 @@ pub async fn export_stream(
     let schema = Arc::new(Schema::new(fields));
     let out_schema = Arc::clone(&schema);
     let n = keys.len();
-    let stream = futures::stream::iter((0..n).step_by(BATCH_ROWS)).map(move |start| {
-        let len = BATCH_ROWS.min(n - start);
-        let mut ext = StringBuilder::with_capacity(len, len * 64);
+    let stream = blocking_batches(n, move |start, len| {
+        let mut ext = StringBuilder::with_capacity(len, len * 160);
         let mut cols: Vec<StringBuilder> = extra.iter().map(|_| StringBuilder::new()).collect();
         let mut obj = String::new();
         let mut vals: Vec<Vec<&str>> = vec![Vec::new(); types.len()];
         for &p in &idx[start..start + len] {
             obj.clear();
             obj.push('{');
+            vals.iter_mut().for_each(Vec::clear);
             if let Some(ix) = &index {
-                for (ti, t) in types.iter().enumerate() {
-                    vals[ti].clear();
-                    vals[ti].extend(ix.values_of(p, ti));
-                    if vals[ti].is_empty() {
-                        continue;
-                    }
+                for (ti, vs) in ix.groups(p) {
                     if obj.len() > 1 {
                         obj.push(',');
                     }
-                    push_json_str(&mut obj, t);
+                    push_json_str(&mut obj, &types[ti]);
                     obj.push_str(":[");
-                    for (i, v) in vals[ti].iter().enumerate() {
+                    for (i, v) in vs.iter().enumerate() {
                         if i > 0 {
                             obj.push(',');
                         }
                         push_json_str(&mut obj, v);
                     }
                     obj.push(']');
+                    vals[ti] = vs;
                 }
             }
             obj.push('}');
@@ -434,7 +568,7 @@ pub async fn export_stream(
         arrays.extend(cols.iter_mut().map(|c| Arc::new(c.finish()) as ArrayRef));
         Ok(RecordBatch::try_new(Arc::clone(&out_schema), arrays)?)
     });
-    Ok((schema, stream.boxed()))
+    Ok((schema, stream))
 }
 
 /// Write a stream as CSV (RFC 4180 quoting, UTF-8, a header row) into `w`.

@@ -37,6 +37,7 @@ pub struct IdIndex {
 impl IdIndex {
     /// Build the index of the space's current identity version.
     pub async fn load(store: &Store, space: &Space) -> Result<IdIndex> {
+        let started = std::time::Instant::now();
         let snap = CommitLog::new(store, space, IDENTITY).snapshot().await?;
         let files: Vec<_> = snap
             .files
@@ -62,9 +63,19 @@ impl IdIndex {
             );
         }
         let version = snap.version;
-        tokio::task::spawn_blocking(move || build(version, parts))
+        let read_ms = started.elapsed().as_millis() as u64;
+        let ix = tokio::task::spawn_blocking(move || build(version, parts))
             .await
-            .map_err(|e| Error::Usage(format!("identity index failed: {e}")))?
+            .map_err(|e| Error::Usage(format!("identity index failed: {e}")))??;
+        tracing::debug!(
+            space = %space.as_str(),
+            version,
+            ids = ix.values.len(),
+            read_ms,
+            millis = started.elapsed().as_millis() as u64,
+            "external id index built"
+        );
+        Ok(ix)
     }
 
     /// Entries of profile `p` (none for a null or unknown index).
@@ -80,18 +91,15 @@ impl IdIndex {
     /// Largest number of values of each id type (by type index) over `profiles`.
     pub fn max_counts(&self, profiles: impl Iterator<Item = Option<i64>>) -> Vec<usize> {
         let mut max = vec![0usize; self.types.len()];
-        let mut n = vec![0usize; self.types.len()];
         for p in profiles {
             let r = self.range(p);
-            if r.is_empty() {
-                continue;
-            }
-            n.iter_mut().for_each(|c| *c = 0);
-            for e in r {
-                n[self.type_of[e] as usize] += 1;
-            }
-            for (m, c) in max.iter_mut().zip(&n) {
-                *m = (*m).max(*c);
+            let mut e = r.start;
+            while e < r.end {
+                let (t, s) = (self.type_of[e], e);
+                while e < r.end && self.type_of[e] == t {
+                    e += 1;
+                }
+                max[t as usize] = max[t as usize].max(e - s);
             }
         }
         max
@@ -129,11 +137,23 @@ impl IdIndex {
             .collect()
     }
 
-    /// Values of profile `p` of type index `t`, sorted.
-    pub fn values_of(&self, p: Option<i64>, t: usize) -> impl Iterator<Item = &str> {
-        self.range(p)
-            .filter(move |e| self.type_of[*e] as usize == t)
-            .map(|e| self.values.value(e))
+    /// The values of profile `p`, grouped by id type: `(type index, values sorted)`, types in
+    /// `types` order (types without values are skipped).
+    pub fn groups(&self, p: Option<i64>) -> impl Iterator<Item = (usize, Vec<&str>)> {
+        let r = self.range(p);
+        let mut e = r.start;
+        std::iter::from_fn(move || {
+            if e >= r.end {
+                return None;
+            }
+            let t = self.type_of[e];
+            let mut vals = Vec::with_capacity(r.end - e);
+            while e < r.end && self.type_of[e] == t {
+                vals.push(self.values.value(e));
+                e += 1;
+            }
+            Some((t as usize, vals))
+        })
     }
 }
 
@@ -256,12 +276,17 @@ pub struct IdIndexCache {
 }
 
 impl IdIndexCache {
-    /// The index of the space's current identity version.
-    pub async fn get(&self, store: &Store, space: &Space) -> Result<Arc<IdIndex>> {
-        let version = CommitLog::new(store, space, IDENTITY)
+    /// The space's current identity version.
+    pub async fn version(&self, store: &Store, space: &Space) -> Result<u64> {
+        Ok(CommitLog::new(store, space, IDENTITY)
             .snapshot()
             .await?
-            .version;
+            .version)
+    }
+
+    /// The index of the space's current identity version.
+    pub async fn get(&self, store: &Store, space: &Space) -> Result<Arc<IdIndex>> {
+        let version = self.version(store, space).await?;
         // one builder at a time: concurrent requests wait for it instead of each building
         let mut spaces = self.spaces.lock().await;
         if let Some(ix) = spaces.get(space.as_str())

@@ -57,8 +57,8 @@ pub struct Flight {
     pub config: Arc<Config>,
     /// Memory one query may use (Flight SQL statements, streams).
     pub query_memory: Option<usize>,
-    /// External ids by profile, per space (shared with the HTTP exports).
-    pub ids: Arc<crate::export::IdIndexCache>,
+    /// Id indexes and finished membership streams (shared with the HTTP exports).
+    pub serving: Arc<crate::export::ServingCache>,
 }
 
 type Stream<T> = BoxStream<'static, Result<T, Status>>;
@@ -171,13 +171,29 @@ impl Flight {
         match path {
             [a, key] if a == "audiences" => {
                 let v = self.version(&g.space, key, None).await?;
+                let ticket = TicketBody {
+                    path: path.to_vec(),
+                    version: v.version,
+                };
+                if let Some(schema) = crate::export::cached_membership_schema(
+                    &self.store,
+                    &g.space,
+                    &v,
+                    &self.serving,
+                )
+                .await
+                .map_err(internal)?
+                {
+                    return Ok((schema, v.data.rows as i64, ticket));
+                }
                 let accounts = crate::export::is_accounts(&self.store, &v)
                     .await
                     .map_err(internal)?;
                 let types = if accounts {
                     Vec::new()
                 } else {
-                    self.ids
+                    self.serving
+                        .ids
                         .get(&self.store, &g.space)
                         .await
                         .map_err(internal)?
@@ -187,10 +203,7 @@ impl Flight {
                 Ok((
                     crate::export::membership_schema(accounts, &types),
                     v.data.rows as i64,
-                    TicketBody {
-                        path: path.to_vec(),
-                        version: v.version,
-                    },
+                    ticket,
                 ))
             }
             [a, key, c, from] if a == "audiences" && c == "changes" => {
@@ -238,7 +251,7 @@ impl Flight {
                 let v = self.version(&g.space, key, None).await?;
                 // the schema of an export is known once its stream is opened
                 let (schema, _) =
-                    crate::export::export_stream(&self.store, &g.space, &v, &f, &self.ids)
+                    crate::export::export_stream(&self.store, &g.space, &v, &f, &self.serving)
                         .await
                         .map_err(internal)?;
                 Ok((
@@ -669,14 +682,17 @@ impl FlightService for Flight {
         }
         let t: TicketBody = serde_json::from_slice(&req.get_ref().ticket)
             .map_err(|_| Status::invalid_argument("not a ticket of this server"))?;
-        let ctx = crate::tables::session(&self.store, &g.space)
-            .await
-            .map_err(internal)?;
+        // a session only for the paths that query (the change and destination streams)
+        let session = || async {
+            crate::tables::session(&self.store, &g.space)
+                .await
+                .map_err(internal)
+        };
         let (schema, batches): (SchemaRef, _) = match t.path.as_slice() {
             [a, key] if a == "audiences" => {
                 let v = self.version(&g.space, key, Some(t.version)).await?;
                 let (schema, batches) =
-                    crate::export::membership_stream(&self.store, &g.space, &v, &self.ids)
+                    crate::export::membership_stream(&self.store, &g.space, &v, &self.serving)
                         .await
                         .map_err(internal)?;
                 (schema, flight_errors(batches))
@@ -685,7 +701,7 @@ impl FlightService for Flight {
                 let f = export_format(&g, format, rest.first())?;
                 let v = self.version(&g.space, key, Some(t.version)).await?;
                 let (schema, batches) =
-                    crate::export::export_stream(&self.store, &g.space, &v, &f, &self.ids)
+                    crate::export::export_stream(&self.store, &g.space, &v, &f, &self.serving)
                         .await
                         .map_err(internal)?;
                 (schema, flight_errors(batches))
@@ -694,6 +710,7 @@ impl FlightService for Flight {
                 let from: u64 = from
                     .parse()
                     .map_err(|_| Status::invalid_argument("not a ticket of this server"))?;
+                let ctx = session().await?;
                 let sql = if from == 0 {
                     // a backfill: the whole membership of the pinned version, as entries
                     let v = self.version(&g.space, key, Some(t.version)).await?;
@@ -717,6 +734,7 @@ impl FlightService for Flight {
                     .parse()
                     .map_err(|_| Status::invalid_argument("FROM_VERSION must be a number"))?;
                 let files = self.changes_files(&g.space, key, from, t.version).await?;
+                let ctx = session().await?;
                 let sql = register_changes(&ctx, files)?;
                 (Self::changes_schema(), sql_stream(&ctx, sql).await?)
             }

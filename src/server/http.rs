@@ -40,8 +40,8 @@ pub struct HttpState {
     pub config: Arc<crate::config::Config>,
     /// Profile API requests per second per space (also the burst).
     pub rate: f64,
-    /// External ids by profile, per space (shared with Flight).
-    pub ids: Arc<crate::export::IdIndexCache>,
+    /// Id indexes and finished membership streams (shared with Flight).
+    pub serving: Arc<crate::export::ServingCache>,
     /// Token buckets per space: (tokens, last refill).
     pub buckets: std::sync::Mutex<std::collections::HashMap<String, (f64, std::time::Instant)>>,
 }
@@ -358,7 +358,8 @@ async fn export(
         Err(e) => return server_error(&e, StatusCode::INTERNAL_SERVER_ERROR, "export failed"),
     };
     let (schema, batches) =
-        match crate::export::export_stream(&state.store, &space, &v, &format, &state.ids).await {
+        match crate::export::export_stream(&state.store, &space, &v, &format, &state.serving).await
+        {
             Ok(x) => x,
             Err(e) => return server_error(&e, StatusCode::INTERNAL_SERVER_ERROR, "export failed"),
         };

@@ -40,6 +40,8 @@ pub struct ServeOptions {
     pub json: bool,
     /// Memory one Flight SQL query may use (bytes).
     pub query_memory: Option<usize>,
+    /// Memory for finished membership streams served again from memory (0: none).
+    pub serving_cache: usize,
     /// Profile API requests per second per space (and burst).
     pub profile_api_rate: f64,
 }
@@ -108,10 +110,10 @@ pub async fn run(store: &Store, config: Config, opts: ServeOptions) -> Result<()
     eprintln!("audiences serve: flight listening on {fa}");
     eprintln!("audiences serve: http listening on {ha}");
 
-    let ids = Arc::new(crate::export::IdIndexCache::default());
+    let serving = Arc::new(crate::export::ServingCache::new(opts.serving_cache));
     let flight = flight::Flight {
         store: store.clone(),
-        ids: Arc::clone(&ids),
+        serving: Arc::clone(&serving),
         auth: Arc::clone(&auth),
         config: Arc::clone(&config),
         query_memory: opts.query_memory,
@@ -133,7 +135,7 @@ pub async fn run(store: &Store, config: Config, opts: ServeOptions) -> Result<()
     });
     let router = http::router(Arc::new(http::HttpState {
         store: store.clone(),
-        ids,
+        serving,
         auth: Arc::clone(&auth),
         config: Arc::clone(&config),
         rate: opts.profile_api_rate,

@@ -1729,7 +1729,7 @@ async fn dependencies_computed_from_the_same_inputs_are_reused() {
 /// profile id → id type → sorted values, as a membership stream serves them.
 async fn streamed_ids(
     store: &Store,
-    cache: &audiences::export::IdIndexCache,
+    cache: &std::sync::Arc<audiences::export::ServingCache>,
 ) -> BTreeMap<String, BTreeMap<String, Vec<String>>> {
     use arrow::array::AsArray;
     use futures::StreamExt;
@@ -1801,7 +1801,7 @@ async fn sql_ids(store: &Store) -> BTreeMap<String, BTreeMap<String, Vec<String>
 
 /// Membership streams attach each member's external ids from the dense-index cache; they
 /// equal a SQL join of the memberships with the identities, and follow an identity change
-/// (a member's new email) through the same cache.
+/// (a member's new email) through the same caches (id index and finished streams).
 #[tokio::test(flavor = "multi_thread")]
 async fn membership_ids_follow_identity_changes() {
     let store = generated_store(3000, 23).await;
@@ -1813,8 +1813,10 @@ async fn membership_ids_follow_identity_changes() {
     )
     .await;
     compute_all(&store, END).await;
-    let cache = audiences::export::IdIndexCache::default();
+    // with memory for finished streams: the second pull of a version is served from it
+    let cache = std::sync::Arc::new(audiences::export::ServingCache::new(1 << 30));
     let before = streamed_ids(&store, &cache).await;
+    assert_eq!(streamed_ids(&store, &cache).await, before);
     assert!(before.len() > 10, "{}", before.len());
     assert_eq!(before, sql_ids(&store).await);
     assert!(
@@ -1837,6 +1839,7 @@ async fn membership_ids_follow_identity_changes() {
         .await
         .unwrap();
     let after = streamed_ids(&store, &cache).await;
+    assert_eq!(streamed_ids(&store, &cache).await, after);
     assert!(
         after[&pid]["email"].contains(&"zz-new@example.com".to_string()),
         "{:?}",

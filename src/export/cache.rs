@@ -1,0 +1,158 @@
+//! What a server keeps between requests: the [`IdIndex`] of each space and the finished
+//! membership streams of recent versions (Arrow batches with their id lists), so that every
+//! client pulling the same version after the first is served from memory, as a plain Flight
+//! server holding the batches would.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+
+use super::ids::IdIndexCache;
+
+/// Key of a finished membership stream: space, audience, version, identity version.
+pub(crate) type StreamKey = (String, String, u64, u64);
+
+/// Server-side caches of the export paths.
+#[derive(Debug)]
+pub struct ServingCache {
+    /// External ids by profile, per space.
+    pub ids: IdIndexCache,
+    streams: Mutex<Streams>,
+}
+
+#[derive(Debug, Default)]
+struct Streams {
+    budget: usize,
+    used: usize,
+    /// Least recently used first.
+    order: VecDeque<StreamKey>,
+    held: HashMap<StreamKey, (SchemaRef, Arc<Vec<RecordBatch>>, usize)>,
+}
+
+impl Default for ServingCache {
+    /// No memory for finished streams (one-shot commands): only the id index is kept.
+    fn default() -> Self {
+        ServingCache::new(0)
+    }
+}
+
+impl ServingCache {
+    /// Caches holding at most `budget` bytes of finished membership streams.
+    pub fn new(budget: usize) -> Self {
+        ServingCache {
+            ids: IdIndexCache::default(),
+            streams: Mutex::new(Streams {
+                budget,
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// Whether finished streams are kept at all.
+    pub(crate) fn keeps_streams(&self) -> bool {
+        self.streams.lock().is_ok_and(|s| s.budget > 0)
+    }
+
+    /// A finished stream, marked as recently used.
+    pub(crate) fn stream(&self, key: &StreamKey) -> Option<(SchemaRef, Arc<Vec<RecordBatch>>)> {
+        let mut s = self.streams.lock().ok()?;
+        let hit = s
+            .held
+            .get(key)
+            .map(|(sc, b, _)| (sc.clone(), Arc::clone(b)))?;
+        s.order.retain(|k| k != key);
+        s.order.push_back(key.clone());
+        Some(hit)
+    }
+
+    /// Keep a finished stream, evicting the least recently used ones beyond the budget (a
+    /// stream larger than the whole budget is not kept).
+    pub(crate) fn keep(&self, key: StreamKey, schema: SchemaRef, batches: Vec<RecordBatch>) {
+        let size = held_bytes(&batches);
+        let Ok(mut s) = self.streams.lock() else {
+            return;
+        };
+        if size > s.budget || s.held.contains_key(&key) {
+            return;
+        }
+        while s.used + size > s.budget {
+            let Some(old) = s.order.pop_front() else {
+                break;
+            };
+            if let Some((_, _, n)) = s.held.remove(&old) {
+                s.used -= n;
+            }
+        }
+        s.used += size;
+        s.order.push_back(key.clone());
+        s.held.insert(key, (schema, Arc::new(batches), size));
+    }
+}
+
+/// Bytes the batches hold, counting each allocation once (a stream's batches are slices of
+/// a few shared arrays, and `get_array_memory_size` would count a shared buffer per batch).
+fn held_bytes(batches: &[RecordBatch]) -> usize {
+    fn walk(d: &arrow::array::ArrayData, seen: &mut std::collections::HashSet<usize>) -> usize {
+        let mut n = 0;
+        let bufs = d.buffers().iter().chain(d.nulls().map(|x| x.buffer()));
+        for b in bufs {
+            if seen.insert(b.data_ptr().as_ptr() as usize) {
+                n += b.capacity();
+            }
+        }
+        n + d.child_data().iter().map(|c| walk(c, seen)).sum::<usize>()
+    }
+    let mut seen = std::collections::HashSet::new();
+    batches
+        .iter()
+        .flat_map(|b| b.columns())
+        .map(|c| walk(&c.to_data(), &mut seen))
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    fn batch(n: usize) -> (SchemaRef, Vec<RecordBatch>) {
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+        let b = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![Arc::new(Int64Array::from_iter_values(0..n as i64))],
+        )
+        .unwrap();
+        (schema, vec![b])
+    }
+
+    fn key(v: u64) -> StreamKey {
+        ("s".into(), "a".into(), v, 1)
+    }
+
+    #[test]
+    fn keeps_within_budget_and_evicts_least_recently_used() {
+        let one = held_bytes(&batch(1000).1);
+        // slices of one array count it once
+        let (_, b) = batch(1000);
+        let halves = vec![b[0].slice(0, 500), b[0].slice(500, 500)];
+        assert_eq!(held_bytes(&halves), one);
+        let c = ServingCache::new(one * 2 + one / 2);
+        for v in 1..=2 {
+            let (s, b) = batch(1000);
+            c.keep(key(v), s, b);
+        }
+        assert!(c.stream(&key(1)).is_some()); // 1 is now the most recent
+        let (s, b) = batch(1000);
+        c.keep(key(3), s, b);
+        assert!(c.stream(&key(2)).is_none(), "least recently used evicted");
+        assert!(c.stream(&key(1)).is_some() && c.stream(&key(3)).is_some());
+        // larger than the budget: not kept, nothing evicted
+        let (s, b) = batch(10_000);
+        c.keep(key(4), s, b);
+        assert!(c.stream(&key(4)).is_none() && c.stream(&key(1)).is_some());
+        assert!(!ServingCache::default().keeps_streams());
+    }
+}
