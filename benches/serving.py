@@ -16,6 +16,7 @@ identities exported once to Parquet for the peers (`--members`, `--ids`).
 2 threads everywhere, median of --runs, rows checked equal before timing.
 
 Usage: python3 benches/serving.py --store DIR --members m.parquet --ids ids.parquet [--key K]
+       python3 benches/serving.py --events N   (sets up its own store first)
 """
 import argparse, json, os, statistics, subprocess, sys, tempfile, threading, time
 
@@ -24,11 +25,32 @@ def timed(cmd, env):
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - t
 
+EVERYONE = '{"key": "everyone", "kind": "audience", "include_anonymous": true, "definition": "event(type: \'page\').count() >= 0"}'
+
+def setup(a, work, env):
+    """A fresh store of a.events generated events with the audience of every profile computed,
+    and its members and the space's identities exported to Parquet for DuckDB."""
+    run = lambda *args, **kw: subprocess.run([a.bin, "--store", a.store] + list(args), check=True, env=env, stdout=subprocess.DEVNULL, **kw)
+    a.store, a.members, a.ids = os.path.join(work, "store"), os.path.join(work, "m.parquet"), os.path.join(work, "ids.parquet")
+    src = os.path.join(work, "e.ndjson")
+    subprocess.run([a.bin, "generate", "--events", str(a.events), "--seed", "42", "-o", src], check=True)
+    run("ingest", src, "--dead-letter", os.path.join(work, "dead"))
+    os.remove(src)
+    with open(os.path.join(work, "everyone.json"), "w") as f:
+        f.write(EVERYONE)
+    run("audience", "create", os.path.join(work, "everyone.json"))
+    run("compute", "--as-of", "2026-01-01T00:00:00Z", a.key)
+    run("members", a.key, "--format", "parquet", "-o", a.members)
+    import pyarrow as pa, pyarrow.parquet as pq
+    rows = json.loads(subprocess.run([a.bin, "--store", a.store, "--json", "sql", "SELECT profile_id, id_type, id_value FROM identities"], check=True, capture_output=True, text=True, env=env).stdout)
+    pq.write_table(pa.table({c: [r[c] for r in rows] for c in ("profile_id", "id_type", "id_value")}), a.ids)
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--store", required=True)
-    ap.add_argument("--members", required=True)
-    ap.add_argument("--ids", required=True)
+    ap.add_argument("--store")
+    ap.add_argument("--members")
+    ap.add_argument("--ids")
+    ap.add_argument("--events", type=int, help="set up a fresh store of N generated events instead of --store/--members/--ids")
     ap.add_argument("--key", default="everyone")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--bin", default=os.path.expanduser("~/.cache/audiences-target/release/audiences"))
@@ -37,6 +59,10 @@ def main():
     import pyarrow.flight as fl
     env = dict(os.environ, TOKIO_WORKER_THREADS="2", RAYON_NUM_THREADS="2")
     work = tempfile.mkdtemp(prefix="audiences-serving-bench-")
+    if a.events:
+        setup(a, work, env)
+    elif not (a.store and a.members and a.ids):
+        sys.exit("give --events N, or --store, --members and --ids")
     con = duckdb.connect()
     con.execute("SET threads TO 2")
     con.execute(f"CREATE VIEW m AS SELECT * FROM read_parquet('{a.members}')")

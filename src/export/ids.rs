@@ -50,9 +50,25 @@ impl IdIndex {
             let store = store.clone();
             reads.push(tokio::spawn(async move {
                 let bytes = store.get(&Key::from_committed(&f.path)).await?;
-                tokio::task::spawn_blocking(move || read_ids(bytes))
-                    .await
-                    .map_err(|e| Error::Usage(format!("identity read failed: {e}")))?
+                // row groups decoded on every core
+                let groups = parquet::file::metadata::ParquetMetaDataReader::new()
+                    .parse_and_finish(&bytes)?
+                    .num_row_groups();
+                let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+                let per = groups.div_ceil(threads).max(1);
+                let mut tasks = Vec::new();
+                for first in (0..groups).step_by(per) {
+                    let (bytes, rg) = (bytes.clone(), (first..groups.min(first + per)).collect());
+                    tasks.push(tokio::task::spawn_blocking(move || read_ids(bytes, rg)));
+                }
+                let mut out = Vec::new();
+                for t in tasks {
+                    out.extend(
+                        t.await
+                            .map_err(|e| Error::Usage(format!("identity read failed: {e}")))??,
+                    );
+                }
+                Ok::<_, Error>(out)
             }));
         }
         let mut parts = Vec::new();
@@ -157,11 +173,14 @@ impl IdIndex {
     }
 }
 
-/// `(id_type, id_value, profile_idx)` of one identities file.
-fn read_ids(bytes: bytes::Bytes) -> Result<Vec<(StringArray, StringArray, Vec<i64>)>> {
+/// `(id_type, id_value, profile_idx)` of row groups `groups` of one identities file.
+fn read_ids(
+    bytes: bytes::Bytes,
+    groups: Vec<usize>,
+) -> Result<Vec<(StringArray, StringArray, Vec<i64>)>> {
     use parquet::arrow::ProjectionMask;
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)?.with_row_groups(groups);
     let mask = ProjectionMask::columns(
         builder.parquet_schema(),
         ["id_type", "id_value", "profile_idx"],
@@ -205,8 +224,14 @@ fn build(version: u64, parts: Vec<(StringArray, StringArray, Vec<i64>)>) -> Resu
             max_p = max_p.max(pi);
             prof.push(pi);
             let name = t.value(r);
-            let id = match type_ids.get(name) {
-                Some(id) => *id,
+            // a handful of types: a scan beats hashing every row
+            let known = if types.len() <= 16 {
+                types.iter().position(|x| x == name).map(|i| i as u16)
+            } else {
+                type_ids.get(name).copied()
+            };
+            let id = match known {
+                Some(id) => id,
                 None => {
                     let id = u16::try_from(types.len())
                         .map_err(|_| Error::Usage("more than 65,535 id types".into()))?;
@@ -246,14 +271,32 @@ fn build(version: u64, parts: Vec<(StringArray, StringArray, Vec<i64>)>) -> Resu
         perm[*slot as usize] = row as u32;
         *slot += 1;
     }
-    for w in offsets.windows(2) {
-        let s = &mut perm[w[0] as usize..w[1] as usize];
-        if s.len() > 1 {
-            s.sort_by(|a, b| {
-                (ty[*a as usize], values.value(*a as usize))
-                    .cmp(&(ty[*b as usize], values.value(*b as usize)))
-            });
+    // each profile's entries by (type, value), profiles split in chunks over the cores
+    {
+        use rayon::prelude::*;
+        let mut chunks: Vec<(&[u32], &mut [u32])> = Vec::new();
+        let (mut rest, mut at) = (perm.as_mut_slice(), 0usize);
+        let profiles = offsets.len() - 1;
+        for start in (0..profiles).step_by(65_536) {
+            // chunks share their boundary offset
+            let offs = &offsets[start..=profiles.min(start + 65_536)];
+            let end = offs[offs.len() - 1] as usize;
+            let (head, tail) = rest.split_at_mut(end - at);
+            chunks.push((offs, head));
+            (rest, at) = (tail, end);
         }
+        chunks.into_par_iter().for_each(|(offs, part)| {
+            let base = offs[0] as usize;
+            for w in offs.windows(2) {
+                let s = &mut part[w[0] as usize - base..w[1] as usize - base];
+                if s.len() > 1 {
+                    s.sort_unstable_by(|a, b| {
+                        (ty[*a as usize], values.value(*a as usize))
+                            .cmp(&(ty[*b as usize], values.value(*b as usize)))
+                    });
+                }
+            }
+        });
     }
     let type_of = perm.iter().map(|r| ty[*r as usize]).collect();
     let values = arrow::compute::take(values, &UInt32Array::from(perm), None)?
@@ -297,5 +340,104 @@ impl IdIndexCache {
         let ix = Arc::new(IdIndex::load(store, space).await?);
         spaces.insert(space.as_str().to_string(), Arc::clone(&ix));
         Ok(ix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// The index against a map built row by row, over more profiles than one sort chunk, with
+    /// rows in a scrambled order and profiles without ids.
+    #[test]
+    fn index_equals_a_map_of_the_rows() {
+        let types = ["user_id", "email", "anonymous_id", "phone"];
+        let (mut t, mut v, mut p) = (Vec::new(), Vec::new(), Vec::new());
+        let mut want: BTreeMap<i64, BTreeMap<usize, Vec<String>>> = BTreeMap::new();
+        let mut x: u64 = 7;
+        for i in 0..200_000u64 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let prof = ((x >> 33) % 150_000) as i64 * 2; // odd profiles have no ids
+            let ty = ((x >> 20) % 4) as usize;
+            let val = format!("v{}-{i}", (x >> 40) % 1000);
+            t.push(types[ty]);
+            v.push(val.clone());
+            p.push(prof);
+            want.entry(prof)
+                .or_default()
+                .entry(ty)
+                .or_default()
+                .push(val);
+        }
+        // two parts, as two files or row groups would give
+        let half = t.len() / 2;
+        let part = |r: std::ops::Range<usize>| {
+            (
+                StringArray::from(t[r.clone()].to_vec()),
+                StringArray::from(v[r.clone()].to_vec()),
+                p[r].to_vec(),
+            )
+        };
+        let ix = build(3, vec![part(0..half), part(half..t.len())]).unwrap();
+        let mut sorted_types: Vec<&str> = types.to_vec();
+        sorted_types.sort();
+        assert_eq!(ix.types, sorted_types);
+        assert_eq!(ix.version, 3);
+        for prof in 0..300_001i64 {
+            let got: Vec<(String, Vec<String>)> = ix
+                .groups(Some(prof))
+                .map(|(ti, vs)| {
+                    (
+                        ix.types[ti].clone(),
+                        vs.iter().map(|s| s.to_string()).collect(),
+                    )
+                })
+                .collect();
+            let mut exp: Vec<(String, Vec<String>)> = want
+                .get(&prof)
+                .map(|m| {
+                    m.iter()
+                        .map(|(ty, vs)| {
+                            let mut vs = vs.clone();
+                            vs.sort();
+                            (types[*ty].to_string(), vs)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            exp.sort();
+            assert_eq!(got, exp, "profile {prof}");
+        }
+        assert_eq!(ix.groups(None).count(), 0);
+        assert_eq!(ix.groups(Some(-1)).count(), 0);
+        assert_eq!(ix.groups(Some(10_000_000)).count(), 0);
+        // list columns and max counts agree with the groups
+        let some: Vec<Option<i64>> = vec![Some(0), Some(1), None, Some(2), Some(299_998)];
+        let lists = ix.lists(&some).unwrap();
+        let max = ix.max_counts(some.iter().copied());
+        for (ti, l) in lists.iter().enumerate() {
+            let l = l.as_list::<i32>();
+            let mut m = 0;
+            for (r, p) in some.iter().enumerate() {
+                let vals: Vec<String> = l
+                    .value(r)
+                    .as_string::<i32>()
+                    .iter()
+                    .flatten()
+                    .map(String::from)
+                    .collect();
+                let exp: Vec<String> = ix
+                    .groups(*p)
+                    .filter(|(t, _)| *t == ti)
+                    .flat_map(|(_, vs)| vs.into_iter().map(String::from))
+                    .collect();
+                assert_eq!(vals, exp);
+                m = m.max(vals.len());
+            }
+            assert_eq!(max[ti], m);
+        }
     }
 }
