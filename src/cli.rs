@@ -53,6 +53,10 @@ pub struct Global {
     /// Allow plain HTTP to the S3 endpoint (also AWS_ALLOW_HTTP=true).
     #[arg(long, global = true, env = "AUDIENCES_S3_ALLOW_HTTP")]
     pub s3_allow_http: bool,
+    /// Memory every query of the command may use, e.g. 4GiB: beyond it sorts, aggregations and
+    /// joins spill to disk, and what cannot spill fails with a resources-exhausted error.
+    #[arg(long, global = true, env = "AUDIENCES_MEMORY_LIMIT")]
+    pub memory_limit: Option<String>,
 }
 
 /// Commands.
@@ -391,6 +395,12 @@ impl Global {
 pub fn run(cli: Cli) -> Result<i32> {
     if let Some(path) = &cli.global.config {
         crate::config::Config::load(path)?;
+    }
+    if let Some(m) = &cli.global.memory_limit {
+        crate::tables::set_memory_limit(Some(
+            crate::serve::parse_bytes(m)
+                .map_err(|e| Error::Usage(format!("--memory-limit: {e}")))?,
+        ));
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

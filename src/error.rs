@@ -50,8 +50,16 @@ pub enum Error {
     /// Parquet failed.
     #[error("parquet: {0}")]
     Parquet(#[from] parquet::errors::ParquetError),
+    /// Computing one definition failed (the cause says why).
+    #[error("computing '{key}': {source}")]
+    Compute {
+        /// The definition's key.
+        key: String,
+        /// What failed.
+        source: Box<Error>,
+    },
     /// DataFusion failed (planning or execution).
-    #[error("query: {0}")]
+    #[error("query: {}", query_message(.0))]
     DataFusion(#[from] datafusion::error::DataFusionError),
     /// JSON serialization failed.
     #[error("json: {0}")]
@@ -91,7 +99,19 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Usage(_) | Error::StoreUrl { .. } | Error::Config { .. } => 2,
+            Error::Compute { source, .. } => source.exit_code(),
             _ => 1,
         }
+    }
+}
+
+/// A query error, with what to do about a memory limit reached.
+fn query_message(e: &datafusion::error::DataFusionError) -> String {
+    match e.find_root() {
+        datafusion::error::DataFusionError::ResourcesExhausted(m) => format!(
+            "the memory limit was reached (raise --memory-limit / AUDIENCES_MEMORY_LIMIT, or \
+             --query-memory for Flight SQL): {m}"
+        ),
+        _ => e.to_string(),
     }
 }

@@ -293,12 +293,32 @@ pub async fn session_limited(
     session_with(store, space, None, memory_limit).await
 }
 
+/// Memory limit of this process's queries (0: none); see [`set_memory_limit`].
+static MEMORY_LIMIT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Bound the memory of every query this process runs from now on (`--memory-limit`): beyond
+/// it, operators that can spill (sorts, aggregations, joins) spill to disk and the others fail
+/// with a resources-exhausted error instead of growing until the kernel kills the process.
+/// None lifts the bound. A session given its own limit (Flight SQL's `--query-memory`) keeps it.
+pub fn set_memory_limit(bytes: Option<usize>) {
+    MEMORY_LIMIT.store(bytes.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The limit set by [`set_memory_limit`].
+pub fn memory_limit() -> Option<usize> {
+    match MEMORY_LIMIT.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => None,
+        n => Some(n),
+    }
+}
+
 async fn session_with(
     store: &Store,
     space: &Space,
     events_version: Option<u64>,
     memory_limit: Option<usize>,
 ) -> Result<SessionContext> {
+    let memory_limit = memory_limit.or_else(self::memory_limit);
     // DataFusion settings can be tuned with DATAFUSION_* environment variables.
     let config = SessionConfig::from_env()?
         .with_information_schema(true)

@@ -556,7 +556,10 @@ pub async fn compute_with_progress(
             account_keys: &account_keys,
         };
         let version = prev.map_or(1, |p| p.version + 1);
-        let fail = |e: Error| Error::Usage(format!("computing '{key}': {e}"));
+        let fail = |e: Error| Error::Compute {
+            key: key.clone(),
+            source: Box::new(e),
+        };
         let (adds, report) = match stored.file.kind {
             Kind::Audience => {
                 let plan = compile_audience(&inputs, &stored.file)

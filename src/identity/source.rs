@@ -213,7 +213,11 @@ pub async fn read_identity_events(
         return Ok(0);
     }
     let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
-        .with_memory_limit(IDENTITY_SORT_MEMORY, 1.0)
+        .with_memory_limit(
+            crate::tables::memory_limit()
+                .map_or(IDENTITY_SORT_MEMORY, |m| m.min(IDENTITY_SORT_MEMORY)),
+            1.0,
+        )
         .build_arc()?;
     // Late materialization: the calls scan decodes the wide columns only for matching rows.
     let config = SessionConfig::new()

@@ -872,6 +872,9 @@ impl FlightService for Flight {
         };
         let usage = |e: crate::error::Error| match e {
             crate::error::Error::Usage(m) => Status::invalid_argument(m),
+            e @ crate::error::Error::Compute { .. } if e.exit_code() == 2 => {
+                Status::invalid_argument(e.to_string())
+            }
             crate::error::Error::Conflict(m) | crate::error::Error::Locked(m) => Status::aborted(m),
             other => internal(other),
         };

@@ -36,6 +36,10 @@ fn kind_of(collection: &str) -> Option<Kind> {
 fn failure(e: Error) -> Response {
     match e {
         Error::Usage(m) => error(StatusCode::BAD_REQUEST, "validation_error", &m),
+        // a definition that does not compile
+        e @ Error::Compute { .. } if e.exit_code() == 2 => {
+            error(StatusCode::BAD_REQUEST, "validation_error", &e.to_string())
+        }
         Error::Locked(m) => error(StatusCode::CONFLICT, "locked", &m),
         Error::Conflict(m) => error(StatusCode::CONFLICT, "conflict", &m),
         other => super::http::server_error(

@@ -1847,3 +1847,98 @@ async fn membership_ids_follow_identity_changes() {
     );
     assert_eq!(after, sql_ids(&store).await);
 }
+
+/// `--memory-limit` bounds every query of a command: far too small, a compute fails with a
+/// clear resources-exhausted message (exit 1, no panic, the committed versions untouched); in
+/// between, it either completes or fails that way; large enough, it gives exactly the members
+/// of an unbounded compute. Definitions: an aggregation (q4), the funnel UDAF (q5), a trait and
+/// an audience over it (q7).
+#[test]
+fn memory_limit_fails_clearly_or_completes_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let store = store.to_str().unwrap();
+    let src = dir.path().join("e.ndjson");
+    std::fs::write(&src, generated(20_000, 31)).unwrap();
+    run_ok(store, &["ingest", src.to_str().unwrap()]);
+    let defs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/definitions");
+    for (kind, f) in [
+        ("audience", "q4_lapsed.json"),
+        ("audience", "q5_checkout_funnel.json"),
+        ("trait", "revenue_180d.json"),
+        ("audience", "q7_high_value.json"),
+    ] {
+        run_ok(store, &[kind, "create", defs.join(f).to_str().unwrap()]);
+    }
+    run_ok(store, &["identity"]);
+    let keys = ["lapsed", "checkout_funnel", "high_value"];
+    let as_of = "2026-01-01T00:00:00Z";
+    // profile ids per key (the version column differs between computes)
+    let members = || -> Vec<Vec<String>> {
+        keys.iter()
+            .map(|k| {
+                run_ok(store, &["members", k, "--format", "csv"])
+                    .lines()
+                    .skip(1)
+                    .map(|l| l.split(',').next().unwrap().to_string())
+                    .collect()
+            })
+            .collect()
+    };
+    let versions = || {
+        run_ok(
+            store,
+            &[
+                "--json",
+                "sql",
+                "SELECT audience_key, max(version) AS v FROM memberships GROUP BY audience_key ORDER BY audience_key",
+            ],
+        )
+    };
+
+    let out = run(
+        store,
+        &["--memory-limit", "16KiB", "compute", "--as-of", as_of],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("memory limit was reached"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        versions(),
+        "[]\n",
+        "nothing committed by the failed compute"
+    );
+
+    let out = run(
+        store,
+        &["--memory-limit", "3MiB", "compute", "--as-of", as_of],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success()
+            || (out.status.code() == Some(1) && err.contains("memory limit was reached")),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+
+    run_ok(store, &["compute", "--as-of", as_of]);
+    let unbounded = members();
+    assert!(unbounded.iter().all(|m| !m.is_empty()), "{unbounded:?}");
+    let before = versions();
+    run_ok(
+        store,
+        &["--memory-limit", "1GiB", "compute", "--as-of", as_of],
+    );
+    assert!(
+        members() == unbounded,
+        "the bounded compute changed a membership"
+    );
+    assert_ne!(
+        versions(),
+        before,
+        "the bounded compute committed new versions"
+    );
+}
