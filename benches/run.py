@@ -11,6 +11,7 @@ timed run per measure, 2 deltas, no datafusion-python): a few minutes on the 2-c
 equal to a full compute), no timings; CI runs it with a debug build at a small scale.
 
 Usage: python3 benches/run.py [--scale S|M|L] [--reduced] [--check] [--events N]
+                              [--runs N] [--deltas N] [--ingest-runs N]
                               [--bin PATH] [--out REPORT.md] [--only ingest,audiences,refresh,serving]
 """
 import argparse, datetime, os, subprocess, sys, time
@@ -29,11 +30,16 @@ def main():
     ap.add_argument("--bin", default=os.path.expanduser("~/.cache/audiences-target/release/audiences"))
     ap.add_argument("--out", default=None, help="Markdown report (default: bench-report-SCALE.md)")
     ap.add_argument("--only", default=",".join(PARTS))
+    ap.add_argument("--runs", type=int, help="timed runs per measure (default 5, reduced 1)")
+    ap.add_argument("--deltas", type=int, help="refresh deltas (default 20, reduced 2)")
+    ap.add_argument("--ingest-runs", type=int, help="timed ingest runs (default: --runs at S, 1 at M and L, where one takes minutes)")
     a = ap.parse_args()
     if not os.path.exists(a.bin):
         sys.exit(f"{a.bin} not found: cargo build --release first (or --bin PATH)")
     n = a.events or SCALES["S" if a.reduced and not a.events else a.scale]
-    runs = 1 if a.reduced else 5
+    runs = a.runs or (1 if a.reduced else 5)
+    deltas = a.deltas or (2 if a.reduced else 20)
+    ingest_runs = a.ingest_runs or (runs if n <= SCALES["S"] else 1)
     parts = [p.strip() for p in a.only.split(",") if p.strip()]
     if set(parts) - set(PARTS):
         sys.exit(f"--only takes {', '.join(PARTS)}")
@@ -46,10 +52,10 @@ def main():
         }
     else:
         plan = {
-            "ingest": ["ingest.py", "--events", str(n), "--runs", str(runs)] + b,
+            "ingest": ["ingest.py", "--events", str(n), "--runs", str(ingest_runs)] + b,
             "audiences": ["audiences.py", "--events", str(n), "--runs", str(runs), "--suite"]
             + ([] if a.reduced else ["--datafusion-python"]) + b,
-            "refresh": ["refresh.py", "--events", str(n), "--deltas", "2" if a.reduced else "20"] + b,
+            "refresh": ["refresh.py", "--events", str(n), "--deltas", str(deltas)] + b,
             "serving": ["serving.py", "--events", str(n), "--runs", str(max(runs, 3))] + b,
         }
     out = a.out or f"bench-report-{'check' if a.check else a.scale if not a.reduced else 'reduced'}.md"

@@ -27,7 +27,6 @@ use sha2::{Digest, Sha256};
 use crate::compute::{MEMBERSHIPS, VersionRef, versions};
 use crate::error::{Error, Result};
 use crate::store::{CommitLog, Space, Store};
-use crate::tables::CommittedTable;
 
 mod cache;
 mod ids;
@@ -104,23 +103,6 @@ pub async fn audience_version(
         .into_iter()
         .filter(|v| v.key == key)
         .rfind(|v| version.is_none_or(|p| v.version == p)))
-}
-
-/// A session of the space with the members file of version `v` as `__version_members`.
-async fn version_session(
-    store: &Store,
-    space: &Space,
-    v: &VersionRef,
-) -> Result<datafusion::prelude::SessionContext> {
-    let ctx = crate::tables::session(store, space).await?;
-    ctx.register_table(
-        "__version_members",
-        Arc::new(CommittedTable::plain(
-            crate::compute::schema("members"),
-            vec![v.data.clone()],
-        )),
-    )?;
-    Ok(ctx)
 }
 
 /// The members of one version sorted by member key.
@@ -345,92 +327,67 @@ pub fn sha256_hex(s: &str) -> String {
     out
 }
 
-/// The `single` export: the version's members joined with their values of one id type only,
-/// sorted by (profile, value), each profile's normalized values once, hashed in parallel.
+/// The `single` export: each member's values of one id type (from the space's id index: the
+/// server's full one when built, else one of that type only), in member order and value order,
+/// each profile's normalized values once, hashed in parallel.
 async fn single_stream(
     store: &Store,
     space: &Space,
     v: &VersionRef,
     id_type: &str,
     raw: bool,
+    cache: &ServingCache,
 ) -> Result<(SchemaRef, Batches)> {
-    use datafusion::prelude::{col, lit};
     let schema = Arc::new(Schema::new(vec![Field::new(
         id_type,
         DataType::Utf8,
         false,
     )]));
-    if is_accounts(store, v).await? {
+    let SortedMembers { accounts, idx, .. } = sorted_members(store, v).await?;
+    if accounts {
         // account audiences carry no external ids of their own
         return Ok((schema, futures::stream::empty().boxed()));
     }
-    let ctx = version_session(store, space, v).await?;
-    let ids = ctx
-        .table("identities")
-        .await?
-        .filter(col("id_type").eq(lit(id_type)))?
-        .select(vec![col("profile_id").alias("__p"), col("id_value")])?;
-    let input = ctx
-        .table("__version_members")
-        .await?
-        .select(vec![col("profile_id")])?
-        .join(
-            ids,
-            datafusion::prelude::JoinType::Inner,
-            &["profile_id"],
-            &["__p"],
-            None,
-        )?
-        .select(vec![col("profile_id"), col("id_value")])?
-        .sort(vec![
-            col("profile_id").sort(true, false),
-            col("id_value").sort(true, false),
-        ])?
-        .execute_stream()
-        .await?;
-    let out_schema = Arc::clone(&schema);
-    let id_type = id_type.to_string();
-    // (current profile, its normalized values so far): a profile's rows may span batches
-    let state: (String, std::collections::HashSet<String>) = Default::default();
-    let stream = input.scan(state, move |(cur, seen), b| {
-        let out = (|| -> Result<RecordBatch> {
-            let b = b?;
-            let (p, val) = (
-                b.column(0).as_string::<i32>(),
-                b.column(1).as_string::<i32>(),
-            );
-            let mut values: Vec<String> = Vec::with_capacity(b.num_rows());
-            for r in 0..b.num_rows() {
-                if !p.is_valid(r) || !val.is_valid(r) {
+    let index = match cache.ids.current(store, space).await? {
+        Some(ix) => ix,
+        None => Arc::new(IdIndex::load_types(store, space, Some(id_type)).await?),
+    };
+    let Some(t) = index.type_index(id_type) else {
+        return Ok((schema, futures::stream::empty().boxed()));
+    };
+    let (out_schema, id_type) = (Arc::clone(&schema), id_type.to_string());
+    let stream = blocking_batches(idx.len(), move |start, len| {
+        let mut values: Vec<String> = Vec::with_capacity(len);
+        let mut seen: Vec<String> = Vec::new();
+        for &p in &idx[start..start + len] {
+            seen.clear();
+            for (ti, vs) in index.groups(p) {
+                if ti != t {
                     continue;
                 }
-                if cur.as_str() != p.value(r) {
-                    cur.clear();
-                    cur.push_str(p.value(r));
-                    seen.clear();
+                for raw_value in vs {
+                    let n = normalize(&id_type, raw_value);
+                    if n.is_empty() || seen.contains(&n) {
+                        continue;
+                    }
+                    seen.push(n.clone());
+                    values.push(n);
                 }
-                let n = normalize(&id_type, val.value(r));
-                if n.is_empty() || seen.contains(&n) {
-                    continue;
-                }
-                seen.insert(n.clone());
-                values.push(n);
             }
-            let col: StringArray = if raw {
-                StringArray::from(values)
-            } else {
-                use rayon::prelude::*;
-                let hashed: Vec<String> = values.par_iter().map(|n| sha256_hex(n)).collect();
-                StringArray::from(hashed)
-            };
-            Ok(RecordBatch::try_new(
-                Arc::clone(&out_schema),
-                vec![Arc::new(col)],
-            )?)
-        })();
-        futures::future::ready(Some(out))
+        }
+        let col: StringArray = if raw {
+            StringArray::from(values)
+        } else {
+            use rayon::prelude::*;
+            let hashed: Vec<String> = values.par_iter().map(|n| sha256_hex(n)).collect();
+            StringArray::from(hashed)
+        };
+        Ok(RecordBatch::try_new(
+            Arc::clone(&out_schema),
+            vec![Arc::new(col)],
+        )?)
     });
-    Ok((schema, stream.boxed()))
+    Ok((schema, stream))
 }
 
 /// A JSON string literal of `v` appended to `out` (escapes as serde_json does).
@@ -493,7 +450,7 @@ pub async fn export_stream(
 ) -> Result<(SchemaRef, Batches)> {
     let formatted = match format {
         Format::Single { id_type, raw } => {
-            return single_stream(store, space, v, id_type, *raw).await;
+            return single_stream(store, space, v, id_type, *raw, cache).await;
         }
         Format::Formatted => true,
         Format::Unformatted => false,
@@ -571,23 +528,62 @@ pub async fn export_stream(
     Ok((schema, stream))
 }
 
-/// Write a stream as CSV (RFC 4180 quoting, UTF-8, a header row) into `w`.
+/// One batch as CSV text (with the header row when `header`).
+fn encode_csv(b: &RecordBatch, header: bool) -> Result<(bytes::Bytes, u64)> {
+    let mut buf = Vec::with_capacity(b.get_array_memory_size());
+    arrow::csv::WriterBuilder::new()
+        .with_header(header)
+        .build(&mut buf)
+        .write(b)?;
+    Ok((bytes::Bytes::from(buf), b.num_rows() as u64))
+}
+
+/// A stream as CSV text (RFC 4180 quoting, UTF-8, a header row first, even without rows): one
+/// chunk per batch with its row count, encoded on blocking threads two at a time, in order.
+pub fn csv_chunks(
+    schema: SchemaRef,
+    batches: Batches,
+) -> BoxStream<'static, Result<(bytes::Bytes, u64)>> {
+    let encoded = batches
+        .enumerate()
+        .map(|(i, b)| async move {
+            let b = b?;
+            tokio::task::spawn_blocking(move || encode_csv(&b, i == 0))
+                .await
+                .map_err(|e| Error::Usage(format!("CSV encoding failed: {e}")))?
+        })
+        .buffered(2);
+    futures::stream::unfold(
+        (encoded.boxed(), Some(schema)),
+        |(mut encoded, schema)| async move {
+            match encoded.next().await {
+                Some(chunk) => Some((chunk, (encoded, None))),
+                // no batch at all: the header alone
+                None => schema.map(|s| {
+                    (
+                        encode_csv(&RecordBatch::new_empty(s), true),
+                        (encoded, None),
+                    )
+                }),
+            }
+        },
+    )
+    .boxed()
+}
+
+/// Write a stream as CSV ([`csv_chunks`]) into `w`; returns the rows written.
 pub async fn write_csv(
     schema: SchemaRef,
-    mut batches: Batches,
+    batches: Batches,
     w: &mut (dyn std::io::Write + Send),
 ) -> Result<u64> {
-    let mut writer = arrow::csv::WriterBuilder::new().with_header(true).build(w);
-    let mut rows = 0u64;
-    let mut wrote = false;
-    while let Some(b) = batches.next().await {
-        let b = b?;
-        rows += b.num_rows() as u64;
-        writer.write(&b)?;
-        wrote = true;
-    }
-    if !wrote {
-        writer.write(&RecordBatch::new_empty(schema))?;
+    let mut chunks = csv_chunks(schema, batches);
+    let mut rows = 0;
+    while let Some(c) = chunks.next().await {
+        let (bytes, n) = c?;
+        w.write_all(&bytes)
+            .map_err(|e| Error::io("CSV output", e))?;
+        rows += n;
     }
     Ok(rows)
 }

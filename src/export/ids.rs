@@ -37,6 +37,12 @@ pub struct IdIndex {
 impl IdIndex {
     /// Build the index of the space's current identity version.
     pub async fn load(store: &Store, space: &Space) -> Result<IdIndex> {
+        Self::load_types(store, space, None).await
+    }
+
+    /// Build the index of the space's current identity version with only the ids of type
+    /// `only` (all types when None).
+    pub async fn load_types(store: &Store, space: &Space, only: Option<&str>) -> Result<IdIndex> {
         let started = std::time::Instant::now();
         let snap = CommitLog::new(store, space, IDENTITY).snapshot().await?;
         let files: Vec<_> = snap
@@ -71,12 +77,33 @@ impl IdIndex {
                 Ok::<_, Error>(out)
             }));
         }
-        let mut parts = Vec::new();
+        let mut parts: Vec<(StringArray, StringArray, Vec<i64>)> = Vec::new();
         for r in reads {
             parts.extend(
                 r.await
                     .map_err(|e| Error::Usage(format!("identity read failed: {e}")))??,
             );
+        }
+        if let Some(t) = only {
+            let t = StringArray::new_scalar(t);
+            parts = parts
+                .into_iter()
+                .map(|(ty, val, p)| {
+                    let keep = arrow::compute::kernels::cmp::eq(&ty, &t)?;
+                    let ty = arrow::compute::filter(&ty, &keep)?
+                        .as_string::<i32>()
+                        .clone();
+                    let val = arrow::compute::filter(&val, &keep)?
+                        .as_string::<i32>()
+                        .clone();
+                    let p = p
+                        .iter()
+                        .zip(keep.values().iter())
+                        .filter_map(|(p, k)| k.then_some(*p))
+                        .collect();
+                    Ok((ty, val, p))
+                })
+                .collect::<Result<_>>()?;
         }
         let version = snap.version;
         let read_ms = started.elapsed().as_millis() as u64;
@@ -151,6 +178,11 @@ impl IdIndex {
                 )?) as ArrayRef)
             })
             .collect()
+    }
+
+    /// Index of id type `t` in `types`.
+    pub fn type_index(&self, t: &str) -> Option<usize> {
+        self.types.iter().position(|x| x == t)
     }
 
     /// The values of profile `p`, grouped by id type: `(type index, values sorted)`, types in
@@ -325,6 +357,16 @@ impl IdIndexCache {
             .snapshot()
             .await?
             .version)
+    }
+
+    /// The index of the space's current identity version if it is already built.
+    pub async fn current(&self, store: &Store, space: &Space) -> Result<Option<Arc<IdIndex>>> {
+        let version = self.version(store, space).await?;
+        let spaces = self.spaces.lock().await;
+        Ok(spaces
+            .get(space.as_str())
+            .filter(|ix| ix.version == version)
+            .cloned())
     }
 
     /// The index of the space's current identity version.

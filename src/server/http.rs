@@ -13,7 +13,6 @@
 
 use std::sync::Arc;
 
-use arrow::array::RecordBatch;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -364,32 +363,10 @@ async fn export(
             Err(e) => return server_error(&e, StatusCode::INTERNAL_SERVER_ERROR, "export failed"),
         };
     // CSV chunks per batch: the header with the first, then rows only.
-    let body = futures::stream::unfold(
-        (batches, true, schema),
-        |(mut batches, first, schema)| async move {
-            use futures::StreamExt;
-            let b = match batches.next().await {
-                Some(Ok(b)) => b,
-                Some(Err(e)) => {
-                    return Some((
-                        Err(std::io::Error::other(e.to_string())),
-                        (batches, false, schema),
-                    ));
-                }
-                None if first => RecordBatch::new_empty(Arc::clone(&schema)),
-                None => return None,
-            };
-            let mut buf = Vec::new();
-            let r = arrow::csv::WriterBuilder::new()
-                .with_header(first)
-                .build(&mut buf)
-                .write(&b);
-            let chunk = r
-                .map(|_| Bytes::from(buf))
-                .map_err(|e| std::io::Error::other(e.to_string()));
-            Some((chunk, (batches, false, schema)))
-        },
-    );
+    let body = futures::StreamExt::map(crate::export::csv_chunks(schema, batches), |c| {
+        c.map(|(bytes, _)| bytes)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    });
     let mut resp = axum::body::Body::from_stream(body).into_response();
     let h = resp.headers_mut();
     h.insert(
