@@ -98,15 +98,21 @@ SELECT DISTINCT a.profile_id FROM a JOIN b ON a.profile_id = b.profile_id AND a.
 ]
 
 # argv: store, SQL, JSON {table: parquet path} (keys: the resolved ids behind the `ev` view).
-DUCK = r'''
-import duckdb, json, sys
-root, sql, tables = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+# The DuckDB session both runners share: `ev` = events with resolved profile ids, plus views
+# of the other exported tables (`root` and `tables` are set by the runner).
+DUCK_SETUP = r'''
 con = duckdb.connect(); con.execute("SET threads TO 2")
 src = f"read_parquet('{root}/spaces/default/events/*/*.parquet', hive_partitioning = true, union_by_name = true)"
 con.execute(f"CREATE VIEW ev AS SELECT e.*, k.profile_id FROM {src} e JOIN read_parquet('{tables['keys']}') k USING (identity_key) WHERE k.known")
 for name, path in tables.items():
     if name != "keys":
         con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{path}')")
+'''
+
+DUCK = r'''
+import duckdb, json, sys
+root, sql, tables = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+''' + DUCK_SETUP + r'''
 rows = con.execute(sql.replace("T0", "TIMESTAMPTZ '2026-01-01 00:00:00+00'")).fetchall()
 print(json.dumps(sorted(r[0] for r in rows)))
 '''
@@ -129,12 +135,7 @@ print(json.dumps(sorted(next(iter(r.values())) for r in rows)))
 DUCK_SUITE = r'''
 import duckdb, json, sys
 root, sqls, tables = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
-con = duckdb.connect(); con.execute("SET threads TO 2")
-src = f"read_parquet('{root}/spaces/default/events/*/*.parquet', hive_partitioning = true, union_by_name = true)"
-con.execute(f"CREATE VIEW ev AS SELECT e.*, k.profile_id FROM {src} e JOIN read_parquet('{tables['keys']}') k USING (identity_key) WHERE k.known")
-for name, path in tables.items():
-    if name != "keys":
-        con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{path}')")
+''' + DUCK_SETUP + r'''
 out = {}
 for label, sql in sqls.items():
     rows = con.execute(sql.replace("T0", "TIMESTAMPTZ '2026-01-01 00:00:00+00'")).fetchall()

@@ -179,31 +179,36 @@ pub async fn cached_membership_schema(
     if !cache.keeps_streams() {
         return Ok(None);
     }
+    let key = stream_key(store, space, v, cache).await?;
+    Ok(cache.stream(&key).map(|(schema, _)| schema))
+}
+
+/// The key of version `v`'s finished stream at the space's current identity version.
+async fn stream_key(
+    store: &Store,
+    space: &Space,
+    v: &VersionRef,
+    cache: &ServingCache,
+) -> Result<cache::StreamKey> {
     let identity = cache.ids.version(store, space).await?;
-    let key = (
+    Ok((
         space.as_str().to_string(),
         v.key.clone(),
         v.version,
         identity,
-    );
-    Ok(cache.stream(&key).map(|(schema, _)| schema))
+    ))
 }
 
 /// The membership of one committed version as a stream (see the module docs); external ids
-/// from the space's current identity version through `ids`.
+/// from the space's current identity version through `cache`, which also keeps the finished
+/// stream when it keeps streams.
 pub async fn membership_stream(
     store: &Store,
     space: &Space,
     v: &VersionRef,
     cache: &Arc<ServingCache>,
 ) -> Result<(SchemaRef, Batches)> {
-    let identity = cache.ids.version(store, space).await?;
-    let key = (
-        space.as_str().to_string(),
-        v.key.clone(),
-        v.version,
-        identity,
-    );
+    let key = stream_key(store, space, v, cache).await?;
     if let Some((schema, batches)) = cache.stream(&key) {
         let batches: Vec<Result<RecordBatch>> = batches.iter().cloned().map(Ok).collect();
         return Ok((schema, futures::stream::iter(batches).boxed()));
@@ -227,7 +232,8 @@ pub async fn membership_stream(
         key.0,
         key.1,
         key.2,
-        index.as_ref().map_or(identity, |i| i.version),
+        // the index may be of a newer identity version than the one looked up
+        index.as_ref().map_or(key.3, |i| i.version),
     );
     let stream = blocking_batches(n, move |start, len| {
         let mut cols: Vec<ArrayRef> = vec![
