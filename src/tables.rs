@@ -473,7 +473,49 @@ pub async fn query(
     space: &Space,
     sql: &str,
 ) -> Result<Vec<arrow::array::RecordBatch>> {
-    let ctx = session(store, space).await?;
-    let df = ctx.sql(sql).await?;
-    Ok(df.collect().await?)
+    // A compaction deletes the files it replaced right after its commit (so that readers of
+    // the partition directories never see an event twice); a query whose snapshot predates it
+    // can find one of its files gone, and then runs again on a fresh snapshot.
+    let mut attempt = 0;
+    loop {
+        let ctx = session(store, space).await?;
+        let df = ctx.sql(sql).await?;
+        match df.collect().await {
+            Ok(b) => return Ok(b),
+            Err(e) if attempt < 3 && file_vanished(&e) => {
+                attempt += 1;
+                tracing::debug!(attempt, error = %e, "a file of the snapshot was compacted away; querying again");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Whether a query failed because a committed file it listed no longer exists.
+pub fn file_vanished(e: &datafusion::error::DataFusionError) -> bool {
+    let text = e.to_string();
+    text.contains("not found") && text.contains("/events/")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::error::DataFusionError;
+
+    #[test]
+    fn a_compacted_away_event_file_is_told_from_other_errors() {
+        // the shape DataFusion gives when a listed Parquet file was deleted (seen in CI)
+        let gone = DataFusionError::External(Box::new(object_store::Error::NotFound {
+            path: "spaces/default/events/date=2026-12-01/part-307e.parquet".into(),
+            source: "No such file or directory (os error 2)".into(),
+        }));
+        assert!(file_vanished(&gone), "{gone}");
+        let other = DataFusionError::Plan("table 'nope' not found".into());
+        assert!(!file_vanished(&other));
+        let trait_file = DataFusionError::External(Box::new(object_store::Error::NotFound {
+            path: "spaces/default/memberships/x.parquet".into(),
+            source: "gone".into(),
+        }));
+        assert!(!file_vanished(&trait_file));
+    }
 }
