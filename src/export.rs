@@ -169,6 +169,22 @@ async fn sorted_members(store: &Store, v: &VersionRef) -> Result<SortedMembers> 
     })
 }
 
+/// The sorted members of version `v` and, for a profile audience, the space's id index.
+async fn members_and_ids(
+    store: &Store,
+    space: &Space,
+    v: &VersionRef,
+    cache: &ServingCache,
+) -> Result<(SortedMembers, Option<Arc<IdIndex>>)> {
+    let members = sorted_members(store, v).await?;
+    let index = if members.accounts {
+        None
+    } else {
+        Some(cache.ids.get(store, space).await?)
+    };
+    Ok((members, index))
+}
+
 /// The schema of version `v`'s membership stream when a finished stream of it is in `cache`.
 pub async fn cached_membership_schema(
     store: &Store,
@@ -213,17 +229,15 @@ pub async fn membership_stream(
         let batches: Vec<Result<RecordBatch>> = batches.iter().cloned().map(Ok).collect();
         return Ok((schema, futures::stream::iter(batches).boxed()));
     }
-    let SortedMembers {
-        accounts,
-        keys,
-        idx,
-        entered,
-    } = sorted_members(store, v).await?;
-    let index = if accounts {
-        None
-    } else {
-        Some(cache.ids.get(store, space).await?)
-    };
+    let (
+        SortedMembers {
+            accounts,
+            keys,
+            idx,
+            entered,
+        },
+        index,
+    ) = members_and_ids(store, space, v, cache).await?;
     let types = index.as_ref().map(|i| i.types.clone()).unwrap_or_default();
     let schema = membership_schema(accounts, &types);
     let out_schema = Arc::clone(&schema);
@@ -461,17 +475,7 @@ pub async fn export_stream(
         Format::Formatted => true,
         Format::Unformatted => false,
     };
-    let SortedMembers {
-        accounts,
-        keys,
-        idx,
-        ..
-    } = sorted_members(store, v).await?;
-    let index = if accounts {
-        None
-    } else {
-        Some(cache.ids.get(store, space).await?)
-    };
+    let (SortedMembers { keys, idx, .. }, index) = members_and_ids(store, space, v, cache).await?;
     let types = index.as_ref().map(|i| i.types.clone()).unwrap_or_default();
     let counts = match (&index, formatted) {
         (Some(ix), true) => ix.max_counts(idx.iter().copied()),
