@@ -1855,12 +1855,8 @@ async fn membership_ids_follow_identity_changes() {
 /// an audience over it (q7).
 #[test]
 fn memory_limit_fails_clearly_or_completes_identically() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
-    let store = store.to_str().unwrap();
-    let src = dir.path().join("e.ndjson");
-    std::fs::write(&src, generated(20_000, 31)).unwrap();
-    run_ok(store, &["ingest", src.to_str().unwrap()]);
+    let (_dir, store) = ingested_dir(20_000, 31);
+    let store = store.as_str();
     let defs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/definitions");
     for (kind, f) in [
         ("audience", "q4_lapsed.json"),

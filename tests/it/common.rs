@@ -125,6 +125,17 @@ pub async fn count(store: &Store, space: &str, sql: &str) -> i64 {
         .expect("a count")
 }
 
+/// A local store directory (`DIR/store`, returned as a path string) with `events` generated
+/// events (seed `seed`) ingested into space `default` by the binary.
+pub fn ingested_dir(events: u64, seed: u64) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store").to_str().unwrap().to_string();
+    let base = dir.path().join("base.ndjson");
+    std::fs::write(&base, generated(events, seed)).unwrap();
+    run_ok(&store, &["ingest", base.to_str().unwrap()]);
+    (dir, store)
+}
+
 /// A memory store with `events` generated events (seed `seed`) ingested into space `default`.
 pub async fn generated_store(events: u64, seed: u64) -> Store {
     let dir = tempfile::tempdir().unwrap();

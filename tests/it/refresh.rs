@@ -571,12 +571,8 @@ async fn edit_is_locked_while_it_recomputes_and_preview_predicts_it() {
 /// when its schedule is due.
 #[test]
 fn serve_refreshes_realtime_definitions_and_batch_ones_on_schedule() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
-    let store = store.to_str().unwrap();
-    let base = dir.path().join("base.ndjson");
-    std::fs::write(&base, generated(1500, 3)).unwrap();
-    run_ok(store, &["ingest", base.to_str().unwrap()]);
+    let (dir, store) = ingested_dir(1500, 3);
+    let store = store.as_str();
     let rt = dir.path().join("rt.json");
     std::fs::write(&rt, r#"{"key": "viewers", "kind": "audience", "definition": "event('Product Viewed').count() >= 1"}"#).unwrap();
     let batch = dir.path().join("batch.json");

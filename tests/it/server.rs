@@ -1035,14 +1035,10 @@ print(json.dumps(out))
 /// ticket pinned.
 #[test]
 fn concurrent_pulls_while_refreshes_commit_read_one_version_each() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
-    let store = store.to_str().unwrap();
+    let (dir, store) = ingested_dir(3000, 17);
+    let store = store.as_str();
     let cfg = dir.path().join("cfg.toml");
     std::fs::write(&cfg, CONFIG).unwrap();
-    let base = dir.path().join("base.ndjson");
-    std::fs::write(&base, generated(3000, 17)).unwrap();
-    run_ok(store, &["ingest", base.to_str().unwrap()]);
     let def = dir.path().join("buyers.json");
     std::fs::write(
         &def,
