@@ -360,26 +360,13 @@ async fn session_with(
     let identity = CommitLog::new(store, space, crate::identity::persist::IDENTITY)
         .snapshot()
         .await?;
-    for kind in crate::identity::persist::KINDS {
-        let files = identity
-            .files
-            .iter()
-            .filter(|f| f.kind.as_deref() == Some(kind))
-            .cloned()
-            .collect();
-        let name = if kind == "profiles" {
-            "profile_index"
+    register_identity(&ctx, &identity, &crate::identity::persist::KINDS, |kind| {
+        if kind == "profiles" {
+            "profile_index".into()
         } else {
-            kind
-        };
-        ctx.register_table(
-            name,
-            Arc::new(CommittedTable::plain(
-                crate::identity::persist::schema(kind),
-                files,
-            )),
-        )?;
-    }
+            kind.into()
+        }
+    })?;
     let memberships = CommitLog::new(store, space, crate::compute::MEMBERSHIPS)
         .snapshot()
         .await?;
@@ -465,6 +452,52 @@ async fn session_with(
         .drop_columns(&["__key"])?;
     ctx.register_table("events_indexed", indexed.into_view())?;
     Ok(ctx)
+}
+
+/// Register the identity tables `kinds` of a committed identity state (under `name(kind)`):
+/// each the checkpoint's rows whose owner is not dirty, plus the delta's (see
+/// `identity::persist`), or the checkpoint alone when there is no delta.
+pub fn register_identity(
+    ctx: &SessionContext,
+    snap: &crate::store::log::Snapshot,
+    kinds: &[&str],
+    name: impl Fn(&str) -> String,
+) -> Result<()> {
+    use crate::identity::persist::{
+        DIRTY_ACCOUNTS, DIRTY_PROFILES, dirty_schema, owner_columns, schema, table_files,
+    };
+    let of = |k: &str| -> Vec<crate::store::log::FileAdd> {
+        snap.files
+            .iter()
+            .filter(|f| f.kind.as_deref() == Some(k))
+            .cloned()
+            .collect()
+    };
+    let dirty = [DIRTY_PROFILES, DIRTY_ACCOUNTS].map(|k| (k, of(k)));
+    let has_delta = dirty.iter().any(|(_, f)| !f.is_empty());
+    for kind in kinds {
+        let (base, delta) = table_files(snap, kind);
+        let base = Arc::new(CommittedTable::plain(schema(kind), base));
+        if !has_delta {
+            ctx.register_table(name(kind), base)?;
+            continue;
+        }
+        let mut df = ctx.read_table(base)?;
+        let (pcol, acol) = owner_columns(kind);
+        for ((dkind, files), owner) in dirty.iter().zip([pcol, acol]) {
+            let Some(owner) = owner else { continue };
+            let list = ctx
+                .read_table(Arc::new(CommittedTable::plain(
+                    dirty_schema(dkind),
+                    files.clone(),
+                )))?
+                .select(vec![col(owner).alias("__dirty")])?;
+            df = df.join(list, JoinType::LeftAnti, &[owner], &["__dirty"], None)?;
+        }
+        let delta = ctx.read_table(Arc::new(CommittedTable::plain(schema(kind), delta)))?;
+        ctx.register_table(name(kind), df.union(delta)?.into_view())?;
+    }
+    Ok(())
 }
 
 /// Run a SQL query against a space and collect the result.

@@ -397,22 +397,14 @@ impl Affected<'_> {
                 )));
             }
             for kind in ["identity_keys", "profiles"] {
-                let files = old
-                    .files
-                    .iter()
-                    .filter(|f| f.kind.as_deref() == Some(kind))
-                    .cloned()
-                    .collect();
-                let name = format!("__old_{kind}");
-                let _ = self.ctx.deregister_table(name.as_str());
-                self.ctx.register_table(
-                    name.as_str(),
-                    Arc::new(CommittedTable::plain(
-                        crate::identity::persist::schema(kind),
-                        files,
-                    )),
-                )?;
+                let _ = self.ctx.deregister_table(format!("__old_{kind}").as_str());
             }
+            crate::tables::register_identity(
+                self.ctx,
+                &old,
+                &["identity_keys", "profiles"],
+                |kind| format!("__old_{kind}"),
+            )?;
             // Fixed internal tables only: no user text reaches this SQL.
             let df = self
                 .ctx

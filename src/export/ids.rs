@@ -45,15 +45,15 @@ impl IdIndex {
     pub async fn load_types(store: &Store, space: &Space, only: Option<&str>) -> Result<IdIndex> {
         let started = std::time::Instant::now();
         let snap = CommitLog::new(store, space, IDENTITY).snapshot().await?;
-        let files: Vec<_> = snap
-            .files
-            .iter()
-            .filter(|f| f.kind.as_deref() == Some("identities"))
-            .cloned()
-            .collect();
+        // the checkpoint's rows (less those of dirty profiles) and the delta's
+        let (base, delta) = crate::identity::persist::table_files(&snap, "identities");
+        let dirty = crate::identity::persist::Dirty::read(store, &snap).await?;
+        let checkpoint: std::collections::HashSet<String> =
+            base.iter().map(|f| f.path.clone()).collect();
         let mut reads = Vec::new();
-        for f in files {
+        for f in base.into_iter().chain(delta) {
             let store = store.clone();
+            let of_checkpoint = checkpoint.contains(&f.path);
             reads.push(tokio::spawn(async move {
                 let bytes = store.get(&Key::from_committed(&f.path)).await?;
                 // row groups decoded on every core
@@ -74,36 +74,55 @@ impl IdIndex {
                             .map_err(|e| Error::Usage(format!("identity read failed: {e}")))??,
                     );
                 }
-                Ok::<_, Error>(out)
+                Ok::<_, Error>((of_checkpoint, out))
             }));
         }
         let mut parts: Vec<(StringArray, StringArray, Vec<i64>)> = Vec::new();
+        let mut filtered = Vec::new();
         for r in reads {
-            parts.extend(
-                r.await
-                    .map_err(|e| Error::Usage(format!("identity read failed: {e}")))??,
-            );
+            let (of_checkpoint, read) = r
+                .await
+                .map_err(|e| Error::Usage(format!("identity read failed: {e}")))??;
+            let dirty_rows = of_checkpoint && !dirty.profiles.is_empty();
+            for part in read {
+                if only.is_some() || dirty_rows {
+                    filtered.push((dirty_rows, part));
+                } else {
+                    parts.push(part);
+                }
+            }
         }
-        if let Some(t) = only {
-            let t = StringArray::new_scalar(t);
-            parts = parts
-                .into_iter()
-                .map(|(ty, val, p)| {
-                    let keep = arrow::compute::kernels::cmp::eq(&ty, &t)?;
-                    let ty = arrow::compute::filter(&ty, &keep)?
-                        .as_string::<i32>()
-                        .clone();
-                    let val = arrow::compute::filter(&val, &keep)?
-                        .as_string::<i32>()
-                        .clone();
-                    let p = p
-                        .iter()
-                        .zip(keep.values().iter())
-                        .filter_map(|(p, k)| k.then_some(*p))
-                        .collect();
-                    Ok((ty, val, p))
-                })
-                .collect::<Result<_>>()?;
+        if !filtered.is_empty() {
+            let t = only.map(StringArray::new_scalar);
+            parts.extend(
+                filtered
+                    .into_iter()
+                    .map(|(dirty_rows, (ty, val, p))| {
+                        let mut keep = match &t {
+                            Some(t) => arrow::compute::kernels::cmp::eq(&ty, t)?,
+                            None => arrow::array::BooleanArray::from(vec![true; ty.len()]),
+                        };
+                        if dirty_rows {
+                            let current = arrow::array::BooleanArray::from_iter(
+                                p.iter().map(|p| Some(!dirty.profiles.contains(p))),
+                            );
+                            keep = arrow::compute::and(&keep, &current)?;
+                        }
+                        let ty = arrow::compute::filter(&ty, &keep)?
+                            .as_string::<i32>()
+                            .clone();
+                        let val = arrow::compute::filter(&val, &keep)?
+                            .as_string::<i32>()
+                            .clone();
+                        let p = p
+                            .iter()
+                            .zip(keep.values().iter())
+                            .filter_map(|(p, k)| k.then_some(*p))
+                            .collect();
+                        Ok((ty, val, p))
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            );
         }
         let version = snap.version;
         let read_ms = started.elapsed().as_millis() as u64;

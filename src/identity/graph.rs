@@ -95,6 +95,12 @@ pub struct Graph {
     pub account_links: HashMap<ProfileIdx, BTreeMap<String, i64>>,
     /// Hashes of id lists known to be fully linked to one profile (a cache; not persisted).
     pub stable_sets: hashbrown::HashSet<u64>,
+    /// Profiles that gained ids, traits, account links or merged profiles since the graph was
+    /// loaded (not persisted): with the profiles whose canonical profile or known flag moved,
+    /// what an incremental commit rewrites.
+    pub touched: hashbrown::HashSet<ProfileIdx>,
+    /// Accounts whose traits changed since the graph was loaded (not persisted).
+    pub touched_accounts: hashbrown::HashSet<String>,
 }
 
 /// What one event brings to the graph.
@@ -225,13 +231,17 @@ impl Graph {
                     Some(old) if !tv.newer_than(old) => {}
                     _ => {
                         slot.insert(k.clone(), tv);
+                        self.touched.insert(p);
                     }
                 }
             }
             if let Some((group, _)) = &ev.group {
                 let links = self.account_links.entry(p).or_default();
                 let t = links.entry(group.clone()).or_insert(ev.timestamp);
-                *t = (*t).min(ev.timestamp);
+                if ev.timestamp <= *t {
+                    *t = ev.timestamp;
+                    self.touched.insert(p);
+                }
             }
         }
         if let Some((group, traits)) = &ev.group {
@@ -246,6 +256,7 @@ impl Graph {
                     Some(old) if !tv.newer_than(old) => {}
                     _ => {
                         slot.insert(k.clone(), tv);
+                        self.touched_accounts.insert(group.clone());
                     }
                 }
             }
@@ -332,6 +343,7 @@ impl Graph {
                     first_message_id: ev.message_id.clone(),
                 });
                 self.count_id(survivor, t);
+                self.touched.insert(survivor);
             }
         }
         survivor
@@ -343,6 +355,7 @@ impl Graph {
             add_count(&mut self.profiles[into as usize].id_counts, t, n);
         }
         self.profiles[from as usize].parent = into;
+        self.touched.extend([from, into]);
         if let Some(traits) = self.profile_traits.remove(&from) {
             let slot = self.profile_traits.entry(into).or_default();
             for (k, tv) in traits {

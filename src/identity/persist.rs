@@ -153,14 +153,22 @@ pub fn ts_array(v: Vec<i64>) -> ArrayRef {
     Arc::new(TimestampMicrosecondArray::from(v).with_timezone("UTC"))
 }
 
-fn batches(g: &Graph) -> Result<Vec<(&'static str, RecordBatch)>> {
+/// The rows of every identity table (`only` None), or of a delta: the rows owned by the dirty
+/// profiles and accounts, and the merges from index `merges_from` on.
+fn batches(
+    g: &Graph,
+    only: Option<&Dirty>,
+    merges_from: usize,
+) -> Result<Vec<(&'static str, RecordBatch)>> {
     let canon = |p: ProfileIdx| g.canonical(p);
     let pid = |p: ProfileIdx| g.profiles[canon(p) as usize].id.as_str();
+    let owned = |p: ProfileIdx| only.is_none_or(|d| d.profiles.contains(&i64::from(canon(p))));
     // identities, in a stable order
     let ids: Vec<((&String, &String), &IdInfo)> = g
         .ids
         .iter()
         .flat_map(|(t, m)| m.iter().map(move |(v, i)| ((t, v), i)))
+        .filter(|(_, i)| owned(i.profile))
         .collect();
     // Stable order by identity key (cheap to sort: no string comparisons unless keys collide).
     let mut ids: Vec<(i64, (&String, &String), &IdInfo)> = ids
@@ -192,42 +200,57 @@ fn batches(g: &Graph) -> Result<Vec<(&'static str, RecordBatch)>> {
             )),
         ],
     )?;
-    let n = g.profiles.len();
+    // profiles: a profile's own row belongs to it (not to its canonical profile)
+    let rows: Vec<usize> = match only {
+        None => (0..g.profiles.len()).collect(),
+        Some(d) => {
+            let mut r: Vec<usize> = d
+                .profiles
+                .iter()
+                .map(|p| *p as usize)
+                .filter(|p| *p < g.profiles.len())
+                .collect();
+            r.sort_unstable();
+            r
+        }
+    };
     let profiles = RecordBatch::try_new(
         schema("profiles"),
         vec![
-            Arc::new(Int64Array::from_iter_values(0..n as i64)),
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|i| *i as i64))),
             Arc::new(StringArray::from_iter_values(
-                g.profiles.iter().map(|p| p.id.as_str()),
+                rows.iter().map(|i| g.profiles[*i].id.as_str()),
             )),
-            Arc::new(StringArray::from_iter((0..n).map(|i| {
+            Arc::new(StringArray::from_iter(rows.iter().map(|&i| {
                 let c = canon(i as ProfileIdx);
                 (c as usize != i).then(|| g.profiles[c as usize].id.as_str())
             }))),
             Arc::new(Int64Array::from_iter_values(
-                (0..n).map(|i| canon(i as ProfileIdx) as i64),
+                rows.iter().map(|&i| canon(i as ProfileIdx) as i64),
             )),
             Arc::new(BooleanArray::from_iter(
-                (0..n).map(|i| Some(g.is_known(i as ProfileIdx))),
+                rows.iter().map(|&i| Some(g.is_known(i as ProfileIdx))),
             )),
-            ts_array(g.profiles.iter().map(|p| p.created_at).collect()),
+            ts_array(rows.iter().map(|&i| g.profiles[i].created_at).collect()),
             Arc::new(StringArray::from_iter_values(
-                g.profiles.iter().map(|p| p.first_message_id.as_str()),
+                rows.iter()
+                    .map(|&i| g.profiles[i].first_message_id.as_str()),
             )),
         ],
     )?;
+    let new_merges = g.merges.get(merges_from..).unwrap_or_default();
     let merges = RecordBatch::try_new(
         schema("profile_merges"),
         vec![
             Arc::new(StringArray::from_iter_values(
-                g.merges.iter().map(|m| m.from.as_str()),
+                new_merges.iter().map(|m| m.from.as_str()),
             )),
             Arc::new(StringArray::from_iter_values(
-                g.merges.iter().map(|m| m.into.as_str()),
+                new_merges.iter().map(|m| m.into.as_str()),
             )),
-            ts_array(g.merges.iter().map(|m| m.at).collect()),
+            ts_array(new_merges.iter().map(|m| m.at).collect()),
             Arc::new(StringArray::from_iter_values(
-                g.merges.iter().map(|m| m.message_id.as_str()),
+                new_merges.iter().map(|m| m.message_id.as_str()),
             )),
         ],
     )?;
@@ -241,14 +264,15 @@ fn batches(g: &Graph) -> Result<Vec<(&'static str, RecordBatch)>> {
         &'a TraitValue,
     );
     let mut rows: Vec<TraitRow> = Vec::new();
-    let mut owners: Vec<&ProfileIdx> = g.profile_traits.keys().collect();
+    let mut owners: Vec<&ProfileIdx> = g.profile_traits.keys().filter(|p| owned(**p)).collect();
     owners.sort();
     for p in owners {
         for (k, v) in &g.profile_traits[p] {
             rows.push((true, Some(canon(*p)), None, k, v));
         }
     }
-    for (a, t) in &g.account_traits {
+    let account_owned = |a: &String| only.is_none_or(|d| d.accounts.contains(a));
+    for (a, t) in g.account_traits.iter().filter(|(a, _)| account_owned(a)) {
         for (k, v) in t {
             rows.push((false, None, Some(a.as_str()), k, v));
         }
@@ -279,7 +303,7 @@ fn batches(g: &Graph) -> Result<Vec<(&'static str, RecordBatch)>> {
         ],
     )?;
     let mut links: Vec<(ProfileIdx, &str, i64)> = Vec::new();
-    let mut owners: Vec<&ProfileIdx> = g.account_links.keys().collect();
+    let mut owners: Vec<&ProfileIdx> = g.account_links.keys().filter(|p| owned(**p)).collect();
     owners.sort();
     for p in owners {
         for (a, t) in &g.account_links[p] {
@@ -324,17 +348,149 @@ fn batches(g: &Graph) -> Result<Vec<(&'static str, RecordBatch)>> {
     ])
 }
 
-pub(crate) async fn read_kind(
-    store: &Store,
-    snap: &Snapshot,
-    kind: &str,
-) -> Result<Vec<RecordBatch>> {
+// An incremental resolution does not rewrite the identity tables: it writes, next to the last
+// full write (the checkpoint), a delta per table holding every current row owned by the profiles
+// and accounts changed since the checkpoint (the dirty ones, listed in two small files), and the
+// merges since it. A table is the checkpoint's rows whose owner is not dirty, plus the delta's.
+// Each delta is cumulative (it replaces the previous one); a resolution that finds more than
+// 1/CHECKPOINT_EVERY of the profiles dirty writes a new checkpoint instead.
+
+/// Kind suffix of the delta files.
+pub const DELTA: &str = ".delta";
+/// Kind of the file listing the dirty profiles (`profile_idx`).
+pub const DIRTY_PROFILES: &str = "dirty_profiles";
+/// Kind of the file listing the dirty accounts (`account_id`).
+pub const DIRTY_ACCOUNTS: &str = "dirty_accounts";
+/// A new checkpoint once more than 1/N of the profiles are dirty (N = 8 unless set).
+static CHECKPOINT_EVERY: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(8);
+
+/// Write a new checkpoint once more than 1/`n` of the profiles are dirty (1: only on full
+/// runs; tests use it to exercise deltas on small data).
+pub fn set_checkpoint_every(n: usize) {
+    CHECKPOINT_EVERY.store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Schema of a dirty list.
+pub fn dirty_schema(kind: &str) -> SchemaRef {
+    Arc::new(Schema::new(vec![if kind == DIRTY_ACCOUNTS {
+        Field::new("account_id", DataType::Utf8, false)
+    } else {
+        Field::new("profile_idx", DataType::Int64, false)
+    }]))
+}
+
+/// The columns naming who owns a row of an identity table: a profile index and, for account
+/// traits, an account id. `profile_merges` rows are owned by nobody (a delta only adds).
+pub fn owner_columns(kind: &str) -> (Option<&'static str>, Option<&'static str>) {
+    match kind {
+        "profile_merges" => (None, None),
+        "traits" => (Some("profile_idx"), Some("account_id")),
+        _ => (Some("profile_idx"), None),
+    }
+}
+
+/// The committed files of one identity table: the checkpoint's and the delta's.
+pub fn table_files(snap: &Snapshot, kind: &str) -> (Vec<FileAdd>, Vec<FileAdd>) {
+    let delta = format!("{kind}{DELTA}");
+    let of = |k: &str| {
+        snap.files
+            .iter()
+            .filter(|f| f.kind.as_deref() == Some(k))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    (of(kind), of(&delta))
+}
+
+/// Profiles and accounts whose checkpoint rows the delta files replace.
+#[derive(Debug, Default, Clone)]
+pub struct Dirty {
+    /// Dirty profile indexes.
+    pub profiles: hashbrown::HashSet<i64>,
+    /// Dirty account ids.
+    pub accounts: hashbrown::HashSet<String>,
+}
+
+impl Dirty {
+    /// The dirty lists of a committed identity state (empty after a checkpoint).
+    pub async fn read(store: &Store, snap: &Snapshot) -> Result<Dirty> {
+        let mut d = Dirty::default();
+        for f in snap.files.iter().filter(|f| {
+            matches!(
+                f.kind.as_deref(),
+                Some(DIRTY_PROFILES) | Some(DIRTY_ACCOUNTS)
+            )
+        }) {
+            for b in read_files(store, std::slice::from_ref(f)).await? {
+                if let Some(p) = b.column(0).as_primitive_opt::<Int64Type>() {
+                    d.profiles.extend(p.values().iter().copied());
+                } else if let Some(a) = b.column(0).as_string_opt::<i32>() {
+                    d.accounts.extend(a.iter().flatten().map(str::to_string));
+                }
+            }
+        }
+        Ok(d)
+    }
+
+    /// Whether the delta files exist, so that checkpoint rows must be filtered.
+    pub fn is_empty(&self) -> bool {
+        self.profiles.is_empty() && self.accounts.is_empty()
+    }
+
+    /// Which rows of a checkpoint batch of `kind` are still current (None: all of them).
+    pub fn current_rows(&self, kind: &str, b: &RecordBatch) -> Result<Option<BooleanArray>> {
+        let (pcol, acol) = owner_columns(kind);
+        if self.is_empty() || (pcol.is_none() && acol.is_none()) {
+            return Ok(None);
+        }
+        let mut keep = vec![true; b.num_rows()];
+        if let Some(c) = pcol {
+            let p = i64s(b, c)?;
+            for (r, k) in keep.iter_mut().enumerate() {
+                if p.is_valid(r) && self.profiles.contains(&p.value(r)) {
+                    *k = false;
+                }
+            }
+        }
+        if let Some(c) = acol {
+            let a = s(b, c)?;
+            for (r, k) in keep.iter_mut().enumerate() {
+                if a.is_valid(r) && self.accounts.contains(a.value(r)) {
+                    *k = false;
+                }
+            }
+        }
+        Ok(Some(BooleanArray::from(keep)))
+    }
+
+    /// The dirty lists as record batches.
+    fn batches(&self) -> Result<Vec<(&'static str, RecordBatch)>> {
+        let mut p: Vec<i64> = self.profiles.iter().copied().collect();
+        p.sort_unstable();
+        let mut a: Vec<&str> = self.accounts.iter().map(String::as_str).collect();
+        a.sort_unstable();
+        Ok(vec![
+            (
+                DIRTY_PROFILES,
+                RecordBatch::try_new(
+                    dirty_schema(DIRTY_PROFILES),
+                    vec![Arc::new(Int64Array::from(p))],
+                )?,
+            ),
+            (
+                DIRTY_ACCOUNTS,
+                RecordBatch::try_new(
+                    dirty_schema(DIRTY_ACCOUNTS),
+                    vec![Arc::new(StringArray::from(a))],
+                )?,
+            ),
+        ])
+    }
+}
+
+async fn read_files(store: &Store, files: &[FileAdd]) -> Result<Vec<RecordBatch>> {
     let mut out = Vec::new();
-    for f in snap
-        .files
-        .iter()
-        .filter(|f| f.kind.as_deref() == Some(kind))
-    {
+    for f in files {
         let bytes = store.get(&Key::from_committed(&f.path)).await?;
         let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)?
             .build()?;
@@ -342,6 +498,25 @@ pub(crate) async fn read_kind(
             out.push(b?);
         }
     }
+    Ok(out)
+}
+
+/// The current rows of one identity table: the checkpoint's still current, then the delta's.
+pub(crate) async fn read_kind(
+    store: &Store,
+    snap: &Snapshot,
+    dirty: &Dirty,
+    kind: &str,
+) -> Result<Vec<RecordBatch>> {
+    let (base, delta) = table_files(snap, kind);
+    let mut out = Vec::new();
+    for b in read_files(store, &base).await? {
+        match dirty.current_rows(kind, &b)? {
+            Some(keep) => out.push(arrow::compute::filter_record_batch(&b, &keep)?),
+            None => out.push(b),
+        }
+    }
+    out.extend(read_files(store, &delta).await?);
     Ok(out)
 }
 
@@ -365,67 +540,36 @@ pub(super) fn tss<'a>(b: &'a RecordBatch, n: &str) -> Result<&'a TimestampMicros
 
 /// Load the committed identity state.
 pub async fn load(store: &Store, snap: &Snapshot) -> Result<Graph> {
-    let mut g = Graph::default();
-    for b in read_kind(store, snap, "profiles").await? {
-        let (id, canon, created, first) = (
-            s(&b, "profile_id")?,
-            i64s(&b, "canonical_idx")?,
-            tss(&b, "created_at")?,
-            s(&b, "first_message_id")?,
+    let dirty = Arc::new(Dirty::read(store, snap).await?);
+    // The tables are read and decoded concurrently, then the id map (with the per-profile id
+    // counts) and the trait and link maps are built on threads of their own.
+    let read = |kind: &'static str| {
+        let (store, snap, dirty) = (store.clone(), snap.clone(), Arc::clone(&dirty));
+        tokio::spawn(async move { read_kind(&store, &snap, &dirty, kind).await })
+    };
+    let tasks = [
+        read("profiles"),
+        read("identities"),
+        read("profile_merges"),
+        read("traits"),
+        read("account_links"),
+    ];
+    let mut tables = Vec::new();
+    for t in tasks {
+        tables.push(
+            t.await
+                .map_err(|e| Error::Usage(format!("identity read failed: {e}")))??,
         );
-        for r in 0..b.num_rows() {
-            g.profiles.push(Profile {
-                id: id.value(r).to_string(),
-                parent: canon.value(r) as ProfileIdx,
-                created_at: created.value(r),
-                first_message_id: first.value(r).to_string(),
-                id_counts: Vec::new(),
-            });
-        }
     }
+    let [profiles, ids, merges, traits, links]: [Vec<RecordBatch>; 5] = tables
+        .try_into()
+        .map_err(|_| Error::Usage("identity read failed".into()))?;
+    let mut g = Graph {
+        profiles: load_profiles(profiles)?,
+        ..Graph::default()
+    };
     let n = g.profiles.len();
-    if let Some(bad) = g.profiles.iter().find(|p| p.parent as usize >= n) {
-        return Err(Error::Usage(format!(
-            "identity state corrupt: profile {} points at missing profile {}",
-            bad.id, bad.parent
-        )));
-    }
-    let mut ids: Vec<(String, String, ProfileIdx, i64, String)> = Vec::new();
-    for b in read_kind(store, snap, "identities").await? {
-        let (t, v, p, fs, fm) = (
-            s(&b, "id_type")?,
-            s(&b, "id_value")?,
-            i64s(&b, "profile_idx")?,
-            tss(&b, "first_seen")?,
-            s(&b, "first_message_id")?,
-        );
-        for r in 0..b.num_rows() {
-            ids.push((
-                t.value(r).into(),
-                v.value(r).into(),
-                p.value(r) as ProfileIdx,
-                fs.value(r),
-                fm.value(r).into(),
-            ));
-        }
-    }
-    for (t, v, p, fs, fm) in ids {
-        if g.profiles.get(p as usize).is_none() {
-            return Err(Error::Usage(format!(
-                "identity state corrupt: id {t}:{v} points at missing profile {p}"
-            )));
-        };
-        g.count_id(p, &t);
-        g.ids.entry(t).or_default().insert(
-            v,
-            IdInfo {
-                profile: p,
-                first_seen: fs,
-                first_message_id: fm,
-            },
-        );
-    }
-    for b in read_kind(store, snap, "profile_merges").await? {
+    for b in merges {
         let (f, i, at, m) = (
             s(&b, "from_profile_id")?,
             s(&b, "into_profile_id")?,
@@ -441,7 +585,160 @@ pub async fn load(store: &Store, snap: &Snapshot) -> Result<Graph> {
             });
         }
     }
-    for b in read_kind(store, snap, "traits").await? {
+    let (id_part, trait_part) = std::thread::scope(|scope| {
+        let ids = scope.spawn(|| load_ids(ids, n));
+        let traits = load_traits(traits, links, n);
+        let ids = ids
+            .join()
+            .map_err(|_| Error::Usage("identity load failed".into()));
+        (ids, traits)
+    });
+    let (ids, id_types, counts) = id_part??;
+    (g.ids, g.id_types) = (ids, id_types);
+    for (p, c) in g.profiles.iter_mut().zip(counts) {
+        p.id_counts = c;
+    }
+    (g.profile_traits, g.account_traits, g.account_links) = trait_part?;
+    Ok(g)
+}
+
+/// The profiles of the `profiles` table's current rows (checkpoint rows, then the delta's),
+/// in index order.
+fn load_profiles(mut batches: Vec<RecordBatch>) -> Result<Vec<Profile>> {
+    let mut rows: Vec<(i64, usize, usize)> = Vec::new();
+    for (bi, b) in batches.iter().enumerate() {
+        let idx = i64s(b, "profile_idx")?;
+        rows.extend(idx.values().iter().enumerate().map(|(r, p)| (*p, bi, r)));
+    }
+    if rows.windows(2).any(|w| w[0].0 >= w[1].0) {
+        rows.sort_unstable();
+        let indices: Vec<(usize, usize)> = rows.iter().map(|r| (r.1, r.2)).collect();
+        let refs: Vec<&RecordBatch> = batches.iter().collect();
+        batches = vec![arrow::compute::interleave_record_batch(&refs, &indices)?];
+    }
+    for (r, (p, _, _)) in rows.iter().enumerate() {
+        if *p != r as i64 {
+            return Err(Error::Usage(format!(
+                "identity state corrupt: profile index {p} at row {r}"
+            )));
+        }
+    }
+    let mut out = Vec::with_capacity(rows.len());
+    for b in batches {
+        let (id, canon, created, first) = (
+            s(&b, "profile_id")?,
+            i64s(&b, "canonical_idx")?,
+            tss(&b, "created_at")?,
+            s(&b, "first_message_id")?,
+        );
+        for r in 0..b.num_rows() {
+            out.push(Profile {
+                id: id.value(r).to_string(),
+                parent: canon.value(r) as ProfileIdx,
+                created_at: created.value(r),
+                first_message_id: first.value(r).to_string(),
+                id_counts: Vec::new(),
+            });
+        }
+    }
+    let n = out.len();
+    if let Some(bad) = out.iter().find(|p| p.parent as usize >= n) {
+        return Err(Error::Usage(format!(
+            "identity state corrupt: profile {} points at missing profile {}",
+            bad.id, bad.parent
+        )));
+    }
+    Ok(out)
+}
+
+/// Id map, id type names and per-profile id counts of `n` profiles.
+type LoadedIds = (
+    hashbrown::HashMap<String, hashbrown::HashMap<String, IdInfo>>,
+    Vec<String>,
+    Vec<Vec<(u16, u32)>>,
+);
+
+/// The id map of the `identities` table's current rows.
+fn load_ids(batches: Vec<RecordBatch>, n: usize) -> Result<LoadedIds> {
+    let mut types: Vec<String> = Vec::new();
+    let mut per_type: Vec<usize> = Vec::new();
+    let mut type_of_rows: Vec<Vec<u16>> = Vec::with_capacity(batches.len());
+    for b in &batches {
+        let t = s(b, "id_type")?;
+        let mut v = Vec::with_capacity(b.num_rows());
+        for r in 0..b.num_rows() {
+            let name = t.value(r);
+            let i = match types.iter().position(|x| x == name) {
+                Some(i) => i,
+                None => {
+                    types.push(name.to_string());
+                    per_type.push(0);
+                    types.len() - 1
+                }
+            };
+            per_type[i] += 1;
+            v.push(i as u16);
+        }
+        type_of_rows.push(v);
+    }
+    let mut maps: Vec<hashbrown::HashMap<String, IdInfo>> = per_type
+        .iter()
+        .map(|c| hashbrown::HashMap::with_capacity(*c))
+        .collect();
+    let mut counts: Vec<Vec<(u16, u32)>> = vec![Vec::new(); n];
+    for (b, tys) in batches.iter().zip(type_of_rows) {
+        let (v, p, fs, fm) = (
+            s(b, "id_value")?,
+            i64s(b, "profile_idx")?,
+            tss(b, "first_seen")?,
+            s(b, "first_message_id")?,
+        );
+        for (r, t) in tys.into_iter().enumerate() {
+            let pi = p.value(r);
+            let Some(c) = usize::try_from(pi).ok().and_then(|i| counts.get_mut(i)) else {
+                return Err(Error::Usage(format!(
+                    "identity state corrupt: id {}:{} points at missing profile {pi}",
+                    types[t as usize],
+                    v.value(r)
+                )));
+            };
+            add_count(c, t);
+            maps[t as usize].insert(
+                v.value(r).to_string(),
+                IdInfo {
+                    profile: pi as ProfileIdx,
+                    first_seen: fs.value(r),
+                    first_message_id: fm.value(r).to_string(),
+                },
+            );
+        }
+    }
+    Ok((types.iter().cloned().zip(maps).collect(), types, counts))
+}
+
+/// One more id of type `t` in a profile's counts.
+fn add_count(counts: &mut Vec<(u16, u32)>, t: u16) {
+    match counts.iter_mut().find(|c| c.0 == t) {
+        Some(c) => c.1 += 1,
+        None => counts.push((t, 1)),
+    }
+}
+
+/// Profile traits, account traits and account links of `n` profiles.
+type LoadedTraits = (
+    hashbrown::HashMap<ProfileIdx, std::collections::BTreeMap<String, TraitValue>>,
+    std::collections::BTreeMap<String, std::collections::BTreeMap<String, TraitValue>>,
+    hashbrown::HashMap<ProfileIdx, std::collections::BTreeMap<String, i64>>,
+);
+
+/// The trait and link maps of the `traits` and `account_links` tables' current rows.
+fn load_traits(
+    traits: Vec<RecordBatch>,
+    links: Vec<RecordBatch>,
+    n: usize,
+) -> Result<LoadedTraits> {
+    let mut out = LoadedTraits::default();
+    for b in traits {
         let (e, pidx, acc, k, v, at, m) = (
             s(&b, "entity")?,
             i64s(&b, "profile_idx")?,
@@ -464,19 +761,19 @@ pub async fn load(store: &Store, snap: &Snapshot) -> Result<Graph> {
                         pidx.value(r)
                     )));
                 }
-                g.profile_traits
+                out.0
                     .entry(pidx.value(r) as ProfileIdx)
                     .or_default()
                     .insert(k.value(r).into(), tv);
             } else if acc.is_valid(r) {
-                g.account_traits
+                out.1
                     .entry(acc.value(r).into())
                     .or_default()
                     .insert(k.value(r).into(), tv);
             }
         }
     }
-    for b in read_kind(store, snap, "account_links").await? {
+    for b in links {
         let (p, a, at) = (
             i64s(&b, "profile_idx")?,
             s(&b, "account_id")?,
@@ -489,13 +786,13 @@ pub async fn load(store: &Store, snap: &Snapshot) -> Result<Graph> {
                     p.value(r)
                 )));
             }
-            g.account_links
+            out.2
                 .entry(p.value(r) as ProfileIdx)
                 .or_default()
                 .insert(a.value(r).into(), at.value(r));
         }
     }
-    Ok(g)
+    Ok(out)
 }
 
 /// Resolve identities for the events committed since the last run (or all, with `full`), and
@@ -564,6 +861,8 @@ pub async fn resolve_cached(
     let before: Vec<(ProfileIdx, bool)> = (0..graph.profiles.len() as ProfileIdx)
         .map(|p| (graph.canonical(p), graph.is_known(p)))
         .collect();
+    graph.touched.clear();
+    graph.touched_accounts.clear();
     let new_files: Vec<FileAdd> = if watermark == 0 {
         events.files.clone()
     } else {
@@ -589,8 +888,28 @@ pub async fn resolve_cached(
     let started = std::time::Instant::now();
     let events_read: u64 = new_files.iter().map(|f| f.rows).sum();
     let mut adds = Vec::new();
-    let mut tables = batches(&graph)?;
-    if !full && snap.version > 0 {
+    let incremental = !full && snap.version > 0;
+    // The checkpoint's files and how many merges it holds (a delta adds the later ones).
+    let checkpoint: Vec<&FileAdd> = snap
+        .files
+        .iter()
+        .filter(|f| f.kind.as_deref().is_some_and(|k| KINDS.contains(&k)))
+        .collect();
+    let has_checkpoint = KINDS
+        .iter()
+        .all(|k| checkpoint.iter().any(|f| f.kind.as_deref() == Some(k)));
+    let checkpoint_merges: u64 = checkpoint
+        .iter()
+        .filter(|f| f.kind.as_deref() == Some("profile_merges"))
+        .map(|f| f.rows)
+        .sum();
+    let mut dirty = if incremental && has_checkpoint {
+        Some(Dirty::read(store, &snap).await?)
+    } else {
+        None
+    };
+    let mut tables: Vec<(String, RecordBatch)> = Vec::new();
+    if incremental {
         let mut changed = std::collections::BTreeSet::new();
         for p in 0..graph.profiles.len() as ProfileIdx {
             let now = (graph.canonical(p), graph.is_known(p));
@@ -604,8 +923,20 @@ pub async fn resolve_cached(
                 }
             }
         }
+        if let Some(d) = &mut dirty {
+            d.profiles.extend(changed.iter().map(|p| i64::from(*p)));
+            d.profiles
+                .extend(graph.touched.iter().map(|p| i64::from(graph.canonical(*p))));
+            d.profiles
+                .extend(graph.touched.iter().map(|p| i64::from(*p)));
+            d.accounts.extend(graph.touched_accounts.iter().cloned());
+            let every = CHECKPOINT_EVERY.load(std::sync::atomic::Ordering::Relaxed);
+            if d.profiles.len().saturating_mul(every) > graph.profiles.len() {
+                dirty = None;
+            }
+        }
         tables.push((
-            CHANGED_PROFILES,
+            CHANGED_PROFILES.to_string(),
             RecordBatch::try_new(
                 Arc::new(Schema::new(vec![Field::new(
                     "profile_idx",
@@ -618,8 +949,24 @@ pub async fn resolve_cached(
             )?,
         ));
     }
+    match &dirty {
+        // a delta: the rows of the dirty profiles and accounts, the merges since the checkpoint
+        Some(d) => {
+            for (kind, b) in batches(&graph, Some(d), checkpoint_merges as usize)? {
+                tables.push((format!("{kind}{DELTA}"), b));
+            }
+            for (kind, b) in d.batches()? {
+                tables.push((kind.to_string(), b));
+            }
+        }
+        None => {
+            for (kind, b) in batches(&graph, None, 0)? {
+                tables.push((kind.to_string(), b));
+            }
+        }
+    }
     // Encode the tables in parallel (they are independent).
-    let encoded: Vec<(&str, RecordBatch, bytes::Bytes)> = {
+    let encoded: Vec<(String, RecordBatch, bytes::Bytes)> = {
         use rayon::prelude::*;
         tables
             .into_par_iter()
@@ -637,14 +984,23 @@ pub async fn resolve_cached(
             path: key.to_string(),
             size,
             rows: batch.num_rows() as u64,
-            kind: Some(kind.to_string()),
+            kind: Some(kind),
             ..Default::default()
         });
     }
     tracing::debug!(
         write_ms = started.elapsed().as_millis() as u64,
+        delta = dirty.is_some(),
+        dirty_profiles = dirty.as_ref().map_or(0, |d| d.profiles.len()),
         "identity tables written"
     );
+    // A delta keeps the checkpoint's files; everything else is replaced.
+    let removes = snap
+        .files
+        .iter()
+        .filter(|f| dirty.is_none() || !f.kind.as_deref().is_some_and(|k| KINDS.contains(&k)))
+        .map(|f| f.path.clone())
+        .collect();
     let canonical: Vec<ProfileIdx> = (0..graph.profiles.len() as ProfileIdx)
         .filter(|p| graph.canonical(*p) == *p)
         .collect();
@@ -666,7 +1022,7 @@ pub async fn resolve_cached(
     let draft = CommitDraft {
         operation: if full { "identity-full" } else { "identity" }.into(),
         adds,
-        removes: snap.files.iter().map(|f| f.path.clone()).collect(),
+        removes,
         info: serde_json::json!({
             "events_version": events.version,
             "events_read": events_read,
@@ -677,8 +1033,10 @@ pub async fn resolve_cached(
         Error::Usage("another identity resolution committed first; run it again".into())
     })?;
     report.version = entry.version;
-    if let Some(c) = cache {
-        *c.lock().await = Some((entry.version, graph));
+    match cache {
+        Some(c) => *c.lock().await = Some((entry.version, graph)),
+        // freeing millions of small allocations takes a while: not on the caller's time
+        None => drop(std::thread::spawn(move || drop(graph))),
     }
     compact_read_files(store, space, events.version).await?;
     Ok(report)
