@@ -174,20 +174,45 @@ impl CommitLog {
     }
 
     /// Versions present in the log, sorted.
-    async fn versions(&self) -> Result<Vec<u64>> {
+    /// The committed versions, with the listing's metadata of their entry objects.
+    async fn versions(&self) -> Result<Vec<(u64, object_store::ObjectMeta)>> {
         let dir = keys::log_dir(&self.space, self.table);
-        let metas: Vec<_> = self
+        let metas: Vec<object_store::ObjectMeta> = self
             .store
             .object_store()
             .list(Some(dir.path()))
             .try_collect()
             .await?;
-        let mut versions: Vec<u64> = metas
-            .iter()
-            .filter_map(|m| keys::parse_log_entry(&m.location))
+        let mut versions: Vec<(u64, object_store::ObjectMeta)> = metas
+            .into_iter()
+            .filter_map(|m| keys::parse_log_entry(&m.location).map(|v| (v, m)))
             .collect();
-        versions.sort_unstable();
+        versions.sort_unstable_by_key(|v| v.0);
         Ok(versions)
+    }
+
+    /// One entry, from the store's cache when the object is the one read before (same tag).
+    async fn cached_entry(
+        &self,
+        version: u64,
+        meta: &object_store::ObjectMeta,
+    ) -> Result<Option<CommitEntry>> {
+        let path = meta.location.to_string();
+        let tag = format!(
+            "{:?}/{}/{}",
+            meta.e_tag,
+            meta.size,
+            meta.last_modified.timestamp_nanos_opt().unwrap_or_default()
+        );
+        if let Some(e) = self.store.cached_entry(&path, &tag) {
+            return Ok(Some((*e).clone()));
+        }
+        let e = self.read_entry(version).await?;
+        if let Some(e) = &e {
+            self.store
+                .cache_entry(path, tag, std::sync::Arc::new(e.clone()));
+        }
+        Ok(e)
     }
 
     async fn read_entry(&self, version: u64) -> Result<Option<CommitEntry>> {
@@ -210,7 +235,7 @@ impl CommitLog {
     /// All committed entries, in version order.
     pub async fn entries(&self) -> Result<Vec<CommitEntry>> {
         let versions = self.versions().await?;
-        let reads = versions.iter().map(|v| self.read_entry(*v));
+        let reads = versions.iter().map(|(v, m)| self.cached_entry(*v, m));
         let mut out = Vec::with_capacity(versions.len());
         for e in futures::future::try_join_all(reads)
             .await?

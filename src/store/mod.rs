@@ -36,7 +36,17 @@ pub struct S3Options {
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
     url: String,
+    /// Commit log entries already read, by object path, with the listing's tag of the object
+    /// they were read from (entries are written once; a different tag reads it again).
+    log_entries: Arc<std::sync::Mutex<LogEntryCache>>,
 }
+
+/// Parsed commit log entries of a store, shared by its clones.
+pub(crate) type LogEntryCache =
+    std::collections::HashMap<String, (String, Arc<log::CommitEntry>)>;
+
+/// Entries kept at most (beyond it the cache starts over).
+const LOG_ENTRY_CACHE_MAX: usize = 200_000;
 
 /// The URL under which the store is registered with DataFusion's object store registry.
 pub const DATAFUSION_URL: &str = "audiences://store/";
@@ -96,6 +106,7 @@ impl Store {
         Ok(Store {
             inner,
             url: url.to_string(),
+            log_entries: Default::default(),
         })
     }
 
@@ -104,6 +115,26 @@ impl Store {
         Store {
             inner: Arc::new(InMemory::new()),
             url: "memory://".into(),
+            log_entries: Default::default(),
+        }
+    }
+
+    /// A commit log entry read before from the object at `path` with listing tag `tag`.
+    pub(crate) fn cached_entry(&self, path: &str, tag: &str) -> Option<Arc<log::CommitEntry>> {
+        let cache = self.log_entries.lock().ok()?;
+        cache
+            .get(path)
+            .filter(|(t, _)| t == tag)
+            .map(|(_, e)| Arc::clone(e))
+    }
+
+    /// Remember a commit log entry read from the object at `path` with listing tag `tag`.
+    pub(crate) fn cache_entry(&self, path: String, tag: String, entry: Arc<log::CommitEntry>) {
+        if let Ok(mut cache) = self.log_entries.lock() {
+            if cache.len() >= LOG_ENTRY_CACHE_MAX {
+                cache.clear();
+            }
+            cache.insert(path, (tag, entry));
         }
     }
 
