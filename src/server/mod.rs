@@ -126,7 +126,9 @@ pub async fn run(store: &Store, config: Config, opts: ServeOptions) -> Result<()
         tonic::transport::Server::builder()
             .add_service(svc)
             .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(flight_listener),
+                // small replies (handshake, get_flight_info) must not wait for delayed ACKs
+                tonic::transport::server::TcpIncoming::from(flight_listener)
+                    .with_nodelay(Some(true)),
                 async move {
                     let _ = stop.wait_for(|s| *s).await;
                 },
@@ -143,6 +145,12 @@ pub async fn run(store: &Store, config: Config, opts: ServeOptions) -> Result<()
     }));
     let mut stop = stop_rx.clone();
     let http_task = tokio::spawn(async move {
+        use axum::serve::ListenerExt;
+        let http_listener = http_listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY not set");
+            }
+        });
         axum::serve(http_listener, router)
             .with_graceful_shutdown(async move {
                 let _ = stop.wait_for(|s| *s).await;
