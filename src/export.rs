@@ -199,6 +199,40 @@ pub async fn cached_membership_schema(
     Ok(cache.stream(&key).map(|(schema, _)| schema))
 }
 
+/// The Flight messages of version `v`'s membership stream when the server keeps it finished:
+/// encoded on the first pull that finds the batches kept, then sent as they are (None: the
+/// stream is not kept; build it with [`membership_stream`]).
+pub async fn membership_flight_data(
+    store: &Store,
+    space: &Space,
+    v: &VersionRef,
+    cache: &ServingCache,
+) -> Result<Option<Arc<Vec<arrow_flight::FlightData>>>> {
+    use futures::TryStreamExt;
+    if !cache.keeps_streams() {
+        return Ok(None);
+    }
+    let key = stream_key(store, space, v, cache).await?;
+    if let Some(d) = cache.encoded(&key) {
+        return Ok(Some(d));
+    }
+    let Some((schema, batches)) = cache.stream(&key) else {
+        return Ok(None);
+    };
+    let batches: Vec<std::result::Result<RecordBatch, arrow_flight::error::FlightError>> =
+        batches.iter().cloned().map(Ok).collect();
+    let batches = futures::stream::iter(batches);
+    let data: Vec<arrow_flight::FlightData> = arrow_flight::encode::FlightDataEncoderBuilder::new()
+        .with_schema(schema)
+        .build(batches)
+        .try_collect()
+        .await
+        .map_err(|e| Error::Usage(format!("encoding the membership stream: {e}")))?;
+    let data = Arc::new(data);
+    cache.keep_encoded(&key, Arc::clone(&data));
+    Ok(Some(data))
+}
+
 /// The key of version `v`'s finished stream at the space's current identity version.
 async fn stream_key(
     store: &Store,

@@ -28,7 +28,44 @@ struct Streams {
     used: usize,
     /// Least recently used first.
     order: VecDeque<StreamKey>,
-    held: HashMap<StreamKey, (SchemaRef, Arc<Vec<RecordBatch>>, usize)>,
+    held: HashMap<StreamKey, Held>,
+}
+
+/// One finished stream: its batches, and once a Flight client pulled it, the same batches as
+/// encoded Flight messages (so later pulls only send them); bytes held by both.
+#[derive(Debug)]
+struct Held {
+    schema: SchemaRef,
+    batches: Arc<Vec<RecordBatch>>,
+    encoded: Option<Arc<Vec<arrow_flight::FlightData>>>,
+    size: usize,
+}
+
+impl Streams {
+    /// Evict the least recently used streams other than `keep` until `size` more bytes fit;
+    /// false when they cannot.
+    fn make_room(&mut self, size: usize, keep: &StreamKey) -> bool {
+        if size > self.budget {
+            return false;
+        }
+        let mut skipped = Vec::new();
+        while self.used + size > self.budget {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if &old == keep {
+                skipped.push(old);
+                continue;
+            }
+            if let Some(h) = self.held.remove(&old) {
+                self.used -= h.size;
+            }
+        }
+        for k in skipped.into_iter().rev() {
+            self.order.push_front(k);
+        }
+        self.used + size <= self.budget
+    }
 }
 
 impl Default for ServingCache {
@@ -61,7 +98,7 @@ impl ServingCache {
         let hit = s
             .held
             .get(key)
-            .map(|(sc, b, _)| (sc.clone(), Arc::clone(b)))?;
+            .map(|h| (h.schema.clone(), Arc::clone(&h.batches)))?;
         s.order.retain(|k| k != key);
         s.order.push_back(key.clone());
         Some(hit)
@@ -74,20 +111,45 @@ impl ServingCache {
         let Ok(mut s) = self.streams.lock() else {
             return;
         };
-        if size > s.budget || s.held.contains_key(&key) {
+        if s.held.contains_key(&key) || !s.make_room(size, &key) {
             return;
-        }
-        while s.used + size > s.budget {
-            let Some(old) = s.order.pop_front() else {
-                break;
-            };
-            if let Some((_, _, n)) = s.held.remove(&old) {
-                s.used -= n;
-            }
         }
         s.used += size;
         s.order.push_back(key.clone());
-        s.held.insert(key, (schema, Arc::new(batches), size));
+        s.held.insert(
+            key,
+            Held {
+                schema,
+                batches: Arc::new(batches),
+                encoded: None,
+                size,
+            },
+        );
+    }
+
+    /// The Flight messages of a finished stream, once encoded.
+    pub(crate) fn encoded(&self, key: &StreamKey) -> Option<Arc<Vec<arrow_flight::FlightData>>> {
+        let s = self.streams.lock().ok()?;
+        s.held.get(key).and_then(|h| h.encoded.clone())
+    }
+
+    /// Keep the Flight messages of a kept stream (when they fit the budget).
+    pub(crate) fn keep_encoded(&self, key: &StreamKey, data: Arc<Vec<arrow_flight::FlightData>>) {
+        let size: usize = data
+            .iter()
+            .map(|d| d.data_header.len() + d.data_body.len() + d.app_metadata.len())
+            .sum();
+        let Ok(mut s) = self.streams.lock() else {
+            return;
+        };
+        if s.held.get(key).is_none_or(|h| h.encoded.is_some()) || !s.make_room(size, key) {
+            return;
+        }
+        if let Some(h) = s.held.get_mut(key) {
+            h.encoded = Some(data);
+            h.size += size;
+            s.used += size;
+        }
     }
 }
 
@@ -154,5 +216,19 @@ mod tests {
         c.keep(key(4), s, b);
         assert!(c.stream(&key(4)).is_none() && c.stream(&key(1)).is_some());
         assert!(!ServingCache::default().keeps_streams());
+        // encoded messages count against the budget too, evicting others but not their stream
+        let msg = |n: usize| {
+            Arc::new(vec![arrow_flight::FlightData {
+                data_body: vec![0u8; n].into(),
+                ..Default::default()
+            }])
+        };
+        c.keep_encoded(&key(3), msg(one));
+        assert!(c.encoded(&key(3)).is_some());
+        assert!(c.stream(&key(1)).is_none(), "evicted to make room");
+        c.keep_encoded(&key(3), msg(1)); // already encoded: kept as is
+        assert_eq!(c.encoded(&key(3)).unwrap()[0].data_body.len(), one);
+        c.keep_encoded(&key(9), msg(1)); // no such stream
+        assert!(c.encoded(&key(9)).is_none());
     }
 }

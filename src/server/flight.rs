@@ -691,6 +691,16 @@ impl FlightService for Flight {
         let (schema, batches): (SchemaRef, _) = match t.path.as_slice() {
             [a, key] if a == "audiences" => {
                 let v = self.version(&g.space, key, Some(t.version)).await?;
+                // a version pulled before: its encoded messages, sent as they are
+                if let Some(data) =
+                    crate::export::membership_flight_data(&self.store, &g.space, &v, &self.serving)
+                        .await
+                        .map_err(internal)?
+                {
+                    let n = data.len();
+                    let messages = futures::stream::iter((0..n).map(move |i| Ok(data[i].clone())));
+                    return Ok(Response::new(messages.boxed()));
+                }
                 let (schema, batches) =
                     crate::export::membership_stream(&self.store, &g.space, &v, &self.serving)
                         .await

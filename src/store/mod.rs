@@ -42,8 +42,7 @@ pub struct Store {
 }
 
 /// Parsed commit log entries of a store, shared by its clones.
-pub(crate) type LogEntryCache =
-    std::collections::HashMap<String, (String, Arc<log::CommitEntry>)>;
+pub(crate) type LogEntryCache = std::collections::HashMap<String, (String, Arc<log::CommitEntry>)>;
 
 /// Entries kept at most (beyond it the cache starts over).
 const LOG_ENTRY_CACHE_MAX: usize = 200_000;
