@@ -283,6 +283,38 @@ pub async fn session_at(
     session_with(store, space, events_version, None).await
 }
 
+/// [`session_at`] for evaluating definitions: every compiled plan joins `profiles`
+/// (profile_idx, profile_id, known), so those three columns of the canonical profiles are read
+/// once and kept in memory for the session instead of scanned and filtered per definition.
+pub async fn compute_session(
+    store: &Store,
+    space: &Space,
+    events_version: Option<u64>,
+) -> Result<SessionContext> {
+    let ctx = session_at(store, space, events_version).await?;
+    let df = ctx.table("profiles").await?.select(vec![
+        col("profile_idx"),
+        col("profile_id"),
+        col("known"),
+    ])?;
+    let schema = Arc::new(df.schema().as_arrow().clone());
+    let batches = df.collect().await?;
+    // as many partitions as the session runs, so that joins probe them in parallel
+    let parts = ctx.state().config().target_partitions().max(1);
+    let mut partitions: Vec<Vec<arrow::array::RecordBatch>> = vec![Vec::new(); parts];
+    for (i, b) in batches.into_iter().enumerate() {
+        partitions[i % parts].push(b);
+    }
+    ctx.deregister_table("profiles")?;
+    ctx.register_table(
+        "profiles",
+        Arc::new(datafusion::datasource::MemTable::try_new(
+            schema, partitions,
+        )?),
+    )?;
+    Ok(ctx)
+}
+
 /// [`session`] whose queries may use at most `memory_limit` bytes (beyond it, operators that
 /// can spill do, and the others fail with a resources-exhausted error).
 pub async fn session_limited(

@@ -688,7 +688,7 @@ pub async fn refresh(
         latest.insert(v.key.clone(), v);
     }
     let key_bases = bases(&snap);
-    let ctx = crate::tables::session_at(store, space, Some(identity.events_version)).await?;
+    let ctx = crate::tables::compute_session(store, space, Some(identity.events_version)).await?;
     if !ctx.table_exist("identity_keys")? {
         return Err(Error::Usage("identity state without identity_keys".into()));
     }
