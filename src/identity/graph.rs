@@ -384,7 +384,11 @@ impl Graph {
 
     /// True when the canonical profile has a `user_id` or an `email`.
     pub fn is_known(&self, p: ProfileIdx) -> bool {
-        self.id_count(p, "user_id") > 0 || self.id_count(p, "email") > 0
+        // one pass over the profile's few counts (this runs for every profile per commit)
+        self.profiles[self.canonical(p) as usize]
+            .id_counts
+            .iter()
+            .any(|(t, n)| *n > 0 && matches!(self.id_types[*t as usize].as_str(), "user_id" | "email"))
     }
 }
 
