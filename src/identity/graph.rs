@@ -388,7 +388,9 @@ impl Graph {
         self.profiles[self.canonical(p) as usize]
             .id_counts
             .iter()
-            .any(|(t, n)| *n > 0 && matches!(self.id_types[*t as usize].as_str(), "user_id" | "email"))
+            .any(|(t, n)| {
+                *n > 0 && matches!(self.id_types[*t as usize].as_str(), "user_id" | "email")
+            })
     }
 }
 
