@@ -485,6 +485,74 @@ impl Affected<'_> {
     }
 }
 
+/// Every account link: (account_id, profile_idx).
+async fn account_links(ctx: &SessionContext) -> Result<Vec<(String, i64)>> {
+    let mut out = Vec::new();
+    let links = ctx
+        .table("__account_links_all")
+        .await?
+        .select(vec![col("account_id"), col("profile_idx")])?;
+    for b in links.collect().await? {
+        let (a, p) = (
+            b.column(0).as_string::<i32>(),
+            b.column(1).as_primitive::<Int64Type>(),
+        );
+        for r in 0..b.num_rows() {
+            if a.is_valid(r) && p.is_valid(r) {
+                out.push((a.value(r).to_string(), p.value(r)));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Register `account_links` and the account rows of `traits` restricted to `accounts` (None:
+/// unrestricted).
+async fn restrict_accounts(ctx: &SessionContext, accounts: Option<&HashSet<String>>) -> Result<()> {
+    for t in ["account_links", "traits"] {
+        let _ = ctx.deregister_table(t);
+    }
+    let (links, traits) = (
+        ctx.table("__account_links_all").await?,
+        ctx.table("__traits_all").await?,
+    );
+    let Some(accounts) = accounts else {
+        ctx.register_table("account_links", links.into_view())?;
+        ctx.register_table("traits", traits.into_view())?;
+        return Ok(());
+    };
+    let schema = Arc::new(Schema::new(vec![Field::new(
+        "__acc",
+        DataType::Utf8,
+        false,
+    )]));
+    let mut ids: Vec<&str> = accounts.iter().map(String::as_str).collect();
+    ids.sort_unstable();
+    let batch = RecordBatch::try_new(
+        Arc::clone(&schema),
+        vec![Arc::new(arrow::array::StringArray::from(ids))],
+    )?;
+    let _ = ctx.deregister_table("__affected_accounts");
+    ctx.register_table(
+        "__affected_accounts",
+        Arc::new(MemTable::try_new(schema, vec![vec![batch]])?),
+    )?;
+    let of_affected = |df: DataFrame| async move {
+        Ok::<_, Error>(df.join(
+            ctx.table("__affected_accounts").await?,
+            JoinType::LeftSemi,
+            &["account_id"],
+            &["__acc"],
+            None,
+        )?)
+    };
+    ctx.register_table("account_links", of_affected(links).await?.into_view())?;
+    let profile_rows = traits.clone().filter(col("entity").eq(lit("profile")))?;
+    let account_rows = of_affected(traits.filter(col("entity").eq(lit("account")))?).await?;
+    ctx.register_table("traits", profile_rows.union(account_rows)?.into_view())?;
+    Ok(())
+}
+
 /// Register `profiles` and `events_indexed` restricted to `affected` (None: unrestricted).
 async fn restrict(
     ctx: &SessionContext,
@@ -629,9 +697,6 @@ fn full_reason(
             basis.definition_version, stored.version
         ));
     }
-    if stored.file.level == Level::Accounts {
-        return Some("account-level definitions are recomputed in full".into());
-    }
     if time.relative_compare && basis.as_of != as_of {
         return Some("it compares values with the as-of time, which moved".into());
     }
@@ -697,6 +762,14 @@ pub async fn refresh(
         "__events_all",
         ctx.table("events_indexed").await?.into_view(),
     )?;
+    for t in ["account_links", "traits"] {
+        ctx.register_table(
+            format!("__{t}_all").as_str(),
+            ctx.table(t).await?.into_view(),
+        )?;
+    }
+    // (account_id, profile_idx) of every account link, read when an account key needs them
+    let mut all_links: Option<Vec<(String, i64)>> = None;
     let events = CommitLog::new(store, space, TableName::Events)
         .snapshot()
         .await?;
@@ -786,7 +859,28 @@ pub async fn refresh(
                 .collect(),
         };
         let incremental = reason.is_none();
-        tracing::debug!(key = %key, millis = t.elapsed().as_millis() as u64, affected = affected.len(), "affected profiles found");
+        // An account-level key re-evaluates the accounts linked to an affected profile (a
+        // group call links its profile, so new account traits are covered too), reading every
+        // profile linked to them.
+        let mut accounts: Option<HashSet<String>> = None;
+        if incremental && stored.file.level == Level::Accounts {
+            if all_links.is_none() {
+                all_links = Some(account_links(&ctx).await?);
+            }
+            let links = all_links.as_deref().unwrap_or_default();
+            let a: HashSet<String> = links
+                .iter()
+                .filter(|(_, p)| affected.contains(p))
+                .map(|(a, _)| a.clone())
+                .collect();
+            affected = links
+                .iter()
+                .filter(|(acc, _)| a.contains(acc))
+                .map(|(_, p)| *p)
+                .collect();
+            accounts = Some(a);
+        }
+        tracing::debug!(key = %key, millis = t.elapsed().as_millis() as u64, affected = affected.len(), accounts = accounts.as_ref().map_or(0, |a| a.len()), "affected profiles found");
         let mut report = KeyRefresh {
             key: key.clone(),
             kind: match stored.file.kind {
@@ -796,10 +890,10 @@ pub async fn refresh(
             .into(),
             mode: if incremental { "incremental" } else { "full" }.into(),
             reason: reason.clone(),
-            affected: if incremental {
-                affected.len() as u64
-            } else {
-                0
+            affected: match (&accounts, incremental) {
+                (Some(a), _) => a.len() as u64,
+                (None, true) => affected.len() as u64,
+                (None, false) => 0,
             },
             version: None,
             size: 0,
@@ -823,6 +917,7 @@ pub async fn refresh(
         } else {
             restrict(&ctx, None, &HashMap::new()).await?;
         }
+        restrict_accounts(&ctx, accounts.as_ref()).await?;
         register_trait_values(&ctx, &trait_values)?;
         let inputs = Inputs {
             ctx: &ctx,
@@ -848,7 +943,10 @@ pub async fn refresh(
                 let old = current_members(store, prev).await?;
                 let members: Members = if incremental {
                     old.iter()
-                        .filter(|(_, (idx, _))| idx.is_none_or(|i| !affected.contains(&i)))
+                        .filter(|(k, (idx, _))| match &accounts {
+                            Some(a) => !a.contains(*k),
+                            None => idx.is_none_or(|i| !affected.contains(&i)),
+                        })
                         .map(|(k, (i, _))| (k.clone(), *i))
                         .chain(fresh)
                         .collect()
@@ -897,11 +995,20 @@ pub async fn refresh(
                 let mut all = Vec::new();
                 if incremental {
                     for b in &old {
-                        let idx = b.column(2).as_primitive::<Int64Type>();
-                        let keep: arrow::array::BooleanArray = idx
-                            .iter()
-                            .map(|i| Some(i.is_none_or(|i| !affected.contains(&i))))
-                            .collect();
+                        let keep: arrow::array::BooleanArray = match &accounts {
+                            Some(a) => b
+                                .column(9)
+                                .as_string::<i32>()
+                                .iter()
+                                .map(|acc| Some(acc.is_none_or(|acc| !a.contains(acc))))
+                                .collect(),
+                            None => b
+                                .column(2)
+                                .as_primitive::<Int64Type>()
+                                .iter()
+                                .map(|i| Some(i.is_none_or(|i| !affected.contains(&i))))
+                                .collect(),
+                        };
                         all.push(arrow::compute::filter_record_batch(b, &keep)?);
                     }
                 }

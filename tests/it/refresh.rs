@@ -163,6 +163,14 @@ async fn refreshes_equal_a_full_compute_after_every_batch_and_time_step() {
         define(&[&a, &b], json!({"key": format!("acc{i}"), "kind": "audience", "definition": t, "level": "accounts"})).await;
         texts.insert(format!("acc{i}"), t);
     }
+    // an account-level computed trait (the events of every linked profile)
+    let t = random_trait(&mut r);
+    define(
+        &[&a, &b],
+        json!({"key": "acct", "kind": "computed_trait", "level": "accounts", "definition": t}),
+    )
+    .await;
+    texts.insert("acct".into(), t);
     for (k, t, extra) in [
         ("ref_a", "audience('a0') OR NOT (audience('a1'))", json!({})),
         (
@@ -202,6 +210,7 @@ async fn refreshes_equal_a_full_compute_after_every_batch_and_time_step() {
     let mut incremental_with_work = 0;
     let mut restricted = 0;
     let mut time_only_changes = 0;
+    let mut accounts_incremental = 0;
     for (i, w) in cuts.windows(2).enumerate() {
         let batch = &lines[w[0]..w[1]];
         // the first batches were received before the definitions existed, the later after
@@ -236,6 +245,7 @@ async fn refreshes_equal_a_full_compute_after_every_batch_and_time_step() {
             if k.mode == "incremental" && k.affected > 0 {
                 incremental_with_work += 1;
                 restricted += usize::from(k.affected < n);
+                accounts_incremental += usize::from(k.key.starts_with("acc"));
             }
         }
         assert_same(
@@ -265,6 +275,8 @@ async fn refreshes_equal_a_full_compute_after_every_batch_and_time_step() {
     assert!(incremental_with_work >= 20, "{incremental_with_work}");
     assert!(restricted >= 10, "{restricted}");
     assert!(time_only_changes >= 3, "{time_only_changes}");
+    // account-level keys continue from their basis too (affected counts accounts)
+    assert!(accounts_incremental >= 3, "{accounts_incremental}");
 }
 
 async fn compute_all_at(store: &Store, as_of: i64) {
