@@ -35,7 +35,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, Int64Array, RecordBatch};
-use arrow::datatypes::{DataType, Field, Int64Type, Schema};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
 use datafusion::common::JoinType;
 use datafusion::dataframe::DataFrame;
 use datafusion::datasource::MemTable;
@@ -485,6 +485,21 @@ impl Affected<'_> {
     }
 }
 
+/// Register (or replace) a one-batch in-memory table.
+fn register_batch(
+    ctx: &SessionContext,
+    name: &str,
+    schema: SchemaRef,
+    batch: RecordBatch,
+) -> Result<()> {
+    let _ = ctx.deregister_table(name);
+    ctx.register_table(
+        name,
+        Arc::new(MemTable::try_new(schema, vec![vec![batch]])?),
+    )?;
+    Ok(())
+}
+
 /// Every account link: (account_id, profile_idx).
 async fn account_links(ctx: &SessionContext) -> Result<Vec<(String, i64)>> {
     let mut out = Vec::new();
@@ -532,11 +547,7 @@ async fn restrict_accounts(ctx: &SessionContext, accounts: Option<&HashSet<Strin
         Arc::clone(&schema),
         vec![Arc::new(arrow::array::StringArray::from(ids))],
     )?;
-    let _ = ctx.deregister_table("__affected_accounts");
-    ctx.register_table(
-        "__affected_accounts",
-        Arc::new(MemTable::try_new(schema, vec![vec![batch]])?),
-    )?;
+    register_batch(ctx, "__affected_accounts", schema, batch)?;
     let of_affected = |df: DataFrame| async move {
         Ok::<_, Error>(df.join(
             ctx.table("__affected_accounts").await?,
@@ -574,11 +585,7 @@ async fn restrict(
     let mut ids: Vec<i64> = affected.iter().copied().collect();
     ids.sort_unstable();
     let batch = RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(Int64Array::from(ids))])?;
-    let _ = ctx.deregister_table("__affected");
-    ctx.register_table(
-        "__affected",
-        Arc::new(MemTable::try_new(schema, vec![vec![batch]])?),
-    )?;
+    register_batch(ctx, "__affected", schema, batch)?;
     let profiles = ctx
         .table("__affected")
         .await?
@@ -610,11 +617,7 @@ async fn restrict(
             Arc::new(Int64Array::from(ps)),
         ],
     )?;
-    let _ = ctx.deregister_table("__affected_keys");
-    ctx.register_table(
-        "__affected_keys",
-        Arc::new(MemTable::try_new(kschema, vec![vec![kbatch]])?),
-    )?;
+    register_batch(ctx, "__affected_keys", kschema, kbatch)?;
     let keys = ctx.table("__affected_keys").await?;
     let events = keys
         .join(
