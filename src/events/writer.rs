@@ -33,12 +33,63 @@ pub fn writer_properties(sorting: Option<Vec<SortingColumn>>) -> WriterPropertie
         .build()
 }
 
-/// Encode one batch as a Parquet file in memory.
+/// Below this many rows a batch is encoded on the calling thread.
+const PARALLEL_ENCODE_ROWS: usize = 32 * 1024;
+
+/// Encode one batch as a Parquet file in memory. Large batches have their column chunks (per
+/// row group of [`ROW_GROUP_ROWS`]) encoded and compressed in parallel on the rayon pool, then
+/// spliced in order: the same file as `ArrowWriter` writes, in a fraction of the time.
 pub fn encode_parquet(batch: &RecordBatch, props: WriterProperties) -> Result<bytes::Bytes> {
+    use rayon::prelude::*;
     let mut buf = Vec::with_capacity(batch.get_array_memory_size() / 4);
+    let rows_per_group = props
+        .max_row_group_row_count()
+        .unwrap_or(ROW_GROUP_ROWS)
+        .max(1);
     let mut w = ArrowWriter::try_new(&mut buf, batch.schema(), Some(props))?;
-    w.write(batch)?;
-    w.close()?;
+    if batch.num_rows() < PARALLEL_ENCODE_ROWS || batch.num_columns() < 2 {
+        w.write(batch)?;
+        w.close()?;
+        return Ok(bytes::Bytes::from(buf));
+    }
+    let (mut file, factory) = w.into_serialized_writer()?;
+    let schema = batch.schema();
+    let groups: Vec<RecordBatch> = (0..batch.num_rows())
+        .step_by(rows_per_group)
+        .map(|start| batch.slice(start, rows_per_group.min(batch.num_rows() - start)))
+        .collect();
+    // every (row group, leaf column) is one task
+    let mut tasks = Vec::new();
+    for (g, part) in groups.iter().enumerate() {
+        let writers = factory.create_column_writers(g)?;
+        let mut writers = writers.into_iter();
+        for (field, column) in schema.fields().iter().zip(part.columns()) {
+            for leaf in parquet::arrow::arrow_writer::compute_leaves(field, column)? {
+                let writer = writers.next().ok_or_else(|| {
+                    parquet::errors::ParquetError::General(
+                        "fewer column writers than leaves".into(),
+                    )
+                })?;
+                tasks.push((g, writer, leaf));
+            }
+        }
+    }
+    let chunks = tasks
+        .into_par_iter()
+        .map(|(g, mut writer, leaf)| {
+            writer.write(&leaf)?;
+            Ok((g, writer.close()?))
+        })
+        .collect::<std::result::Result<Vec<_>, parquet::errors::ParquetError>>()?;
+    let mut chunks = chunks.into_iter().peekable();
+    for g in 0..groups.len() {
+        let mut rg = file.next_row_group()?;
+        while let Some((_, chunk)) = chunks.next_if(|(cg, _)| *cg == g) {
+            chunk.append_to_row_group(&mut rg)?;
+        }
+        rg.close()?;
+    }
+    file.close()?;
     Ok(bytes::Bytes::from(buf))
 }
 
@@ -145,4 +196,67 @@ pub fn utc_date(micros: i64) -> String {
     chrono::DateTime::from_timestamp_micros(micros)
         .map(|t| t.format("%Y-%m-%d").to_string())
         .unwrap_or_else(|| "1970-01-01".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Float64Array, Int64Array, StringArray, TimestampMicrosecondArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    /// The parallel path writes what `ArrowWriter` writes: same rows, same schema (the arrow
+    /// schema with its UTC time zone is embedded), same row groups, readable by any reader.
+    #[test]
+    fn parallel_encoding_round_trips_like_arrow_writer() {
+        let n = 3 * ROW_GROUP_ROWS + 1234;
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("s", DataType::Utf8, true),
+            Field::new("i", DataType::Int64, false),
+            Field::new("f", DataType::Float64, true),
+            Field::new("t", super::super::schema::ts_type(), false),
+        ]));
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![
+                Arc::new(StringArray::from_iter(
+                    (0..n).map(|i| (i % 7 != 0).then(|| format!("v{}", i * 31 % 1000))),
+                )),
+                Arc::new(Int64Array::from_iter_values((0..n as i64).map(|i| i * 3))),
+                Arc::new(Float64Array::from_iter(
+                    (0..n).map(|i| (i % 5 != 0).then_some(i as f64 / 4.0)),
+                )),
+                Arc::new(
+                    TimestampMicrosecondArray::from_iter_values((0..n as i64).map(|i| i * 1000))
+                        .with_timezone("UTC"),
+                ),
+            ],
+        )
+        .unwrap();
+        let parallel = encode_parquet(&batch, writer_properties(None)).unwrap();
+        let mut serial = Vec::new();
+        let mut w = ArrowWriter::try_new(
+            &mut serial,
+            Arc::clone(&schema),
+            Some(writer_properties(None)),
+        )
+        .unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        let read = |b: bytes::Bytes| {
+            let r = ParquetRecordBatchReaderBuilder::try_new(b).unwrap();
+            let groups = r.metadata().num_row_groups();
+            let batches: Vec<RecordBatch> = r.build().unwrap().map(|b| b.unwrap()).collect();
+            (
+                groups,
+                arrow::compute::concat_batches(&schema, &batches).unwrap(),
+            )
+        };
+        let (pg, p) = read(parallel);
+        let (sg, s) = read(bytes::Bytes::from(serial));
+        assert_eq!(pg, 4);
+        assert_eq!(pg, sg);
+        assert_eq!(p, batch);
+        assert_eq!(s, batch);
+    }
 }
