@@ -69,6 +69,33 @@ impl CommittedTable {
         }
     }
 
+    /// The same files with the string columns `names` read as `Utf8View`: the Parquet reader
+    /// then points into the dictionary pages instead of copying a string per row, and an
+    /// equality with a literal compares the inlined prefix first. Compiled plans scan events
+    /// this way through `events_indexed` (their `type` and `event` columns only ever meet
+    /// literals); `events` and `events_raw` keep `Utf8`.
+    pub fn with_string_views(self, names: &[&str]) -> Self {
+        let view = |s: &SchemaRef| {
+            let fields: Vec<Field> = s
+                .fields()
+                .iter()
+                .map(|f| {
+                    if names.contains(&f.name().as_str()) && f.data_type() == &DataType::Utf8 {
+                        f.as_ref().clone().with_data_type(DataType::Utf8View)
+                    } else {
+                        f.as_ref().clone()
+                    }
+                })
+                .collect();
+            Arc::new(Schema::new(fields))
+        };
+        CommittedTable {
+            file_schema: view(&self.file_schema),
+            schema: view(&self.schema),
+            ..self
+        }
+    }
+
     /// A table of files with a fixed schema (no partition column).
     pub fn plain(schema: SchemaRef, files: Vec<FileAdd>) -> Self {
         CommittedTable {
@@ -389,6 +416,7 @@ async fn session_with(
         events.files = files;
     }
     ctx.register_table("events_raw", Arc::new(EventsTable::new(&events)))?;
+    let events_viewed = EventsTable::new(&events).with_string_views(&["type", "event"]);
     let identity = CommitLog::new(store, space, crate::identity::persist::IDENTITY)
         .snapshot()
         .await?;
@@ -478,8 +506,7 @@ async fn session_with(
             .select(vec![col("identity_key").alias("__key"), col("profile_idx")])?
     };
     let indexed = ctx
-        .table("events_raw")
-        .await?
+        .read_table(Arc::new(events_viewed))?
         .join(keys, JoinType::Left, &["identity_key"], &["__key"], None)?
         .drop_columns(&["__key"])?;
     ctx.register_table("events_indexed", indexed.into_view())?;
