@@ -106,6 +106,38 @@ impl CommittedTable {
         }
     }
 
+    /// Whether `f`, one comparison of `timestamp` with a microsecond literal, holds for every
+    /// row of every file that pruning keeps: each file's committed timestamp range is then
+    /// either wholly inside the bound or pruned away, so no row needs the filter (a window
+    /// whose edges fall on the date partitions' midnights reads no timestamp column at all).
+    fn decided_by_pruning(&self, f: &Expr) -> bool {
+        let Expr::BinaryExpr(BinaryExpr { left, op, right }) = f else {
+            return false;
+        };
+        let (Expr::Column(c), Expr::Literal(ScalarValue::TimestampMicrosecond(Some(t), _), _)) =
+            (left.as_ref(), right.as_ref())
+        else {
+            return false;
+        };
+        if c.name != "timestamp" || !self.date_partitioned {
+            return false;
+        }
+        let t = *t;
+        let inside = |lo: i64, hi: i64| match op {
+            Operator::Gt => lo > t,
+            Operator::GtEq => lo >= t,
+            Operator::Lt => hi < t,
+            Operator::LtEq => hi <= t,
+            _ => false,
+        };
+        let mut b = Bounds::default();
+        b.collect(f);
+        self.files.iter().all(|file| match file.ts_range {
+            Some((lo, hi)) => inside(lo, hi) || !b.admits(file),
+            None => false,
+        })
+    }
+
     /// Files that may hold rows satisfying `filters` (by committed timestamp ranges and dates).
     pub fn prune(&self, filters: &[Expr]) -> Vec<&FileAdd> {
         let mut b = Bounds::default();
@@ -242,7 +274,16 @@ impl TableProvider for CommittedTable {
         &self,
         filters: &[&Expr],
     ) -> datafusion::error::Result<Vec<TableProviderFilterPushDown>> {
-        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+        Ok(filters
+            .iter()
+            .map(|f| {
+                if self.decided_by_pruning(f) {
+                    TableProviderFilterPushDown::Exact
+                } else {
+                    TableProviderFilterPushDown::Inexact
+                }
+            })
+            .collect())
     }
 
     async fn scan(
@@ -593,6 +634,51 @@ pub fn file_vanished(e: &datafusion::error::DataFusionError) -> bool {
 mod tests {
     use super::*;
     use datafusion::error::DataFusionError;
+
+    /// A timestamp bound is exact only when every file is wholly inside it or pruned away.
+    #[test]
+    fn a_timestamp_bound_is_exact_only_when_no_kept_file_straddles_it() {
+        let day = 86_400_000_000i64;
+        let file = |d: i64, lo: i64, hi: i64| FileAdd {
+            path: format!("f{d}"),
+            date: Some(format!("2025-01-{:02}", d + 1)),
+            ts_range: Some((d * day + lo, d * day + hi)),
+            ..Default::default()
+        };
+        // day 0: whole day; day 1: whole day; day 2: only its first hour
+        let t = CommittedTable::events(&[
+            file(0, 0, day - 1),
+            file(1, 0, day - 1),
+            file(2, 0, 3_600_000_000),
+        ]);
+        let ts = |x: i64| {
+            lit(ScalarValue::TimestampMicrosecond(
+                Some(x),
+                Some("UTC".into()),
+            ))
+        };
+        let exact = |e: Expr| t.decided_by_pruning(&e);
+        // midnight bounds: days 1-2 inside, day 0 pruned
+        assert!(exact(col("timestamp").gt_eq(ts(day))));
+        // `<` midnight: day 1 starts at it, and pruning (conservatively inclusive) keeps it
+        assert!(!exact(col("timestamp").lt(ts(day))));
+        assert!(exact(col("timestamp").lt_eq(ts(3 * day))));
+        // a bound inside day 1 straddles it
+        assert!(!exact(col("timestamp").gt_eq(ts(day + 5))));
+        assert!(!exact(col("timestamp").lt_eq(ts(day + 5))));
+        // `>` at day 0's last instant: day 0 is neither inside nor pruned (its max equals t)
+        assert!(!exact(col("timestamp").gt(ts(day - 1))));
+        // `<=` at day 0's last instant: day 0 inside, days 1-2 pruned
+        assert!(exact(col("timestamp").lt_eq(ts(day - 1))));
+        // other columns and literal kinds stay inexact
+        assert!(!exact(col("received_at").gt_eq(ts(day))));
+        assert!(!exact(col("timestamp").gt_eq(lit(5i64))));
+        // a file without a committed range is never decided
+        let mut unknown = file(3, 0, 1);
+        unknown.ts_range = None;
+        let t = CommittedTable::events(&[unknown]);
+        assert!(!t.decided_by_pruning(&col("timestamp").gt_eq(ts(0))));
+    }
 
     #[test]
     fn a_compacted_away_event_file_is_told_from_other_errors() {
