@@ -420,9 +420,13 @@ async fn session_with(
 ) -> Result<SessionContext> {
     let memory_limit = memory_limit.or_else(self::memory_limit);
     // DataFusion settings can be tuned with DATAFUSION_* environment variables.
-    let config = SessionConfig::from_env()?
+    let mut config = SessionConfig::from_env()?
         .with_information_schema(true)
         .with_target_partitions(std::thread::available_parallelism().map_or(2, |n| n.get()));
+    if std::env::var_os("DATAFUSION_EXECUTION_PARQUET_BLOOM_FILTER_ON_READ").is_none() {
+        // We write no bloom filters: looking for them costs time per row group.
+        config.options_mut().execution.parquet.bloom_filter_on_read = false;
+    }
     let ctx = match memory_limit {
         Some(bytes) => {
             let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()

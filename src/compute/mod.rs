@@ -319,13 +319,29 @@ pub(crate) async fn current_members(
     Ok(out)
 }
 
+/// Writer settings of memberships files: no dictionary for the columns that hold a distinct
+/// value per row (ids, values), where building one only to abandon it is most of the encoding.
+fn memberships_writer_properties() -> parquet::file::properties::WriterProperties {
+    let mut b = writer_properties(None).into_builder();
+    for c in [
+        "profile_id",
+        "profile_idx",
+        "account_id",
+        "value",
+        "value_num",
+    ] {
+        b = b.set_column_dictionary_enabled(c.into(), false);
+    }
+    b.build()
+}
+
 pub(crate) async fn put_batch(
     store: &Store,
     space: &Space,
     kind: &str,
     batch: &RecordBatch,
 ) -> Result<FileAdd> {
-    let bytes = encode_parquet(batch, writer_properties(None))?;
+    let bytes = encode_parquet(batch, memberships_writer_properties())?;
     let key = keys::data_file(space, MEMBERSHIPS, None, "parquet");
     let size = bytes.len() as u64;
     store.put(&key, bytes).await?;
@@ -567,7 +583,7 @@ pub async fn compute_with_progress(
                     .map_err(fail)?;
                 tracing::trace!(key = %key, plan = %plan.frame.logical_plan().display_indent(), "compiled");
                 tracing::debug!(key = %key, millis = t.elapsed().as_millis() as u64, "compiled");
-                let batches = plan.frame.collect().await.map_err(|e| fail(e.into()))?;
+                let batches = collect_traced(key, plan.frame).await.map_err(fail)?;
                 tracing::debug!(key = %key, millis = t.elapsed().as_millis() as u64, "evaluated");
                 let level = plan.level;
                 let members = members_of(&batches, level)?;
@@ -591,7 +607,7 @@ pub async fn compute_with_progress(
             Kind::ComputedTrait => {
                 let plan = compile_trait(&inputs, &stored.file).await.map_err(fail)?;
                 tracing::trace!(key = %key, plan = %plan.frame.logical_plan().display_indent(), "compiled");
-                let batches = plan.frame.collect().await.map_err(|e| fail(e.into()))?;
+                let batches = collect_traced(key, plan.frame).await.map_err(fail)?;
                 tracing::debug!(key = %key, millis = t.elapsed().as_millis() as u64, "evaluated");
                 let tb = trait_batch(key, version, as_of, &batches, plan.level, plan.json_value)?;
                 let n = tb.num_rows();
@@ -742,7 +758,7 @@ pub(crate) fn trait_batch(
     json_value: bool,
 ) -> Result<RecordBatch> {
     use arrow::array::{BooleanBuilder, Float64Builder, StringBuilder};
-    use std::fmt::Write as _;
+    use std::io::Write as _;
     let mut idx: Vec<Option<i64>> = Vec::new();
     let mut who = StringBuilder::new();
     // the JSON value and its typed forms, built directly (no JSON round trip)
@@ -752,7 +768,7 @@ pub(crate) fn trait_batch(
         Float64Builder::new(),
         BooleanBuilder::new(),
     );
-    let mut buf = String::new();
+    let mut buf: Vec<u8> = Vec::new();
     let first = match level {
         Level::Users => 2,
         Level::Accounts => 1,
@@ -774,12 +790,12 @@ pub(crate) fn trait_batch(
             buf.clear();
             if s.is_valid(r) && json_value {
                 // a list as JSON array text (json_array): the value and its text form
-                buf.push_str(s.value(r));
+                buf.extend_from_slice(s.value(r).as_bytes());
                 vs.append_value(s.value(r));
                 vn.append_null();
                 vb.append_null();
             } else if s.is_valid(r) {
-                buf.push_str(&serde_json::to_string(s.value(r))?);
+                serde_json::to_writer(&mut buf, s.value(r))?;
                 vs.append_value(s.value(r));
                 vn.append_null();
                 vb.append_null();
@@ -788,20 +804,21 @@ pub(crate) fn trait_batch(
                 if x.fract() == 0.0 && x.abs() < 9e15 {
                     let _ = write!(buf, "{}", x as i64);
                 } else {
-                    buf.push_str(&serde_json::to_string(&x)?);
+                    serde_json::to_writer(&mut buf, &x)?;
                 }
                 vs.append_null();
                 vn.append_value(x);
                 vb.append_null();
             } else if let Some(bo) = bo.filter(|b| b.is_valid(r)) {
-                buf.push_str(if bo.value(r) { "true" } else { "false" });
+                buf.extend_from_slice(if bo.value(r) { b"true" } else { b"false" });
                 vs.append_null();
                 vn.append_null();
                 vb.append_value(bo.value(r));
             } else {
                 continue;
             }
-            value.append_value(&buf);
+            // only JSON text and whole UTF-8 strings were written
+            value.append_value(std::str::from_utf8(&buf).map_err(|e| Error::Usage(e.to_string()))?);
             idx.push(match (level, i) {
                 (Level::Users, Some(i)) => Some(i.value(r)),
                 _ => None,
@@ -869,4 +886,24 @@ pub async fn members(
             Ok(Some((v, batches)))
         }
     }
+}
+
+/// Runs a compiled plan; with trace logging on, logs its physical plan with the metrics of
+/// every operator (rows, time) once it has run.
+pub(crate) async fn collect_traced(
+    key: &str,
+    frame: datafusion::dataframe::DataFrame,
+) -> Result<Vec<arrow::array::RecordBatch>> {
+    if !tracing::enabled!(tracing::Level::TRACE) {
+        return Ok(frame.collect().await?);
+    }
+    let task = std::sync::Arc::new(frame.task_ctx());
+    let plan = frame.create_physical_plan().await?;
+    let batches = datafusion::physical_plan::collect(std::sync::Arc::clone(&plan), task).await?;
+    let shown =
+        datafusion::physical_plan::display::DisplayableExecutionPlan::with_metrics(plan.as_ref())
+            .indent(true)
+            .to_string();
+    tracing::trace!(key = %key, plan = %shown, "executed");
+    Ok(batches)
 }

@@ -941,7 +941,7 @@ pub async fn refresh(
                     .await
                     .map_err(fail)?;
                 let level = plan.level;
-                let batches = plan.frame.collect().await.map_err(|e| fail(e.into()))?;
+                let batches = super::collect_traced(key, plan.frame).await.map_err(fail)?;
                 let fresh = members_of(&batches, level)?;
                 let old = current_members(store, prev).await?;
                 let members: Members = if incremental {
@@ -984,7 +984,7 @@ pub async fn refresh(
             }
             Kind::ComputedTrait => {
                 let plan = compile_trait(&inputs, &stored.file).await.map_err(fail)?;
-                let batches = plan.frame.collect().await.map_err(|e| fail(e.into()))?;
+                let batches = super::collect_traced(key, plan.frame).await.map_err(fail)?;
                 let fresh =
                     trait_batch(key, version, as_of, &batches, plan.level, plan.json_value)?;
                 let old: Vec<RecordBatch> = match prev {

@@ -689,6 +689,68 @@ pub(super) async fn assemble(c: &Compiler<'_>, include_anonymous: bool) -> Resul
     assemble_with(c, include_anonymous, false).await
 }
 
+/// The filter of the rows the aggregates read (`scan` already applied), as the conjuncts
+/// common to every aggregate's row predicate and the disjunction of what is left of each;
+/// with every conjunct the rows then satisfy (those common ones and the scan's).
+fn rows_filter(scan: &[Expr], agg_rows: &[Expr]) -> (Expr, Vec<Expr>) {
+    use datafusion::logical_expr::utils::{conjunction, disjunction, split_conjunction};
+    let split: Vec<Vec<&Expr>> = agg_rows.iter().map(|p| split_conjunction(p)).collect();
+    let mut common: Vec<Expr> = Vec::new();
+    if let Some((first, rest)) = split.split_first() {
+        for c in first {
+            if rest.iter().all(|r| r.contains(c)) && !common.contains(*c) {
+                common.push((*c).clone());
+            }
+        }
+    }
+    // a predicate left with nothing of its own admits every row the common part admits
+    let residuals: Option<Vec<Expr>> = split
+        .iter()
+        .map(|p| {
+            conjunction(
+                p.iter()
+                    .filter(|c| !common.contains(**c))
+                    .map(|c| (*c).clone()),
+            )
+        })
+        .collect();
+    let mut filter = common.clone();
+    if let Some(any) = residuals.and_then(disjunction) {
+        filter.push(any);
+    }
+    let rows = conjunction(filter).unwrap_or_else(|| lit(true));
+    let mut implied = common;
+    for f in scan {
+        implied.extend(split_conjunction(f).into_iter().cloned());
+    }
+    (rows, implied)
+}
+
+/// `agg` (an aliased aggregate) without the conjuncts of its FILTER that are `implied` (hold
+/// for every row it sees); no FILTER when none is left.
+fn without_implied(agg: Expr, implied: &[Expr]) -> Expr {
+    use datafusion::logical_expr::utils::{conjunction, split_conjunction};
+    match agg {
+        Expr::Alias(a) => {
+            let inner = without_implied(*a.expr, implied);
+            inner.alias_qualified(a.relation, a.name)
+        }
+        Expr::AggregateFunction(mut f) => {
+            f.params.filter = f.params.filter.take().and_then(|e| {
+                conjunction(
+                    split_conjunction(&e)
+                        .into_iter()
+                        .filter(|c| !implied.contains(*c))
+                        .cloned(),
+                )
+                .map(Box::new)
+            });
+            Expr::AggregateFunction(f)
+        }
+        other => other,
+    }
+}
+
 /// [`assemble`]; with `only_with_events`, keep only the profiles (accounts) the event
 /// aggregates (or, without those, the most-frequent-value plans) have rows for: for a value
 /// that is missing without events, the other profiles could not have one anyway.
@@ -719,14 +781,19 @@ async fn assemble_with(
     } else {
         None
     };
+    // What every scanned row satisfies.
+    let mut scan_filters = vec![
+        col("profile_idx")
+            .is_not_null()
+            .and(col("timestamp").lt_eq(ts_lit(c.inp.as_of))),
+    ];
+    if let Some(lo) = events_lo {
+        scan_filters.push(col("timestamp").gt_eq(ts_lit(lo)));
+    }
     let scan = || async {
-        let mut ev = ctx.table("events_indexed").await?.filter(
-            col("profile_idx")
-                .is_not_null()
-                .and(col("timestamp").lt_eq(ts_lit(c.inp.as_of))),
-        )?;
-        if let Some(lo) = events_lo {
-            ev = ev.filter(col("timestamp").gt_eq(ts_lit(lo)))?;
+        let mut ev = ctx.table("events_indexed").await?;
+        for f in &scan_filters {
+            ev = ev.filter(f.clone())?;
         }
         if c.level == Level::Accounts {
             let links = super::account::links(ctx)
@@ -746,16 +813,18 @@ async fn assemble_with(
         Ok::<_, Error>(ev)
     };
     if !c.aggs.is_empty() {
-        let rows = c
-            .agg_rows
+        let (rows, implied) = rows_filter(&scan_filters, &c.agg_rows);
+        // Each aggregate's FILTER keeps only what the rows it sees do not already satisfy
+        // (a window's timestamp bound decided by pruning then reads no timestamp column).
+        let aggs = c
+            .aggs
             .iter()
-            .cloned()
-            .reduce(Expr::or)
-            .unwrap_or_else(|| lit(true));
+            .map(|a| without_implied(a.clone(), &implied))
+            .collect();
         let agg = scan()
             .await?
             .filter(rows)?
-            .aggregate(vec![col(key).alias("__p")], c.aggs.clone())?;
+            .aggregate(vec![col(key).alias("__p")], aggs)?;
         let how = if only_with_events {
             JoinType::Inner
         } else {
@@ -984,4 +1053,67 @@ pub async fn compile_trait(inp: &Inputs<'_>, def: &DefinitionFile) -> Result<Com
             }
         ),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::functions_aggregate::expr_fn::count;
+
+    #[test]
+    fn an_aggregate_keeps_only_the_part_of_its_filter_the_rows_do_not_already_satisfy() {
+        let (a, b, x, y) = (
+            col("event").eq(lit("a")),
+            col("event").eq(lit("b")),
+            col("x").gt(lit(1)),
+            col("y").is_not_null(),
+        );
+        let scan = [col("profile_idx").is_not_null()];
+        let filtered = |f: Expr| count(lit(1)).filter(f).build().unwrap().alias("__f0");
+        let bare = count(lit(1)).alias("__f0");
+
+        // one predicate: the rows are filtered by it, and it leaves every FILTER
+        let p = a.clone().and(x.clone());
+        let (rows, implied) = rows_filter(&scan, std::slice::from_ref(&p));
+        assert_eq!(rows, a.clone().and(x.clone()));
+        assert_eq!(without_implied(filtered(p.clone()), &implied), bare);
+        assert_eq!(
+            without_implied(filtered(p.clone().and(y.clone())), &implied),
+            filtered(y.clone())
+        );
+        // a scan filter's conjuncts go too; conjuncts that are not implied stay
+        let nn = col("profile_idx").is_not_null();
+        assert_eq!(
+            without_implied(filtered(nn.and(b.clone())), &implied),
+            filtered(b.clone())
+        );
+        assert_eq!(
+            without_implied(filtered(b.clone()), &implied),
+            filtered(b.clone())
+        );
+
+        // two predicates sharing `a`: rows = a AND (x OR y); only `a` is implied
+        let (p1, p2) = (a.clone().and(x.clone()), a.clone().and(y.clone()));
+        let (rows, implied) = rows_filter(&scan, &[p1.clone(), p2.clone()]);
+        assert_eq!(rows, a.clone().and(x.clone().or(y.clone())));
+        assert_eq!(without_implied(filtered(p1), &implied), filtered(x.clone()));
+        assert_eq!(without_implied(filtered(p2), &implied), filtered(y.clone()));
+
+        // one predicate is all common: every row of the common part counts
+        let (rows, implied) = rows_filter(&scan, &[a.clone(), a.clone().and(x.clone())]);
+        assert_eq!(rows, a.clone());
+        assert_eq!(
+            without_implied(filtered(a.clone().and(x.clone())), &implied),
+            filtered(x)
+        );
+
+        // nothing in common: the disjunction, and every FILTER stays
+        let (rows, implied) = rows_filter(&scan, &[a.clone(), b.clone()]);
+        assert_eq!(rows, a.clone().or(b.clone()));
+        assert_eq!(without_implied(filtered(a.clone()), &implied), filtered(a));
+
+        // no FILTER, or not an aggregate: unchanged
+        assert_eq!(without_implied(bare.clone(), &implied), bare);
+        assert_eq!(without_implied(col("z"), &implied), col("z"));
+    }
 }
