@@ -126,6 +126,23 @@ pub fn log_entry(space: &Space, table: TableName, version: u64) -> Key {
     )))
 }
 
+/// The key of the checkpoint holding every log entry up to `version`.
+pub fn log_checkpoint(space: &Space, table: TableName, version: u64) -> Key {
+    Key(Path::from(format!(
+        "spaces/{space}/{table}/_log/{version:020}.checkpoint.json"
+    )))
+}
+
+/// Parse the version out of a log checkpoint key (None for anything else).
+pub fn parse_log_checkpoint(key: &Path) -> Option<u64> {
+    let stem = key.filename()?.strip_suffix(".checkpoint.json")?;
+    if stem.len() == 20 && stem.bytes().all(|b| b.is_ascii_digit()) {
+        stem.parse().ok()
+    } else {
+        None
+    }
+}
+
 /// Parse the version out of a log entry key (None for anything else).
 pub fn parse_log_entry(key: &Path) -> Option<u64> {
     let name = key.filename()?;
@@ -200,6 +217,14 @@ mod tests {
             "spaces/acme/events/_log/00000000000000000042.json"
         );
         assert_eq!(parse_log_entry(k.path()), Some(42));
+        let c = log_checkpoint(&s, TableName::Events, 64);
+        assert_eq!(
+            c.as_str(),
+            "spaces/acme/events/_log/00000000000000000064.checkpoint.json"
+        );
+        assert_eq!(parse_log_checkpoint(c.path()), Some(64));
+        assert_eq!(parse_log_entry(c.path()), None);
+        assert_eq!(parse_log_checkpoint(k.path()), None);
         assert_eq!(
             parse_log_entry(&Path::from("spaces/acme/events/_log/x.json")),
             None

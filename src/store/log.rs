@@ -20,6 +20,11 @@ use crate::error::{Error, Result};
 /// How many times a commit is attempted before giving up.
 pub const MAX_COMMIT_ATTEMPTS: usize = 64;
 
+/// Every this many versions, the commit also writes a checkpoint: all entries up to it in one
+/// object, so that replaying the log reads that object and the entries after it instead of
+/// one object per commit (a table that commits every minute has 1,440 entries a day).
+pub const CHECKPOINT_INTERVAL: u64 = 64;
+
 /// A typed dynamic column recorded for a data file (property and context columns of events).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord, Hash)]
 pub struct ColumnSpec {
@@ -173,9 +178,9 @@ impl CommitLog {
         &self.store
     }
 
-    /// Versions present in the log, sorted.
-    /// The committed versions, with the listing's metadata of their entry objects.
-    async fn versions(&self) -> Result<Vec<(u64, object_store::ObjectMeta)>> {
+    /// The committed versions, with the listing's metadata of their entry objects, and the
+    /// versions of the checkpoints; both sorted.
+    async fn versions(&self) -> Result<(Vec<(u64, object_store::ObjectMeta)>, Vec<u64>)> {
         let dir = keys::log_dir(&self.space, self.table);
         let metas: Vec<object_store::ObjectMeta> = self
             .store
@@ -183,12 +188,28 @@ impl CommitLog {
             .list(Some(dir.path()))
             .try_collect()
             .await?;
-        let mut versions: Vec<(u64, object_store::ObjectMeta)> = metas
-            .into_iter()
-            .filter_map(|m| keys::parse_log_entry(&m.location).map(|v| (v, m)))
-            .collect();
+        let mut checkpoints = Vec::new();
+        let mut versions = Vec::new();
+        for m in metas {
+            if let Some(v) = keys::parse_log_entry(&m.location) {
+                versions.push((v, m));
+            } else if let Some(v) = keys::parse_log_checkpoint(&m.location) {
+                checkpoints.push(v);
+            }
+        }
         versions.sort_unstable_by_key(|v| v.0);
-        Ok(versions)
+        checkpoints.sort_unstable();
+        Ok((versions, checkpoints))
+    }
+
+    /// The cache tag of a listed object: it changes whenever the object does.
+    fn tag(meta: &object_store::ObjectMeta) -> String {
+        format!(
+            "{:?}/{}/{}",
+            meta.e_tag,
+            meta.size,
+            meta.last_modified.timestamp_nanos_opt().unwrap_or_default()
+        )
     }
 
     /// One entry, from the store's cache when the object is the one read before (same tag).
@@ -198,12 +219,7 @@ impl CommitLog {
         meta: &object_store::ObjectMeta,
     ) -> Result<Option<CommitEntry>> {
         let path = meta.location.to_string();
-        let tag = format!(
-            "{:?}/{}/{}",
-            meta.e_tag,
-            meta.size,
-            meta.last_modified.timestamp_nanos_opt().unwrap_or_default()
-        );
+        let tag = Self::tag(meta);
         if let Some(e) = self.store.cached_entry(&path, &tag) {
             return Ok(Some((*e).clone()));
         }
@@ -232,11 +248,57 @@ impl CommitLog {
         }
     }
 
-    /// All committed entries, in version order.
+    /// All committed entries, in version order: the entries the latest checkpoint holds (from
+    /// the store's cache when every one is there), then one object per later entry.
     pub async fn entries(&self) -> Result<Vec<CommitEntry>> {
-        let versions = self.versions().await?;
-        let reads = versions.iter().map(|(v, m)| self.cached_entry(*v, m));
+        let (versions, checkpoints) = self.versions().await?;
         let mut out = Vec::with_capacity(versions.len());
+        let mut covered = 0;
+        if let Some(&c) = checkpoints.last() {
+            let listed: Vec<&(u64, object_store::ObjectMeta)> =
+                versions.iter().take_while(|(v, _)| *v <= c).collect();
+            let cached: Option<Vec<CommitEntry>> = listed
+                .iter()
+                .map(|(_, m)| {
+                    self.store
+                        .cached_entry(m.location.as_ref(), &Self::tag(m))
+                        .map(|e| (*e).clone())
+                })
+                .collect();
+            match cached {
+                Some(es) if es.len() as u64 == c => {
+                    out = es;
+                    covered = c;
+                }
+                _ => match self.read_checkpoint(c).await {
+                    Ok(es) => {
+                        // Later reads find them in the cache, under their own objects' tags.
+                        for (v, m) in &listed {
+                            if let Some(e) = es.get((*v - 1) as usize) {
+                                self.store.cache_entry(
+                                    m.location.to_string(),
+                                    Self::tag(m),
+                                    std::sync::Arc::new(e.clone()),
+                                );
+                            }
+                        }
+                        out = es;
+                        covered = c;
+                    }
+                    // A checkpoint is only a shortcut: without it, the entries themselves.
+                    Err(e) => tracing::warn!(
+                        table = %format!("{}/{}", self.space, self.table),
+                        checkpoint = c,
+                        error = %e,
+                        "commit log checkpoint unreadable; reading every entry"
+                    ),
+                },
+            }
+        }
+        let reads = versions
+            .iter()
+            .filter(|(v, _)| *v > covered)
+            .map(|(v, m)| self.cached_entry(*v, m));
         for e in futures::future::try_join_all(reads)
             .await?
             .into_iter()
@@ -245,6 +307,66 @@ impl CommitLog {
             out.push(e);
         }
         Ok(out)
+    }
+
+    /// The entries of checkpoint `version`: exactly versions 1..=version, in order.
+    async fn read_checkpoint(&self, version: u64) -> Result<Vec<CommitEntry>> {
+        let key = keys::log_checkpoint(&self.space, self.table, version);
+        let corrupt = |reason: String| Error::CorruptLog {
+            path: key.to_string(),
+            reason,
+        };
+        let bytes = self
+            .store
+            .object_store()
+            .get(key.path())
+            .await?
+            .bytes()
+            .await?;
+        let entries: Vec<CommitEntry> =
+            serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        if entries.len() as u64 != version
+            || entries
+                .iter()
+                .enumerate()
+                .any(|(i, e)| e.version != i as u64 + 1)
+        {
+            return Err(corrupt(format!(
+                "expected entries 1..={version}, found {}",
+                entries.len()
+            )));
+        }
+        Ok(entries)
+    }
+
+    /// Write the checkpoint of `version` (every entry up to it). Best effort: a missing or
+    /// broken checkpoint only makes replay read the entries one by one.
+    async fn write_checkpoint(&self, version: u64) {
+        let result = async {
+            let mut entries = self.entries().await?;
+            entries.retain(|e| e.version <= version);
+            if entries.len() as u64 != version {
+                return Err(Error::Usage(format!(
+                    "{} entries up to version {version}",
+                    entries.len()
+                )));
+            }
+            let key = keys::log_checkpoint(&self.space, self.table, version);
+            self.store
+                .object_store()
+                .put(key.path(), PutPayload::from(serde_json::to_vec(&entries)?))
+                .await?;
+            Ok::<_, Error>(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(
+                table = %format!("{}/{}", self.space, self.table),
+                version,
+                error = %e,
+                "commit log checkpoint not written"
+            );
+        }
     }
 
     /// The latest committed snapshot.
@@ -307,6 +429,9 @@ impl CommitLog {
         match self.try_put(&entry).await? {
             PutOutcome::Committed => {
                 crate::fault::hit("after_commit");
+                if entry.version.is_multiple_of(CHECKPOINT_INTERVAL) {
+                    self.write_checkpoint(entry.version).await;
+                }
                 Ok(Some(entry))
             }
             PutOutcome::Lost => Ok(None),

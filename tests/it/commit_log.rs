@@ -135,3 +135,96 @@ async fn uncommitted_files_are_invisible_and_vacuumed() {
         1300
     );
 }
+
+/// Every 64th commit writes a checkpoint of all entries so far; a fresh reader replays it plus
+/// the later entries and sees exactly the log the entries themselves give; a broken
+/// checkpoint falls back to the entries.
+#[tokio::test(flavor = "multi_thread")]
+async fn checkpoints_replay_like_the_entries_and_a_broken_one_is_ignored() {
+    use audiences::store::log::CHECKPOINT_INTERVAL;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_str().unwrap().to_string();
+    let open = || Store::open(&path, &S3Options::default()).unwrap();
+    let space = Space::default();
+    let writer = CommitLog::new(&open(), &space, TableName::Named("t"));
+    let n = 2 * CHECKPOINT_INTERVAL + 9;
+    for i in 0..n {
+        writer
+            .commit(|_| {
+                Ok(CommitDraft {
+                    operation: "test".into(),
+                    adds: vec![FileAdd {
+                        path: format!("f{i}"),
+                        size: 1,
+                        rows: i,
+                        ..Default::default()
+                    }],
+                    // every third commit removes the file of the commit before it
+                    removes: if i % 3 == 2 {
+                        vec![format!("f{}", i - 1)]
+                    } else {
+                        vec![]
+                    },
+                    info: json!({ "i": i }),
+                })
+            })
+            .await
+            .unwrap();
+    }
+    let log_dir = dir.path().join("spaces/default/t/_log");
+    let name = |v: u64| format!("{v:020}.checkpoint.json");
+    let mut checkpoints: Vec<String> = std::fs::read_dir(&log_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|f| f.ends_with(".checkpoint.json"))
+        .collect();
+    checkpoints.sort();
+    assert_eq!(
+        checkpoints,
+        vec![name(CHECKPOINT_INTERVAL), name(2 * CHECKPOINT_INTERVAL)]
+    );
+
+    // The reference: the files and infos the commits above imply, computed here.
+    let mut live: Vec<String> = Vec::new();
+    for i in 0..n {
+        live.push(format!("f{i}"));
+        if i % 3 == 2 {
+            live.retain(|f| *f != format!("f{}", i - 1));
+        }
+    }
+    let check = |snap: audiences::store::log::Snapshot| {
+        assert_eq!(snap.version, n);
+        let files: Vec<String> = snap.files.iter().map(|f| f.path.clone()).collect();
+        assert_eq!(files, live);
+        let infos: Vec<u64> = snap
+            .entries
+            .iter()
+            .map(|e| e.info["i"].as_u64().unwrap())
+            .collect();
+        assert_eq!(infos, (0..n).collect::<Vec<_>>());
+    };
+    let fresh = || CommitLog::new(&open(), &space, TableName::Named("t"));
+    check(fresh().snapshot().await.unwrap());
+
+    // The checkpoint is what a fresh reader uses: an entry it covers, gone, is still there.
+    let gone = log_dir.join(format!("{:020}.json", CHECKPOINT_INTERVAL + 5));
+    let kept = std::fs::read(&gone).unwrap();
+    std::fs::remove_file(&gone).unwrap();
+    check(fresh().snapshot().await.unwrap());
+    std::fs::write(&gone, kept).unwrap();
+
+    // A broken checkpoint (garbage, or not the entries 1..=version) is ignored.
+    let latest = log_dir.join(name(2 * CHECKPOINT_INTERVAL));
+    std::fs::write(&latest, b"{ not json").unwrap();
+    check(fresh().snapshot().await.unwrap());
+    std::fs::write(
+        &latest,
+        std::fs::read(log_dir.join(name(CHECKPOINT_INTERVAL))).unwrap(),
+    )
+    .unwrap();
+    check(fresh().snapshot().await.unwrap());
+    // a second read in the same process comes from its cache (filled from the checkpoint)
+    let reader = fresh();
+    check(reader.snapshot().await.unwrap());
+    assert_eq!(reader.snapshot().await.unwrap().entries.len() as u64, n);
+}
