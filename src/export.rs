@@ -219,8 +219,12 @@ pub async fn membership_flight_data(
     let Some((schema, batches)) = cache.stream(&key) else {
         return Ok(None);
     };
-    let batches: Vec<std::result::Result<RecordBatch, arrow_flight::error::FlightError>> =
-        batches.iter().cloned().map(Ok).collect();
+    // Each batch in buffers of its own: the encoder sizes a batch by the buffers its arrays
+    // reference, and slices of shared buffers made it cut every batch into ~8 small messages.
+    let batches: Vec<std::result::Result<RecordBatch, arrow_flight::error::FlightError>> = batches
+        .iter()
+        .map(|b| for_flight(b.clone()).map_err(arrow_flight::error::FlightError::Arrow))
+        .collect();
     let batches = futures::stream::iter(batches);
     let data: Vec<arrow_flight::FlightData> = arrow_flight::encode::FlightDataEncoderBuilder::new()
         .with_schema(schema)
@@ -231,6 +235,35 @@ pub async fn membership_flight_data(
     let data = Arc::new(data);
     cache.keep_encoded(&key, Arc::clone(&data));
     Ok(Some(data))
+}
+
+/// The size above which arrow-flight's encoder cuts a batch into several messages (its
+/// default `max_flight_data_size`), measured by the buffers the batch's arrays reference.
+const FLIGHT_SPLIT_BYTES: usize = 2 * 1024 * 1024;
+
+/// `b` ready for the Flight encoder: when the buffers it references (shared with other
+/// batches, as slices of one built array are) would make the encoder cut it into several
+/// messages, a copy in buffers of its own; otherwise `b` itself.
+pub(crate) fn for_flight(
+    b: RecordBatch,
+) -> std::result::Result<RecordBatch, arrow::error::ArrowError> {
+    let referenced: usize = b.columns().iter().map(|c| c.get_buffer_memory_size()).sum();
+    if referenced > FLIGHT_SPLIT_BYTES {
+        owned_buffers(&b)
+    } else {
+        Ok(b)
+    }
+}
+
+/// `b` with every column copied into buffers holding only its rows.
+fn owned_buffers(b: &RecordBatch) -> std::result::Result<RecordBatch, arrow::error::ArrowError> {
+    let all = arrow::array::UInt32Array::from_iter_values(0..b.num_rows() as u32);
+    let columns = b
+        .columns()
+        .iter()
+        .map(|c| arrow::compute::take(c.as_ref(), &all, None))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    RecordBatch::try_new(b.schema(), columns)
 }
 
 /// The key of version `v`'s finished stream at the space's current identity version.
@@ -635,6 +668,44 @@ pub async fn write_csv(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A slice of a large batch, copied into its own buffers, is encoded as one Flight message
+    /// (the slice itself is cut into many, sized by the buffers it shares) with the same rows.
+    #[tokio::test]
+    async fn a_sliced_batch_in_its_own_buffers_is_one_flight_message() {
+        use futures::TryStreamExt;
+        let n = 200_000;
+        let ids =
+            arrow::array::StringArray::from_iter_values((0..n).map(|i| format!("p-{i:016x}")));
+        let idx = arrow::array::Int64Array::from_iter_values(0..n as i64);
+        let big = RecordBatch::try_from_iter(vec![
+            ("profile_id", Arc::new(ids) as arrow::array::ArrayRef),
+            ("profile_idx", Arc::new(idx) as arrow::array::ArrayRef),
+        ])
+        .unwrap();
+        let slice = big.slice(1000, 8192);
+        let messages = |b: RecordBatch| async move {
+            let data: Vec<arrow_flight::FlightData> =
+                arrow_flight::encode::FlightDataEncoderBuilder::new()
+                    .build(futures::stream::iter(vec![Ok(b)]))
+                    .try_collect()
+                    .await
+                    .unwrap();
+            data.len() - 1 // the schema message
+        };
+        let owned = for_flight(slice.clone()).unwrap();
+        assert_eq!(owned, slice);
+        assert!(messages(slice).await > 1);
+        assert_eq!(messages(owned).await, 1);
+        // a batch that references only its own rows is passed as it is
+        let small = RecordBatch::try_from_iter(vec![(
+            "n",
+            Arc::new(arrow::array::Int64Array::from(vec![1, 2])) as arrow::array::ArrayRef,
+        )])
+        .unwrap();
+        let same = for_flight(small.clone()).unwrap();
+        assert!(Arc::ptr_eq(same.column(0), small.column(0)));
+    }
 
     #[test]
     fn json_strings_escape_like_serde() {

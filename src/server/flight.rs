@@ -750,6 +750,7 @@ impl FlightService for Flight {
             }
             _ => return Err(Status::not_found("unknown ticket path")),
         };
+        let batches = batches.map(|b| b.and_then(|b| Ok(crate::export::for_flight(b)?)));
         let data = FlightDataEncoderBuilder::new()
             .with_schema(schema)
             .build(batches)
