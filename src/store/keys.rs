@@ -135,18 +135,17 @@ pub fn log_checkpoint(space: &Space, table: TableName, version: u64) -> Key {
 
 /// Parse the version out of a log checkpoint key (None for anything else).
 pub fn parse_log_checkpoint(key: &Path) -> Option<u64> {
-    let stem = key.filename()?.strip_suffix(".checkpoint.json")?;
-    if stem.len() == 20 && stem.bytes().all(|b| b.is_ascii_digit()) {
-        stem.parse().ok()
-    } else {
-        None
-    }
+    log_version(key, ".checkpoint.json")
 }
 
 /// Parse the version out of a log entry key (None for anything else).
 pub fn parse_log_entry(key: &Path) -> Option<u64> {
-    let name = key.filename()?;
-    let stem = name.strip_suffix(".json")?;
+    log_version(key, ".json")
+}
+
+/// The version of a `_log` object named `{version:020}{suffix}`.
+fn log_version(key: &Path, suffix: &str) -> Option<u64> {
+    let stem = key.filename()?.strip_suffix(suffix)?;
     if stem.len() == 20 && stem.bytes().all(|b| b.is_ascii_digit()) {
         stem.parse().ok()
     } else {

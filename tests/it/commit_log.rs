@@ -223,8 +223,8 @@ async fn checkpoints_replay_like_the_entries_and_a_broken_one_is_ignored() {
     )
     .unwrap();
     check(fresh().snapshot().await.unwrap());
-    // a second read in the same process comes from its cache (filled from the checkpoint)
+    // a second read in the same process takes the entries the checkpoint put in its cache
     let reader = fresh();
     check(reader.snapshot().await.unwrap());
-    assert_eq!(reader.snapshot().await.unwrap().entries.len() as u64, n);
+    check(reader.snapshot().await.unwrap());
 }
