@@ -199,15 +199,15 @@ pub async fn cached_membership_schema(
     Ok(cache.stream(&key).map(|(schema, _)| schema))
 }
 
-/// The Flight messages of version `v`'s membership stream when the server keeps it finished:
-/// encoded on the first pull that finds the batches kept, then sent as they are (None: the
-/// stream is not kept; build it with [`membership_stream`]).
-pub async fn membership_flight_data(
+/// The Flight messages of version `v`'s membership stream, as gRPC frames, when the server
+/// keeps it finished: encoded on the first pull that finds the batches kept, then written as
+/// they are (None: the stream is not kept; build it with [`membership_stream`]).
+pub async fn membership_frames(
     store: &Store,
     space: &Space,
     v: &VersionRef,
     cache: &ServingCache,
-) -> Result<Option<Arc<Vec<arrow_flight::FlightData>>>> {
+) -> Result<Option<Arc<Vec<bytes::Bytes>>>> {
     use futures::TryStreamExt;
     if !cache.keeps_streams() {
         return Ok(None);
@@ -232,9 +232,10 @@ pub async fn membership_flight_data(
         .try_collect()
         .await
         .map_err(|e| Error::Usage(format!("encoding the membership stream: {e}")))?;
-    let data = Arc::new(data);
-    cache.keep_encoded(&key, Arc::clone(&data));
-    Ok(Some(data))
+    let frames = crate::server::frames::grpc_frames(&data).map_err(Error::Usage)?;
+    let frames = Arc::new(frames);
+    cache.keep_encoded(&key, Arc::clone(&frames));
+    Ok(Some(frames))
 }
 
 /// The size above which arrow-flight's encoder cuts a batch into several messages (its

@@ -37,7 +37,7 @@ struct Streams {
 struct Held {
     schema: SchemaRef,
     batches: Arc<Vec<RecordBatch>>,
-    encoded: Option<Arc<Vec<arrow_flight::FlightData>>>,
+    encoded: Option<Arc<Vec<bytes::Bytes>>>,
     size: usize,
 }
 
@@ -127,18 +127,15 @@ impl ServingCache {
         );
     }
 
-    /// The Flight messages of a finished stream, once encoded.
-    pub(crate) fn encoded(&self, key: &StreamKey) -> Option<Arc<Vec<arrow_flight::FlightData>>> {
+    /// The Flight messages of a finished stream as gRPC frames, once encoded.
+    pub(crate) fn encoded(&self, key: &StreamKey) -> Option<Arc<Vec<bytes::Bytes>>> {
         let s = self.streams.lock().ok()?;
         s.held.get(key).and_then(|h| h.encoded.clone())
     }
 
     /// Keep the Flight messages of a kept stream (when they fit the budget).
-    pub(crate) fn keep_encoded(&self, key: &StreamKey, data: Arc<Vec<arrow_flight::FlightData>>) {
-        let size: usize = data
-            .iter()
-            .map(|d| d.data_header.len() + d.data_body.len() + d.app_metadata.len())
-            .sum();
+    pub(crate) fn keep_encoded(&self, key: &StreamKey, data: Arc<Vec<bytes::Bytes>>) {
+        let size: usize = data.iter().map(|d| d.len()).sum();
         let Ok(mut s) = self.streams.lock() else {
             return;
         };
@@ -217,17 +214,12 @@ mod tests {
         assert!(c.stream(&key(4)).is_none() && c.stream(&key(1)).is_some());
         assert!(!ServingCache::default().keeps_streams());
         // encoded messages count against the budget too, evicting others but not their stream
-        let msg = |n: usize| {
-            Arc::new(vec![arrow_flight::FlightData {
-                data_body: vec![0u8; n].into(),
-                ..Default::default()
-            }])
-        };
+        let msg = |n: usize| Arc::new(vec![bytes::Bytes::from(vec![0u8; n])]);
         c.keep_encoded(&key(3), msg(one));
         assert!(c.encoded(&key(3)).is_some());
         assert!(c.stream(&key(1)).is_none(), "evicted to make room");
         c.keep_encoded(&key(3), msg(1)); // already encoded: kept as is
-        assert_eq!(c.encoded(&key(3)).unwrap()[0].data_body.len(), one);
+        assert_eq!(c.encoded(&key(3)).unwrap()[0].len(), one);
         c.keep_encoded(&key(9), msg(1)); // no such stream
         assert!(c.encoded(&key(9)).is_none());
     }

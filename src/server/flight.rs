@@ -128,6 +128,30 @@ impl Flight {
             .ok_or_else(|| Status::unauthenticated("invalid or expired bearer token"))
     }
 
+    /// The gRPC frames of a `DoGet` of a membership version the server keeps, when the
+    /// request may read it. `None` for anything else (another ticket, a version not kept, a
+    /// bad token, an error): the generated service's `do_get` then answers the request.
+    pub(crate) async fn kept_frames(
+        &self,
+        req: &Request<Ticket>,
+    ) -> Option<Arc<Vec<bytes::Bytes>>> {
+        let g = self.grant(req).ok()?;
+        self.need(&g, Scope::Read).ok()?;
+        let t: TicketBody = serde_json::from_slice(&req.get_ref().ticket).ok()?;
+        let [a, key] = t.path.as_slice() else {
+            return None;
+        };
+        if a != "audiences" {
+            return None;
+        }
+        let v = self.version(&g.space, key, Some(t.version)).await.ok()?;
+        crate::export::membership_frames(&self.store, &g.space, &v, &self.serving)
+            .await
+            .inspect_err(|e| tracing::warn!(error = %e, "encoding a kept membership stream"))
+            .ok()
+            .flatten()
+    }
+
     fn need(&self, g: &Grant, scope: Scope) -> Result<(), Status> {
         if g.allows(scope) {
             Ok(())
@@ -690,17 +714,8 @@ impl FlightService for Flight {
         };
         let (schema, batches): (SchemaRef, _) = match t.path.as_slice() {
             [a, key] if a == "audiences" => {
+                // (a kept version is answered by `frames::FlightWithFrames` before this)
                 let v = self.version(&g.space, key, Some(t.version)).await?;
-                // a version pulled before: its encoded messages, sent as they are
-                if let Some(data) =
-                    crate::export::membership_flight_data(&self.store, &g.space, &v, &self.serving)
-                        .await
-                        .map_err(internal)?
-                {
-                    let n = data.len();
-                    let messages = futures::stream::iter((0..n).map(move |i| Ok(data[i].clone())));
-                    return Ok(Response::new(messages.boxed()));
-                }
                 let (schema, batches) =
                     crate::export::membership_stream(&self.store, &g.space, &v, &self.serving)
                         .await

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod flight;
+pub(crate) mod frames;
 pub mod http;
 pub mod manage;
 pub mod profile_api;
@@ -118,9 +119,11 @@ pub async fn run(store: &Store, config: Config, opts: ServeOptions) -> Result<()
         config: Arc::clone(&config),
         query_memory: opts.query_memory,
     };
-    let svc = FlightServiceServer::new(flight)
+    let flight = Arc::new(flight);
+    let svc = FlightServiceServer::from_arc(Arc::clone(&flight))
         .max_decoding_message_size(MAX_GRPC_MESSAGE)
         .max_encoding_message_size(usize::MAX);
+    let svc = frames::FlightWithFrames::new(flight, svc);
     let mut stop = stop_rx.clone();
     let flight_task = tokio::spawn(async move {
         tonic::transport::Server::builder()

@@ -248,9 +248,17 @@ impl CommitLog {
         }
     }
 
-    /// All committed entries, in version order: the entries the latest checkpoint holds (from
-    /// the store's cache when every one is there), then one object per later entry.
+    /// All committed entries, in version order. When this store read the log before, and the
+    /// latest version's object is unchanged and has no successor (two concurrent HEADs), the
+    /// entries read then. Otherwise the log is listed: the entries the latest checkpoint holds
+    /// (from the store's cache when every one is there), then one object per later entry.
     pub async fn entries(&self) -> Result<Vec<CommitEntry>> {
+        let dir = keys::log_dir(&self.space, self.table).path().to_string();
+        if let Some(tail) = self.store.log_tail(&dir)
+            && self.tail_is_current(&tail).await
+        {
+            return Ok((*tail.entries).clone());
+        }
         let (versions, checkpoints) = self.versions().await?;
         let mut out = Vec::with_capacity(versions.len());
         let mut covered = 0;
@@ -306,7 +314,30 @@ impl CommitLog {
         {
             out.push(e);
         }
+        // versions 1..=v all read: later calls may start from them
+        if let Some((v, meta)) = versions.last()
+            && out.len() as u64 == *v
+        {
+            let tail = super::LogTail {
+                version: *v,
+                meta: meta.clone(),
+                entries: std::sync::Arc::new(out.clone()),
+            };
+            self.store.keep_log_tail(dir, tail);
+        }
         Ok(out)
+    }
+
+    /// Whether `tail` still holds every entry: its latest version's object is the one read
+    /// then and the next version does not exist (a version is only put after the one before
+    /// it, so none later exists either). Any doubt, an error included, answers false.
+    async fn tail_is_current(&self, tail: &super::LogTail) -> bool {
+        let os = self.store.object_store();
+        let last = keys::log_entry(&self.space, self.table, tail.version);
+        let next = keys::log_entry(&self.space, self.table, tail.version + 1);
+        let (last, next) = futures::join!(os.head(last.path()), os.head(next.path()));
+        matches!(next, Err(object_store::Error::NotFound { .. }))
+            && last.is_ok_and(|m| same_object(&m, &tail.meta))
     }
 
     /// The entries of checkpoint `version`: exactly versions 1..=version, in order.
@@ -518,6 +549,17 @@ impl CommitLog {
     }
 }
 
+/// Whether two metadata of one key, from a listing or a HEAD, describe the same object: the
+/// same entity tag when both have one (S3's listing and HEAD agree on it, not on the precision
+/// of the modification time), else the same modification time; and the same size.
+fn same_object(a: &object_store::ObjectMeta, b: &object_store::ObjectMeta) -> bool {
+    a.size == b.size
+        && match (&a.e_tag, &b.e_tag) {
+            (Some(x), Some(y)) => x == y,
+            _ => a.last_modified == b.last_modified,
+        }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -562,5 +604,56 @@ mod tests {
         assert_eq!(paths, vec!["y", "z"]);
         let s1 = log.snapshot_at(1).await.unwrap();
         assert_eq!(s1.files.len(), 2);
+    }
+
+    /// The entries a store keeps from its last read follow commits of another process (a
+    /// second store on the same directory, with caches of its own) and an entry rewritten in
+    /// place, as a listing does.
+    #[tokio::test]
+    async fn kept_entries_follow_other_writers_and_rewritten_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = dir.path().to_str().unwrap();
+        let (a, b) = (
+            Store::open(url, &Default::default()).unwrap(),
+            Store::open(url, &Default::default()).unwrap(),
+        );
+        let table = TableName::Named("t");
+        let (la, lb) = (
+            CommitLog::new(&a, &Space::default(), table),
+            CommitLog::new(&b, &Space::default(), table),
+        );
+        let draft = |op: &str| {
+            let op = op.to_string();
+            move |_: &Snapshot| {
+                Ok(CommitDraft {
+                    operation: op.clone(),
+                    adds: vec![add(&op)],
+                    ..Default::default()
+                })
+            }
+        };
+        let ops =
+            |es: Vec<CommitEntry>| -> Vec<String> { es.into_iter().map(|e| e.operation).collect() };
+        la.commit(draft("one")).await.unwrap();
+        assert_eq!(ops(la.entries().await.unwrap()), ["one"]);
+        assert!(
+            a.log_tail(&keys::log_dir(&Space::default(), table).path().to_string())
+                .is_some()
+        );
+        assert_eq!(ops(la.entries().await.unwrap()), ["one"], "kept");
+        lb.commit(draft("two")).await.unwrap();
+        lb.commit(draft("three")).await.unwrap();
+        assert_eq!(ops(la.entries().await.unwrap()), ["one", "two", "three"]);
+        // the latest entry rewritten in place (only a broken writer does that) is read again
+        let key = keys::log_entry(&Space::default(), table, 3);
+        let mut e = lb.entries().await.unwrap().pop().unwrap();
+        e.operation = "THREE".into(); // same size: the entity tag tells
+        a.object_store()
+            .put(key.path(), serde_json::to_vec(&e).unwrap().into())
+            .await
+            .unwrap();
+        let got = ops(la.entries().await.unwrap());
+        assert_eq!(got, ["one", "two", "THREE"]);
+        assert_eq!(ops(lb.entries().await.unwrap()), got);
     }
 }

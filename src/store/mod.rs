@@ -39,6 +39,18 @@ pub struct Store {
     /// Commit log entries already read, by object path, with the listing's tag of the object
     /// they were read from (entries are written once; a different tag reads it again).
     log_entries: Arc<std::sync::Mutex<LogEntryCache>>,
+    /// The latest entries of each commit log read, by log directory.
+    log_tails: Arc<std::sync::Mutex<std::collections::HashMap<String, LogTail>>>,
+}
+
+/// All entries of one commit log as of its latest version, and the listing's metadata of that
+/// version's object: while the object is unchanged and no next version exists, these are
+/// still all the entries (versions are committed in order, each put only if absent).
+#[derive(Debug, Clone)]
+pub(crate) struct LogTail {
+    pub version: u64,
+    pub meta: object_store::ObjectMeta,
+    pub entries: Arc<Vec<log::CommitEntry>>,
 }
 
 /// Parsed commit log entries of a store, shared by its clones.
@@ -106,6 +118,7 @@ impl Store {
             inner,
             url: url.to_string(),
             log_entries: Default::default(),
+            log_tails: Default::default(),
         })
     }
 
@@ -115,6 +128,7 @@ impl Store {
             inner: Arc::new(InMemory::new()),
             url: "memory://".into(),
             log_entries: Default::default(),
+            log_tails: Default::default(),
         }
     }
 
@@ -134,6 +148,20 @@ impl Store {
                 cache.clear();
             }
             cache.insert(path, (tag, entry));
+        }
+    }
+
+    /// The entries of the commit log in `dir` as last read.
+    pub(crate) fn log_tail(&self, dir: &str) -> Option<LogTail> {
+        self.log_tails.lock().ok()?.get(dir).cloned()
+    }
+
+    /// Remember the entries of the commit log in `dir` (a later version replaces an earlier).
+    pub(crate) fn keep_log_tail(&self, dir: String, tail: LogTail) {
+        if let Ok(mut tails) = self.log_tails.lock() {
+            if tails.get(&dir).is_none_or(|t| t.version <= tail.version) {
+                tails.insert(dir, tail);
+            }
         }
     }
 

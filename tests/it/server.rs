@@ -139,6 +139,11 @@ info = c.get_flight_info(fl.FlightDescriptor.for_path('audiences', key), opts)
 t = c.do_get(info.endpoints[0].ticket, opts).read_all()
 out['schema'] = [f.name + ':' + str(f.type) for f in t.schema]
 out['rows'] = t.to_pylist()
+# the same version again: the server now writes its kept, pre-encoded messages
+kept = info.endpoints[0].ticket
+again = [c.do_get(kept, opts).read_all() for _ in range(2)]
+out['rows_again'] = [a.to_pylist() for a in again]
+out['schema_again'] = [str(a.schema) == str(t.schema) for a in again]
 info = c.get_flight_info(fl.FlightDescriptor.for_path('audiences', key, 'changes', '0'), opts)
 out['changes'] = c.do_get(info.endpoints[0].ticket, opts).read_all().to_pylist()
 out['actions'] = sorted(a.type for a in c.list_actions(opts))
@@ -177,6 +182,9 @@ o, oopts = client('other-token')
 out['other_space'] = code(lambda: o.get_flight_info(fl.FlightDescriptor.for_path('audiences', key), oopts))
 out['missing'] = code(lambda: c.get_flight_info(fl.FlightDescriptor.for_path('audiences', 'no_such'), opts))
 out['other_space_flights'] = len(list(o.list_flights(options=oopts)))
+out['kept_no_token'] = code(lambda: plain.do_get(kept).read_all())
+out['kept_bad_bearer'] = code(lambda: plain.do_get(kept, fl.FlightCallOptions(headers=[(b'authorization', b'Bearer nope')])).read_all())
+out['kept_other_space'] = code(lambda: o.do_get(kept, oopts).read_all())
 print(json.dumps(out, default=str))
 "#;
 
@@ -387,6 +395,19 @@ fn tracking_api_and_flight_with_real_clients() {
         missing.replace("no_such", "KEY")
     );
     assert_eq!(out["other_space_flights"], 0);
+    // Pulls of a kept version (pre-encoded frames) give the first pull's table, and are
+    // refused as any other call is.
+    assert_eq!(out["rows_again"], serde_json::json!([rows_of, rows_of]));
+    assert_eq!(out["schema_again"], serde_json::json!([true, true]));
+    assert_eq!(out["kept_no_token"], "unauthenticated", "{out}");
+    assert_eq!(out["kept_bad_bearer"], "unauthenticated", "{out}");
+    assert_eq!(
+        out["kept_other_space"]
+            .as_str()
+            .unwrap()
+            .replace("buyers", "KEY"),
+        missing.replace("no_such", "KEY")
+    );
 
     // Exports: the CLI, HTTP and Flight give the same rows, and those equal an independent
     // rendering of the memberships and identities (Python's csv, json and hashlib).
