@@ -192,7 +192,7 @@ impl Basis {
 /// Every version of every key, in commit order.
 pub fn versions(snap: &Snapshot) -> Vec<VersionRef> {
     let mut out = Vec::new();
-    for e in &snap.entries {
+    for e in snap.entries.iter() {
         // A refresh commits the versions of several keys in one entry.
         if let Some(items) = e.info.get("versions").and_then(|v| v.as_array()) {
             for it in items {
@@ -255,7 +255,7 @@ pub fn versions(snap: &Snapshot) -> Vec<VersionRef> {
 /// nothing to change for it.
 pub fn bases(snap: &Snapshot) -> BTreeMap<String, Basis> {
     let mut out = BTreeMap::new();
-    for e in &snap.entries {
+    for e in snap.entries.iter() {
         let mut one = |it: &serde_json::Value| {
             if let (Some(k), Some(b)) = (
                 it.get("key").and_then(|v| v.as_str()),

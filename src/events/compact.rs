@@ -139,7 +139,7 @@ pub async fn compact(
     let log = CommitLog::new(store, space, TableName::Events);
     let snap = log.snapshot().await?;
     let mut eligible_paths = std::collections::HashSet::new();
-    for e in &snap.entries {
+    for e in snap.entries.iter() {
         if e.operation == "compact" || e.version <= upto {
             eligible_paths.extend(e.adds.iter().map(|f| f.path.as_str()));
         }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, ListArray, StringArray, UInt32Array};
 use arrow::buffer::OffsetBuffer;
+use object_store::ObjectStoreExt;
 use arrow::datatypes::{DataType, Field, Int64Type};
 
 use crate::error::{Error, Result};
@@ -42,9 +43,36 @@ impl IdIndex {
 
     /// Build the index of the space's current identity version with only the ids of type
     /// `only` (all types when None).
+    ///
+    /// The full index of a version is kept in the store once built (see [`persisted_key`]),
+    /// and later loads of that version, whatever `only`, read it instead of the identities.
     pub async fn load_types(store: &Store, space: &Space, only: Option<&str>) -> Result<IdIndex> {
         let started = std::time::Instant::now();
         let snap = CommitLog::new(store, space, IDENTITY).snapshot().await?;
+        let kept = snap
+            .entries
+            .last()
+            .map(|e| persisted_key(space, snap.version, &e.attempt_id));
+        if let Some(key) = &kept {
+            match read_persisted(store, key, snap.version).await {
+                Ok(Some(ix)) => {
+                    tracing::debug!(
+                        space = %space.as_str(),
+                        version = snap.version,
+                        ids = ix.values.len(),
+                        millis = started.elapsed().as_millis() as u64,
+                        "external id index read"
+                    );
+                    return Ok(ix);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(
+                    key = %key,
+                    error = %e,
+                    "kept external id index unreadable; building it again"
+                ),
+            }
+        }
         // the checkpoint's rows (less those of dirty profiles) and the delta's
         let (base, delta) = crate::identity::persist::table_files(&snap, "identities");
         let dirty = crate::identity::persist::Dirty::read(store, &snap).await?;
@@ -137,6 +165,12 @@ impl IdIndex {
             millis = started.elapsed().as_millis() as u64,
             "external id index built"
         );
+        if let (Some(key), None) = (&kept, only) {
+            // a failure only costs the next load a build
+            if let Err(e) = persist(store, space, key, &ix).await {
+                tracing::warn!(key = %key, error = %e, "external id index not kept");
+            }
+        }
         Ok(ix)
     }
 
@@ -224,6 +258,124 @@ impl IdIndex {
     }
 }
 
+/// Where the full index of identity version `version` is kept: derived data beside the
+/// tables, not committed. The name holds the attempt id of the version's commit, so a store
+/// rebuilt with the same version numbers never finds another graph's index.
+fn persisted_key(space: &Space, version: u64, attempt: &str) -> Key {
+    Key::from_committed(&format!(
+        "{}/_derived/id_index/{version:020}-{attempt}.arrow",
+        crate::store::keys::space_dir(space)
+    ))
+}
+
+/// Schema of a kept index: one row per entry, sorted by (profile, type, value); the type
+/// names in the metadata.
+fn persisted_schema(types: &[String]) -> Result<arrow::datatypes::SchemaRef> {
+    let meta = [("types".to_string(), serde_json::to_string(types)?)].into();
+    Ok(Arc::new(
+        arrow::datatypes::Schema::new(vec![
+            Field::new("profile_idx", DataType::UInt32, false),
+            Field::new("type", DataType::UInt16, false),
+            Field::new("value", DataType::Utf8, false),
+        ])
+        .with_metadata(meta),
+    ))
+}
+
+/// Keep `ix` at `key` (an Arrow IPC file), then delete the kept indexes of earlier versions.
+async fn persist(store: &Store, space: &Space, key: &Key, ix: &IdIndex) -> Result<()> {
+    use arrow::array::{UInt16Array, UInt32Array};
+    let profile: UInt32Array = (0..ix.offsets.len().saturating_sub(1))
+        .flat_map(|p| {
+            let n = (ix.offsets[p + 1] - ix.offsets[p]) as usize;
+            std::iter::repeat_n(p as u32, n)
+        })
+        .collect();
+    let batch = arrow::array::RecordBatch::try_new(
+        persisted_schema(&ix.types)?,
+        vec![
+            Arc::new(profile),
+            Arc::new(UInt16Array::from(ix.type_of.clone())),
+            Arc::new(ix.values.clone()),
+        ],
+    )?;
+    let mut buf = Vec::with_capacity(batch.get_array_memory_size() + 4096);
+    let mut w = arrow::ipc::writer::FileWriter::try_new(&mut buf, &batch.schema())?;
+    w.write(&batch)?;
+    w.finish()?;
+    drop(w);
+    store.put(key, buf.into()).await?;
+    // earlier versions' indexes: nobody loads them again (a reader racing this falls back)
+    use futures::TryStreamExt;
+    let dir = object_store::path::Path::from(format!(
+        "{}/_derived/id_index",
+        crate::store::keys::space_dir(space)
+    ));
+    let os = store.object_store();
+    let old: Vec<object_store::ObjectMeta> = os.list(Some(&dir)).try_collect().await?;
+    for m in old {
+        if m.location != *key.path() && m.location.as_ref() < key.path().as_ref() {
+            let _ = os.delete(&m.location).await;
+        }
+    }
+    Ok(())
+}
+
+/// The index kept at `key`, if any; an error when the object is not a well-formed index.
+async fn read_persisted(store: &Store, key: &Key, version: u64) -> Result<Option<IdIndex>> {
+    let bytes = match store.object_store().get(key.path()).await {
+        Ok(r) => r.bytes().await?,
+        Err(object_store::Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    tokio::task::spawn_blocking(move || decode_persisted(bytes, version).map(Some))
+        .await
+        .map_err(|e| Error::Usage(format!("reading the external id index failed: {e}")))?
+}
+
+fn decode_persisted(bytes: bytes::Bytes, version: u64) -> Result<IdIndex> {
+    use arrow::datatypes::{UInt16Type, UInt32Type};
+    let bad = |why: &str| Error::Usage(format!("not an external id index: {why}"));
+    let reader = arrow::ipc::reader::FileReader::try_new(std::io::Cursor::new(bytes), None)?;
+    let schema = reader.schema();
+    let types: Vec<String> = serde_json::from_str(
+        schema
+            .metadata()
+            .get("types")
+            .ok_or_else(|| bad("no type names"))?,
+    )?;
+    if schema.fields().len() != 3 || *schema != *persisted_schema(&types)? {
+        return Err(bad("unexpected columns"));
+    }
+    let batches = reader.collect::<std::result::Result<Vec<_>, _>>()?;
+    let batch = arrow::compute::concat_batches(&schema, &batches)?;
+    let profile = batch.column(0).as_primitive::<UInt32Type>().values();
+    let type_of: Vec<u16> = batch.column(1).as_primitive::<UInt16Type>().values().to_vec();
+    if type_of.iter().any(|t| *t as usize >= types.len()) {
+        return Err(bad("a type outside the type names"));
+    }
+    let profiles = profile.last().map_or(0, |p| *p as usize + 1);
+    let mut offsets = vec![0u32; profiles + 1];
+    let mut prev = 0u32;
+    for p in profile.iter() {
+        if *p < prev {
+            return Err(bad("entries not sorted by profile"));
+        }
+        prev = *p;
+        offsets[*p as usize + 1] += 1;
+    }
+    for i in 1..offsets.len() {
+        offsets[i] += offsets[i - 1];
+    }
+    Ok(IdIndex {
+        version,
+        types,
+        offsets,
+        type_of,
+        values: batch.column(2).as_string::<i32>().clone(),
+    })
+}
+
 /// `(id_type, id_value, profile_idx)` of row groups `groups` of one identities file.
 fn read_ids(
     bytes: bytes::Bytes,
@@ -304,8 +456,11 @@ fn build(version: u64, parts: Vec<(StringArray, StringArray, Vec<i64>)>) -> Resu
     ty.iter_mut().for_each(|t| *t = rank[*t as usize]);
     types.sort();
     let values: Vec<&StringArray> = parts.iter().map(|(_, v, _)| v).collect();
-    let values =
-        arrow::compute::concat(&values.iter().map(|v| *v as &dyn Array).collect::<Vec<_>>())?;
+    let values: ArrayRef = if values.is_empty() {
+        Arc::new(StringArray::from(Vec::<&str>::new()))
+    } else {
+        arrow::compute::concat(&values.iter().map(|v| *v as &dyn Array).collect::<Vec<_>>())?
+    };
     let values = values.as_string::<i32>();
     let profiles = if n == 0 { 0 } else { max_p as usize + 1 };
     let mut offsets = vec![0u32; profiles + 1];
@@ -500,5 +655,54 @@ mod tests {
             }
             assert_eq!(max[ti], m);
         }
+    }
+
+    /// A kept index reads back as the one built; a kept one of an earlier version is deleted;
+    /// a missing one is None and a broken one an error (the load then builds the index).
+    #[tokio::test]
+    async fn a_kept_index_reads_back_as_built() {
+        let (store, space) = (Store::memory(), Space::default());
+        let part = (
+            StringArray::from(vec!["email", "user_id", "email", "anonymous_id", "email"]),
+            StringArray::from(vec!["b@x", "u-4", "a@x", "an-1", "c@x"]),
+            vec![4, 4, 4, 1, 2],
+        );
+        let ix = build(2, vec![part]).unwrap();
+        let (older, key) = (
+            persisted_key(&space, 1, "attempt-a"),
+            persisted_key(&space, 2, "attempt-b"),
+        );
+        store.put(&older, "old".into()).await.unwrap();
+        persist(&store, &space, &key, &ix).await.unwrap();
+        let back = read_persisted(&store, &key, 2).await.unwrap().unwrap();
+        assert_eq!(back.types, ["anonymous_id", "email", "user_id"]);
+        let groups = |p: i64| -> Vec<(usize, Vec<String>)> {
+            back.groups(Some(p))
+                .map(|(t, vs)| (t, vs.into_iter().map(String::from).collect()))
+                .collect()
+        };
+        assert_eq!(groups(1), [(0, vec!["an-1".to_string()])]);
+        assert_eq!(groups(2), [(1, vec!["c@x".to_string()])]);
+        assert_eq!(
+            groups(4),
+            [
+                (1, vec!["a@x".to_string(), "b@x".to_string()]),
+                (2, vec!["u-4".to_string()])
+            ]
+        );
+        assert!(groups(0).is_empty() && groups(3).is_empty() && groups(5).is_empty());
+        assert_eq!(
+            (&back.offsets, &back.type_of, &back.values, back.version),
+            (&ix.offsets, &ix.type_of, &ix.values, 2)
+        );
+        assert!(read_persisted(&store, &older, 1).await.unwrap().is_none());
+        store.put(&key, "not an index".into()).await.unwrap();
+        assert!(read_persisted(&store, &key, 2).await.is_err());
+        // no ids at all
+        let empty = build(3, vec![]).unwrap();
+        let key = persisted_key(&space, 3, "attempt-c");
+        persist(&store, &space, &key, &empty).await.unwrap();
+        let back = read_persisted(&store, &key, 3).await.unwrap().unwrap();
+        assert_eq!((back.offsets, back.values.len()), (vec![0], 0));
     }
 }

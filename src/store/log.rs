@@ -8,6 +8,7 @@
 //! (written, but the writer saw an error) is recognised on re-read and never committed twice.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use futures::TryStreamExt;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
@@ -103,8 +104,8 @@ pub struct Snapshot {
     pub version: u64,
     /// Live files.
     pub files: Vec<FileAdd>,
-    /// Every entry up to `version`.
-    pub entries: Vec<CommitEntry>,
+    /// Every entry up to `version` (shared by the clones of a snapshot).
+    pub entries: Arc<Vec<CommitEntry>>,
 }
 
 impl Snapshot {
@@ -124,7 +125,7 @@ impl Snapshot {
         Snapshot {
             version: entries.last().map_or(0, |e| e.version),
             files: files.into_iter().map(|(_, _, f)| f).collect(),
-            entries,
+            entries: Arc::new(entries),
         }
     }
 }
@@ -253,11 +254,17 @@ impl CommitLog {
     /// entries read then. Otherwise the log is listed: the entries the latest checkpoint holds
     /// (from the store's cache when every one is there), then one object per later entry.
     pub async fn entries(&self) -> Result<Vec<CommitEntry>> {
+        Ok(self.current().await?.entries.as_ref().clone())
+    }
+
+    /// The latest snapshot: the one this store replayed before while the log's tail says it is
+    /// still current (see [`CommitLog::entries`]), else replayed from the entries.
+    async fn current(&self) -> Result<Arc<Snapshot>> {
         let dir = keys::log_dir(&self.space, self.table).path().to_string();
         if let Some(tail) = self.store.log_tail(&dir)
             && self.tail_is_current(&tail).await
         {
-            return Ok((*tail.entries).clone());
+            return Ok(tail.snapshot);
         }
         let (versions, checkpoints) = self.versions().await?;
         let mut out = Vec::with_capacity(versions.len());
@@ -314,18 +321,18 @@ impl CommitLog {
         {
             out.push(e);
         }
+        let complete = versions.last().filter(|(v, _)| out.len() as u64 == *v);
+        let snapshot = Arc::new(Snapshot::replay(out));
         // versions 1..=v all read: later calls may start from them
-        if let Some((v, meta)) = versions.last()
-            && out.len() as u64 == *v
-        {
+        if let Some((v, meta)) = complete {
             let tail = super::LogTail {
                 version: *v,
                 meta: meta.clone(),
-                entries: std::sync::Arc::new(out.clone()),
+                snapshot: Arc::clone(&snapshot),
             };
             self.store.keep_log_tail(dir, tail);
         }
-        Ok(out)
+        Ok(snapshot)
     }
 
     /// Whether `tail` still holds every entry: its latest version's object is the one read
@@ -402,14 +409,17 @@ impl CommitLog {
 
     /// The latest committed snapshot.
     pub async fn snapshot(&self) -> Result<Snapshot> {
-        Ok(Snapshot::replay(self.entries().await?))
+        Ok(self.current().await?.as_ref().clone())
     }
 
     /// The snapshot as of `version` (entries after it are ignored).
     pub async fn snapshot_at(&self, version: u64) -> Result<Snapshot> {
-        let mut entries = self.entries().await?;
-        entries.retain(|e| e.version <= version);
-        Ok(Snapshot::replay(entries))
+        let current = self.current().await?;
+        if current.version <= version {
+            return Ok(current.as_ref().clone());
+        }
+        let entries = current.entries.iter().filter(|e| e.version <= version);
+        Ok(Snapshot::replay(entries.cloned().collect()))
     }
 
     /// Commit a draft built from the current snapshot.

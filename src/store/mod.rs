@@ -43,14 +43,14 @@ pub struct Store {
     log_tails: Arc<std::sync::Mutex<std::collections::HashMap<String, LogTail>>>,
 }
 
-/// All entries of one commit log as of its latest version, and the listing's metadata of that
-/// version's object: while the object is unchanged and no next version exists, these are
-/// still all the entries (versions are committed in order, each put only if absent).
+/// The snapshot of one commit log at its latest version, and the listing's metadata of that
+/// version's object: while the object is unchanged and no next version exists, it is still
+/// the latest snapshot (versions are committed in order, each put only if absent).
 #[derive(Debug, Clone)]
 pub(crate) struct LogTail {
     pub version: u64,
     pub meta: object_store::ObjectMeta,
-    pub entries: Arc<Vec<log::CommitEntry>>,
+    pub snapshot: Arc<log::Snapshot>,
 }
 
 /// Parsed commit log entries of a store, shared by its clones.

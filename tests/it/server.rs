@@ -411,6 +411,9 @@ fn tracking_api_and_flight_with_real_clients() {
 
     // Exports: the CLI, HTTP and Flight give the same rows, and those equal an independent
     // rendering of the memberships and identities (Python's csv, json and hashlib).
+    // The first CLI export builds the external id index and keeps it, the others read it.
+    let kept = std::path::Path::new(store).join("spaces/default/_derived/id_index");
+    let _ = std::fs::remove_dir_all(&kept);
     let mut cli = serde_json::Map::new();
     for (name, args) in [
         ("unformatted", vec!["--format", "unformatted"]),
@@ -424,6 +427,8 @@ fn tracking_api_and_flight_with_real_clients() {
         let mut a = vec!["export", "buyers"];
         a.extend(args);
         cli.insert(name.into(), serde_json::Value::String(run_ok(store, &a)));
+        let files = std::fs::read_dir(&kept).map_or(0, |d| d.count());
+        assert_eq!(files, 1, "one kept index after the {name} export");
     }
     let ids = run_ok(
         store,
