@@ -918,19 +918,19 @@ async fn export(g: &Global, a: &ExportArgs) -> Result<i32> {
         );
         return Ok(1);
     };
-    let (schema, batches) =
-        crate::export::export_stream(&store, &space, &v, &format, &Default::default()).await?;
+    let chunks =
+        crate::export::export_csv(&store, &space, &v, &format, &Default::default()).await?;
     let rows = match &a.output {
         Some(p) => {
             let mut f =
                 std::io::BufWriter::new(std::fs::File::create(p).map_err(|e| Error::io(p, e))?);
-            let n = crate::export::write_csv(schema, batches, &mut f).await?;
+            let n = crate::export::write_chunks(chunks, &mut f).await?;
             std::io::Write::flush(&mut f).map_err(|e| Error::io(p, e))?;
             n
         }
         None => {
             let mut out = std::io::BufWriter::new(std::io::stdout());
-            let n = crate::export::write_csv(schema, batches, &mut out).await?;
+            let n = crate::export::write_chunks(chunks, &mut out).await?;
             std::io::Write::flush(&mut out).map_err(|e| Error::io("stdout", e))?;
             n
         }

@@ -36,6 +36,12 @@ pub use ids::{IdIndex, IdIndexCache};
 /// Rows per streamed batch.
 pub const BATCH_ROWS: usize = 8192;
 
+/// Chunks built at once by the export streams: one per core, and one more so that the cores
+/// stay busy while the consumer writes the oldest.
+fn in_flight() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()) + 1
+}
+
 /// A stream of record batches.
 pub type Batches = BoxStream<'static, Result<RecordBatch>>;
 
@@ -119,7 +125,7 @@ struct SortedMembers {
 /// Read the members file of version `v` (written sorted by member key; sorted here if not).
 async fn sorted_members(store: &Store, v: &VersionRef) -> Result<SortedMembers> {
     let started = std::time::Instant::now();
-    let batches: Vec<RecordBatch> = crate::compute::read_file(store, &v.data)
+    let batches: Vec<RecordBatch> = crate::compute::read_file_parallel(store, &v.data)
         .await?
         .iter()
         .map(|b| crate::compute::conform(b, "members"))
@@ -176,12 +182,9 @@ async fn members_and_ids(
     v: &VersionRef,
     cache: &ServingCache,
 ) -> Result<(SortedMembers, Option<Arc<IdIndex>>)> {
-    let members = sorted_members(store, v).await?;
-    let index = if members.accounts {
-        None
-    } else {
-        Some(cache.ids.get(store, space).await?)
-    };
+    // both at once: an account audience drops the index it did not need
+    let (members, index) = tokio::try_join!(sorted_members(store, v), cache.ids.get(store, space))?;
+    let index = (!members.accounts).then_some(index);
     Ok((members, index))
 }
 
@@ -482,6 +485,15 @@ async fn single_stream(
 fn push_json_str(out: &mut String, v: &str) {
     use std::fmt::Write;
     out.push('"');
+    // no early exit: the whole scan vectorizes
+    if !v
+        .bytes()
+        .fold(false, |e, b| e | (b < 0x20) | (b == b'"') | (b == b'\\'))
+    {
+        out.push_str(v);
+        out.push('"');
+        return;
+    }
     let mut plain = 0; // start of the run not yet copied
     for (i, b) in v.bytes().enumerate() {
         let esc = match b {
@@ -507,8 +519,8 @@ fn push_json_str(out: &mut String, v: &str) {
     out.push('"');
 }
 
-/// Batches of `n` rows built by `build(start, len)` on blocking threads, two in flight (the
-/// consumer writes one while the next is built), in order.
+/// Batches of `n` rows built by `build(start, len)` on blocking threads, [`in_flight`] at a
+/// time (the consumer writes one while the next are built), in order.
 fn blocking_batches(
     n: usize,
     build: impl Fn(usize, usize) -> Result<RecordBatch> + Send + Sync + 'static,
@@ -523,7 +535,7 @@ fn blocking_batches(
                     .map_err(|e| Error::Usage(format!("export batch failed: {e}")))?
             }
         })
-        .buffered(2)
+        .buffered(in_flight())
         .boxed()
 }
 
@@ -543,67 +555,323 @@ pub async fn export_stream(
         Format::Formatted => true,
         Format::Unformatted => false,
     };
-    let (SortedMembers { keys, idx, .. }, index) = members_and_ids(store, space, v, cache).await?;
-    let types = index.as_ref().map(|i| i.types.clone()).unwrap_or_default();
-    let counts = match (&index, formatted) {
-        (Some(ix), true) => ix.max_counts(idx.iter().copied()),
-        _ => vec![0; types.len()],
+    let rows = Arc::new(Rows::load(store, space, v, formatted, cache).await?);
+    let schema = Arc::clone(&rows.schema);
+    let stream = blocking_batches(rows.keys.len(), move |start, len| rows.batch(start, len));
+    Ok((schema, stream))
+}
+
+/// An export of one committed version as CSV chunks with their row counts ([`csv_chunks`] of
+/// [`export_stream`]); `formatted` and `unformatted` rows are written as CSV text directly,
+/// without Arrow columns and a CSV encoder in between (the same bytes).
+pub async fn export_csv(
+    store: &Store,
+    space: &Space,
+    v: &VersionRef,
+    format: &Format,
+    cache: &Arc<ServingCache>,
+) -> Result<BoxStream<'static, Result<(bytes::Bytes, u64)>>> {
+    let formatted = match format {
+        Format::Single { .. } => {
+            let (schema, batches) = export_stream(store, space, v, format, cache).await?;
+            return Ok(csv_chunks(schema, batches));
+        }
+        Format::Formatted => true,
+        Format::Unformatted => false,
     };
-    let utf8 = |n: &str| Field::new(n, DataType::Utf8, false);
-    let mut fields = vec![utf8("key"), utf8("external_ids")];
-    let mut extra: Vec<(usize, usize)> = Vec::new(); // (type index, value index)
-    for (ti, t) in types.iter().enumerate() {
-        for i in 0..counts[ti] {
-            let name = if i == 0 {
-                t.clone()
-            } else {
-                format!("{t}_{i}")
-            };
-            fields.push(Field::new(&name, DataType::Utf8, true));
-            extra.push((ti, i));
+    let rows = Arc::new(Rows::load(store, space, v, formatted, cache).await?);
+    let n = rows.keys.len();
+    if n == 0 {
+        let header = rows.csv(0, 0, true);
+        return Ok(futures::stream::once(async move { header }).boxed());
+    }
+    Ok(futures::stream::iter((0..n).step_by(BATCH_ROWS))
+        .map(move |start| {
+            let rows = Arc::clone(&rows);
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    rows.csv(start, BATCH_ROWS.min(n - start), start == 0)
+                })
+                .await
+                .map_err(|e| Error::Usage(format!("CSV export failed: {e}")))?
+            }
+        })
+        .buffered(in_flight())
+        .boxed())
+}
+
+/// The rows of a `formatted` or `unformatted` export: the members in key order with the
+/// space's external id index, and the export's columns.
+struct Rows {
+    keys: StringArray,
+    idx: Vec<Option<i64>>,
+    index: Option<Arc<IdIndex>>,
+    types: Vec<String>,
+    /// The indexed id columns (`formatted` only): (type index, value index), sorted.
+    extra: Vec<(usize, usize)>,
+    schema: SchemaRef,
+}
+
+impl Rows {
+    async fn load(
+        store: &Store,
+        space: &Space,
+        v: &VersionRef,
+        formatted: bool,
+        cache: &ServingCache,
+    ) -> Result<Rows> {
+        let (SortedMembers { keys, idx, .. }, index) =
+            members_and_ids(store, space, v, cache).await?;
+        Ok(Rows::with(keys, idx, index, formatted))
+    }
+
+    fn with(
+        keys: StringArray,
+        idx: Vec<Option<i64>>,
+        index: Option<Arc<IdIndex>>,
+        formatted: bool,
+    ) -> Rows {
+        let types = index.as_ref().map(|i| i.types.clone()).unwrap_or_default();
+        let counts = match (&index, formatted) {
+            (Some(ix), true) => ix.max_counts(&idx),
+            _ => vec![0; types.len()],
+        };
+        let utf8 = |n: &str| Field::new(n, DataType::Utf8, false);
+        let mut fields = vec![utf8("key"), utf8("external_ids")];
+        let mut extra: Vec<(usize, usize)> = Vec::new();
+        for (ti, t) in types.iter().enumerate() {
+            for i in 0..counts[ti] {
+                let name = if i == 0 {
+                    t.clone()
+                } else {
+                    format!("{t}_{i}")
+                };
+                fields.push(Field::new(&name, DataType::Utf8, true));
+                extra.push((ti, i));
+            }
+        }
+        Rows {
+            keys,
+            idx,
+            index,
+            types,
+            extra,
+            schema: Arc::new(Schema::new(fields)),
         }
     }
-    let schema = Arc::new(Schema::new(fields));
-    let out_schema = Arc::clone(&schema);
-    let n = keys.len();
-    let stream = blocking_batches(n, move |start, len| {
-        let mut ext = StringBuilder::with_capacity(len, len * 160);
-        let mut cols: Vec<StringBuilder> = extra.iter().map(|_| StringBuilder::new()).collect();
-        let mut obj = String::new();
-        let mut vals: Vec<Vec<&str>> = vec![Vec::new(); types.len()];
-        for &p in &idx[start..start + len] {
-            obj.clear();
-            obj.push('{');
-            vals.iter_mut().for_each(Vec::clear);
-            if let Some(ix) = &index {
-                for (ti, vs) in ix.groups(p) {
-                    if obj.len() > 1 {
-                        obj.push(',');
-                    }
-                    push_json_str(&mut obj, &types[ti]);
-                    obj.push_str(":[");
-                    for (i, v) in vs.iter().enumerate() {
-                        if i > 0 {
-                            obj.push(',');
-                        }
-                        push_json_str(&mut obj, v);
-                    }
-                    obj.push(']');
-                    vals[ti] = vs;
-                }
+
+    /// Row `r`'s external ids: the JSON object into `obj`, the (type, value) entries, sorted,
+    /// into `es`.
+    fn row<'a>(&'a self, r: usize, obj: &mut String, es: &mut Vec<(usize, &'a str)>) {
+        obj.clear();
+        es.clear();
+        obj.push('{');
+        if let Some(ix) = &self.index {
+            es.extend(ix.entries(self.idx[r]));
+        }
+        let mut k = 0;
+        while k < es.len() {
+            let t = es[k].0;
+            if k > 0 {
+                obj.push(',');
             }
-            obj.push('}');
+            push_json_str(obj, &self.types[t]);
+            obj.push_str(":[");
+            let first = k;
+            while k < es.len() && es[k].0 == t {
+                if k > first {
+                    obj.push(',');
+                }
+                push_json_str(obj, es[k].1);
+                k += 1;
+            }
+            obj.push(']');
+        }
+        obj.push('}');
+    }
+
+    /// The values of the indexed columns for a row's entries `es`, in column order.
+    fn indexed<'a>(
+        &'a self,
+        es: &'a [(usize, &'a str)],
+    ) -> impl Iterator<Item = Option<&'a str>> + 'a {
+        // entries of one type are contiguous: `at` is the first of the current column's type
+        let mut at = 0;
+        self.extra.iter().map(move |&(t, i)| {
+            while at < es.len() && es[at].0 < t {
+                at += 1;
+            }
+            es.get(at + i).filter(|e| e.0 == t).map(|e| e.1)
+        })
+    }
+
+    /// Rows `start..start + len` as a record batch.
+    fn batch(&self, start: usize, len: usize) -> Result<RecordBatch> {
+        let mut ext = StringBuilder::with_capacity(len, len * 160);
+        let mut cols: Vec<StringBuilder> =
+            self.extra.iter().map(|_| StringBuilder::new()).collect();
+        let (mut obj, mut es) = (String::new(), Vec::new());
+        for r in start..start + len {
+            self.row(r, &mut obj, &mut es);
             ext.append_value(&obj);
-            for (c, (ti, i)) in cols.iter_mut().zip(&extra) {
-                c.append_option(vals[*ti].get(*i));
+            for (c, v) in cols.iter_mut().zip(self.indexed(&es)) {
+                c.append_option(v);
             }
         }
-        let mut arrays: Vec<ArrayRef> =
-            vec![Arc::new(keys.slice(start, len)), Arc::new(ext.finish())];
+        let mut arrays: Vec<ArrayRef> = vec![
+            Arc::new(self.keys.slice(start, len)),
+            Arc::new(ext.finish()),
+        ];
         arrays.extend(cols.iter_mut().map(|c| Arc::new(c.finish()) as ArrayRef));
-        Ok(RecordBatch::try_new(Arc::clone(&out_schema), arrays)?)
-    });
-    Ok((schema, stream))
+        Ok(RecordBatch::try_new(Arc::clone(&self.schema), arrays)?)
+    }
+
+    /// Rows `start..start + len` as CSV text (after the header row when `header`), as the
+    /// Arrow CSV writer writes them: a field with a comma, quote, CR or LF quoted, its quotes
+    /// doubled; a missing value empty; LF after each record.
+    fn csv(&self, start: usize, len: usize, header: bool) -> Result<(bytes::Bytes, u64)> {
+        let mut out: Vec<u8> = Vec::with_capacity(len * 192 + 256);
+        if header {
+            for (i, f) in self.schema.fields().iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                push_csv_field(&mut out, f.name());
+            }
+            out.push(b'\n');
+        }
+        // `"type":[` of each id type, JSON in a quoted CSV field (quotes doubled)
+        let type_keys: Vec<Vec<u8>> = self
+            .types
+            .iter()
+            .map(|t| {
+                let mut j = String::new();
+                push_json_str(&mut j, t);
+                j.push_str(":[");
+                let mut b = Vec::new();
+                push_doubled(&mut b, j.as_bytes());
+                b
+            })
+            .collect();
+        let (ends, types, values) = match &self.index {
+            Some(ix) => ix.gather(&self.idx[start..start + len])?,
+            None => (vec![0; len], vec![], StringArray::from(Vec::<&str>::new())),
+        };
+        let (mut es, mut json) = (Vec::new(), String::new());
+        let mut from = 0;
+        for (r, &end) in (start..start + len).zip(&ends) {
+            push_csv_field(&mut out, self.keys.value(r));
+            out.push(b',');
+            es.clear();
+            es.extend((from..end as usize).map(|e| (types[e] as usize, values.value(e))));
+            from = end as usize;
+            // the JSON object of `row`, written into the field as the CSV writer would quote it
+            if es.is_empty() {
+                out.extend_from_slice(b"{}");
+            } else {
+                out.extend_from_slice(b"\"{");
+                let mut k = 0;
+                while k < es.len() {
+                    let t = es[k].0;
+                    if k > 0 {
+                        out.push(b',');
+                    }
+                    out.extend_from_slice(&type_keys[t]);
+                    let first = k;
+                    while k < es.len() && es[k].0 == t {
+                        if k > first {
+                            out.push(b',');
+                        }
+                        let v = es[k].1;
+                        if plain(v) {
+                            out.extend_from_slice(b"\"\"");
+                            out.extend_from_slice(v.as_bytes());
+                            out.extend_from_slice(b"\"\"");
+                        } else {
+                            json.clear();
+                            push_json_str(&mut json, v);
+                            push_doubled(&mut out, json.as_bytes());
+                        }
+                        k += 1;
+                    }
+                    out.push(b']');
+                }
+                out.extend_from_slice(b"}\"");
+            }
+            for v in self.indexed(&es) {
+                out.push(b',');
+                if let Some(v) = v {
+                    push_csv_field(&mut out, v);
+                }
+            }
+            out.push(b'\n');
+        }
+        Ok((out.into(), len as u64))
+    }
+}
+
+/// Whether `v` is written as it is both in JSON strings and in CSV fields: no control
+/// character, quote, backslash or comma.
+fn plain(v: &str) -> bool {
+    !any_byte(v.as_bytes(), |x| {
+        lt_any(x, 0x20) | eq_any(x, b'"') | eq_any(x, b'\\') | eq_any(x, b',')
+    })
+}
+
+/// Whether `test` finds a byte of `b` it looks for, eight bytes at a time (`test` gets eight
+/// bytes as a little-endian word and answers nonzero when one of them is such a byte; the
+/// tail is padded with a byte no test looks for).
+fn any_byte(b: &[u8], test: impl Fn(u64) -> u64) -> bool {
+    let mut words = b.chunks_exact(8);
+    let mut found = 0;
+    for w in &mut words {
+        found |= test(u64::from_le_bytes([
+            w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7],
+        ]));
+    }
+    let mut tail = [b'a'; 8];
+    tail[..words.remainder().len()].copy_from_slice(words.remainder());
+    (found | test(u64::from_le_bytes(tail))) != 0
+}
+
+const fn bytes8(b: u8) -> u64 {
+    0x0101_0101_0101_0101 * b as u64
+}
+
+/// Nonzero when a byte of `x` is `b` (exact as a boolean).
+fn eq_any(x: u64, b: u8) -> u64 {
+    let y = x ^ bytes8(b);
+    y.wrapping_sub(bytes8(1)) & !y & bytes8(0x80)
+}
+
+/// Nonzero when a byte of `x` is below `n` (`n` at most 128; exact as a boolean).
+fn lt_any(x: u64, n: u8) -> u64 {
+    x.wrapping_sub(bytes8(n)) & !x & bytes8(0x80)
+}
+
+/// `b` with each quote doubled.
+fn push_doubled(out: &mut Vec<u8>, b: &[u8]) {
+    let mut rest = b;
+    while let Some(q) = rest.iter().position(|&c| c == b'"') {
+        out.extend_from_slice(&rest[..=q]);
+        out.push(b'"');
+        rest = &rest[q + 1..];
+    }
+    out.extend_from_slice(rest);
+}
+
+/// One CSV field: quoted, with its quotes doubled, when it holds a comma, quote, CR or LF.
+fn push_csv_field(out: &mut Vec<u8>, v: &str) {
+    let b = v.as_bytes();
+    if !any_byte(b, |x| {
+        eq_any(x, b',') | eq_any(x, b'"') | eq_any(x, b'\r') | eq_any(x, b'\n')
+    }) {
+        out.extend_from_slice(b);
+        return;
+    }
+    out.push(b'"');
+    push_doubled(out, b);
+    out.push(b'"');
 }
 
 /// One batch as CSV text (with the header row when `header`).
@@ -617,7 +885,8 @@ fn encode_csv(b: &RecordBatch, header: bool) -> Result<(bytes::Bytes, u64)> {
 }
 
 /// A stream as CSV text (RFC 4180 quoting, UTF-8, a header row first, even without rows): one
-/// chunk per batch with its row count, encoded on blocking threads two at a time, in order.
+/// chunk per batch with its row count, encoded on blocking threads [`in_flight`] at a time, in
+/// order.
 pub fn csv_chunks(
     schema: SchemaRef,
     batches: Batches,
@@ -630,7 +899,7 @@ pub fn csv_chunks(
                 .await
                 .map_err(|e| Error::Usage(format!("CSV encoding failed: {e}")))?
         })
-        .buffered(2);
+        .buffered(in_flight());
     futures::stream::unfold(
         (encoded.boxed(), Some(schema)),
         |(mut encoded, schema)| async move {
@@ -655,7 +924,14 @@ pub async fn write_csv(
     batches: Batches,
     w: &mut (dyn std::io::Write + Send),
 ) -> Result<u64> {
-    let mut chunks = csv_chunks(schema, batches);
+    write_chunks(csv_chunks(schema, batches), w).await
+}
+
+/// Write CSV chunks ([`export_csv`]) into `w`; returns the rows written.
+pub async fn write_chunks(
+    mut chunks: BoxStream<'static, Result<(bytes::Bytes, u64)>>,
+    w: &mut (dyn std::io::Write + Send),
+) -> Result<u64> {
     let mut rows = 0;
     while let Some(c) = chunks.next().await {
         let (bytes, n) = c?;
@@ -669,6 +945,142 @@ pub async fn write_csv(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The word-at-a-time byte tests agree with byte-by-byte ones on every byte at every
+    /// position of strings of every length up to 20, and next to UTF-8.
+    #[test]
+    fn word_byte_tests_agree_with_bytes() {
+        let slow_plain = |b: &[u8]| {
+            !b.iter()
+                .any(|&c| c < 0x20 || c == b'"' || c == b'\\' || c == b',')
+        };
+        let slow_csv = |b: &[u8]| b.iter().any(|&c| matches!(c, b',' | b'"' | b'\r' | b'\n'));
+        for len in 0..=20usize {
+            for pos in 0..len.max(1) {
+                for c in 0..=255u8 {
+                    let mut v = vec![b'x'; len];
+                    if len > 0 {
+                        v[pos] = c;
+                    }
+                    let csv = any_byte(&v, |x| {
+                        eq_any(x, b',') | eq_any(x, b'"') | eq_any(x, b'\r') | eq_any(x, b'\n')
+                    });
+                    assert_eq!(csv, slow_csv(&v), "{v:?}");
+                    let p = !any_byte(&v, |x| {
+                        lt_any(x, 0x20) | eq_any(x, b'"') | eq_any(x, b'\\') | eq_any(x, b',')
+                    });
+                    assert_eq!(p, slow_plain(&v), "{v:?}");
+                }
+            }
+        }
+        // mixtures of bytes next to the ones looked for (borrows between bytes)
+        let alphabet = [
+            0u8, 1, 0x1f, 0x20, 0x21, b',', b'"', b'\\', b'\r', b'\n', 0x2b, 0x2d, 0x0b, 0x0e,
+            0x5b, 0x5d, 0x7f, 0x80, 0xa2, 0xff, b'a',
+        ];
+        let mut x: u64 = 99;
+        for _ in 0..200_000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let len = (x >> 59) as usize + (x >> 62) as usize;
+            let v: Vec<u8> = (0..len)
+                .map(|i| alphabet[((x >> (i * 2 % 50)) % alphabet.len() as u64) as usize])
+                .collect();
+            let csv = any_byte(&v, |x| {
+                eq_any(x, b',') | eq_any(x, b'"') | eq_any(x, b'\r') | eq_any(x, b'\n')
+            });
+            assert_eq!(csv, slow_csv(&v), "{v:?}");
+            let p = !any_byte(&v, |x| {
+                lt_any(x, 0x20) | eq_any(x, b'"') | eq_any(x, b'\\') | eq_any(x, b',')
+            });
+            assert_eq!(p, slow_plain(&v), "{v:?}");
+        }
+        for s in ["ünï ✓", "ü,", "é\"", "ÿÿÿÿÿÿÿÿ\u{1}"] {
+            assert_eq!(plain(s), slow_plain(s.as_bytes()), "{s}");
+        }
+    }
+
+    /// The CSV text written directly is what the Arrow CSV writer makes of the same rows as
+    /// batches, whole or in chunks, with values that need quoting and JSON escapes.
+    #[test]
+    fn direct_csv_equals_the_arrow_csv_writer() {
+        let tricky = [
+            "plain",
+            "a,b",
+            "say \"hi\"",
+            "line\nbreak",
+            "cr\rx",
+            "",
+            "ünï ✓",
+            "tab\tx",
+            "ctl\u{1}",
+            "back\\slash",
+            "\"",
+            ",",
+            "x@y.z",
+        ];
+        let n = tricky.len();
+        let (mut t, mut val, mut p) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..n {
+            let mut push = |ty: &str, v: &str| {
+                t.push(ty.to_string());
+                val.push(v.to_string());
+                p.push(i as i64);
+            };
+            push("email", tricky[i]);
+            if i % 2 == 0 {
+                push("email", tricky[(i + 3) % n]);
+                push("email", tricky[(i + 7) % n]);
+            }
+            if i % 3 != 0 {
+                push("user_id", tricky[(i + 5) % n]);
+            }
+            if i == 4 {
+                push("odd,\"type\"", "v");
+            }
+        }
+        let index = ids::build(1, vec![(StringArray::from(t), StringArray::from(val), p)]).unwrap();
+        let index = Some(Arc::new(index));
+        let mut keys: Vec<String> = (0..n).map(|i| format!("k-{i}")).collect();
+        keys.extend(["k,none".to_string(), "k\"past".to_string()]);
+        let mut idx: Vec<Option<i64>> = (0..n as i64).map(Some).collect();
+        idx.extend([None, Some(99)]);
+        for formatted in [false, true] {
+            let rows = Rows::with(
+                StringArray::from(keys.clone()),
+                idx.clone(),
+                index.clone(),
+                formatted,
+            );
+            let m = keys.len();
+            for cut in [m, 5] {
+                let direct = [
+                    rows.csv(0, cut, true).unwrap(),
+                    rows.csv(cut, m - cut, false).unwrap(),
+                ];
+                let arrow = [
+                    encode_csv(&rows.batch(0, cut).unwrap(), true).unwrap(),
+                    encode_csv(&rows.batch(cut, m - cut).unwrap(), false).unwrap(),
+                ];
+                assert_eq!(
+                    direct,
+                    arrow,
+                    "formatted {formatted}, cut {cut}:\n{}",
+                    String::from_utf8_lossy(&direct[0].0)
+                );
+            }
+            if formatted {
+                assert!(rows.extra.len() > 3, "several indexed columns");
+            }
+        }
+        // no rows: the header alone
+        let none = Rows::with(StringArray::from(Vec::<&str>::new()), vec![], index, true);
+        assert_eq!(
+            none.csv(0, 0, true).unwrap().0.as_ref(),
+            b"key,external_ids\n"
+        );
+    }
 
     /// A slice of a large batch, copied into its own buffers, is encoded as one Flight message
     /// (the slice itself is cut into many, sized by the buffers it shares) with the same rows.

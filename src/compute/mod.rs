@@ -289,6 +289,37 @@ pub async fn read_file(store: &Store, f: &FileAdd) -> Result<Vec<RecordBatch>> {
     Ok(reader.collect::<std::result::Result<Vec<_>, _>>()?)
 }
 
+/// A whole Parquet file as [`read_file`] reads it, its row groups decoded on every core.
+pub async fn read_file_parallel(store: &Store, f: &FileAdd) -> Result<Vec<RecordBatch>> {
+    use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ParquetRecordBatchReaderBuilder};
+    let bytes = store.get(&Key::from_committed(&f.path)).await?;
+    let meta = ArrowReaderMetadata::load(&bytes, Default::default())?;
+    let groups = meta.metadata().num_row_groups();
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let per = groups.div_ceil(threads).max(1);
+    let tasks: Vec<_> = (0..groups)
+        .step_by(per)
+        .map(|first| {
+            let (bytes, meta) = (bytes.clone(), meta.clone());
+            tokio::task::spawn_blocking(move || {
+                let rg = (first..groups.min(first + per)).collect();
+                let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(bytes, meta)
+                    .with_row_groups(rg)
+                    .build()?;
+                Ok::<_, Error>(reader.collect::<std::result::Result<Vec<_>, _>>()?)
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.extend(
+            t.await
+                .map_err(|e| Error::Usage(format!("reading {} failed: {e}", f.path)))??,
+        );
+    }
+    Ok(out)
+}
+
 /// Current members of an audience: member key → (profile_idx, entered_at).
 pub(crate) async fn current_members(
     store: &Store,

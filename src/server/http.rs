@@ -356,14 +356,13 @@ async fn export(
         Ok(None) => return not_found(),
         Err(e) => return server_error(&e, StatusCode::INTERNAL_SERVER_ERROR, "export failed"),
     };
-    let (schema, batches) =
-        match crate::export::export_stream(&state.store, &space, &v, &format, &state.serving).await
-        {
+    let chunks =
+        match crate::export::export_csv(&state.store, &space, &v, &format, &state.serving).await {
             Ok(x) => x,
             Err(e) => return server_error(&e, StatusCode::INTERNAL_SERVER_ERROR, "export failed"),
         };
     // CSV chunks per batch: the header with the first, then rows only.
-    let body = futures::StreamExt::map(crate::export::csv_chunks(schema, batches), |c| {
+    let body = futures::StreamExt::map(chunks, |c| {
         c.map(|(bytes, _)| bytes)
             .map_err(|e| std::io::Error::other(e.to_string()))
     });
