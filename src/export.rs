@@ -813,8 +813,19 @@ impl Rows {
 /// Whether `v` is written as it is both in JSON strings and in CSV fields: no control
 /// character, quote, backslash or comma.
 fn plain(v: &str) -> bool {
-    !any_byte(v.as_bytes(), |x| {
+    plain_bytes(v.as_bytes())
+}
+
+fn plain_bytes(b: &[u8]) -> bool {
+    !any_byte(b, |x| {
         lt_any(x, 0x20) | eq_any(x, b'"') | eq_any(x, b'\\') | eq_any(x, b',')
+    })
+}
+
+/// Whether a CSV field must be quoted: it holds a comma, quote, CR or LF.
+fn csv_special(b: &[u8]) -> bool {
+    any_byte(b, |x| {
+        eq_any(x, b',') | eq_any(x, b'"') | eq_any(x, b'\r') | eq_any(x, b'\n')
     })
 }
 
@@ -863,9 +874,7 @@ fn push_doubled(out: &mut Vec<u8>, b: &[u8]) {
 /// One CSV field: quoted, with its quotes doubled, when it holds a comma, quote, CR or LF.
 fn push_csv_field(out: &mut Vec<u8>, v: &str) {
     let b = v.as_bytes();
-    if !any_byte(b, |x| {
-        eq_any(x, b',') | eq_any(x, b'"') | eq_any(x, b'\r') | eq_any(x, b'\n')
-    }) {
+    if !csv_special(b) {
         out.extend_from_slice(b);
         return;
     }
@@ -955,6 +964,10 @@ mod tests {
                 .any(|&c| c < 0x20 || c == b'"' || c == b'\\' || c == b',')
         };
         let slow_csv = |b: &[u8]| b.iter().any(|&c| matches!(c, b',' | b'"' | b'\r' | b'\n'));
+        let check = |v: &[u8]| {
+            assert_eq!(csv_special(v), slow_csv(v), "{v:?}");
+            assert_eq!(plain_bytes(v), slow_plain(v), "{v:?}");
+        };
         for len in 0..=20usize {
             for pos in 0..len.max(1) {
                 for c in 0..=255u8 {
@@ -962,14 +975,7 @@ mod tests {
                     if len > 0 {
                         v[pos] = c;
                     }
-                    let csv = any_byte(&v, |x| {
-                        eq_any(x, b',') | eq_any(x, b'"') | eq_any(x, b'\r') | eq_any(x, b'\n')
-                    });
-                    assert_eq!(csv, slow_csv(&v), "{v:?}");
-                    let p = !any_byte(&v, |x| {
-                        lt_any(x, 0x20) | eq_any(x, b'"') | eq_any(x, b'\\') | eq_any(x, b',')
-                    });
-                    assert_eq!(p, slow_plain(&v), "{v:?}");
+                    check(&v);
                 }
             }
         }
@@ -987,14 +993,7 @@ mod tests {
             let v: Vec<u8> = (0..len)
                 .map(|i| alphabet[((x >> (i * 2 % 50)) % alphabet.len() as u64) as usize])
                 .collect();
-            let csv = any_byte(&v, |x| {
-                eq_any(x, b',') | eq_any(x, b'"') | eq_any(x, b'\r') | eq_any(x, b'\n')
-            });
-            assert_eq!(csv, slow_csv(&v), "{v:?}");
-            let p = !any_byte(&v, |x| {
-                lt_any(x, 0x20) | eq_any(x, b'"') | eq_any(x, b'\\') | eq_any(x, b',')
-            });
-            assert_eq!(p, slow_plain(&v), "{v:?}");
+            check(&v);
         }
         for s in ["ünï ✓", "ü,", "é\"", "ÿÿÿÿÿÿÿÿ\u{1}"] {
             assert_eq!(plain(s), slow_plain(s.as_bytes()), "{s}");

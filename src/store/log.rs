@@ -647,7 +647,7 @@ mod tests {
         la.commit(draft("one")).await.unwrap();
         assert_eq!(ops(la.entries().await.unwrap()), ["one"]);
         assert!(
-            a.log_tail(&keys::log_dir(&Space::default(), table).path().to_string())
+            a.log_tail(keys::log_dir(&Space::default(), table).path().as_ref())
                 .is_some()
         );
         assert_eq!(ops(la.entries().await.unwrap()), ["one"], "kept");

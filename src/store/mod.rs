@@ -158,10 +158,10 @@ impl Store {
 
     /// Remember the entries of the commit log in `dir` (a later version replaces an earlier).
     pub(crate) fn keep_log_tail(&self, dir: String, tail: LogTail) {
-        if let Ok(mut tails) = self.log_tails.lock() {
-            if tails.get(&dir).is_none_or(|t| t.version <= tail.version) {
-                tails.insert(dir, tail);
-            }
+        if let Ok(mut tails) = self.log_tails.lock()
+            && tails.get(&dir).is_none_or(|t| t.version <= tail.version)
+        {
+            tails.insert(dir, tail);
         }
     }
 
