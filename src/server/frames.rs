@@ -27,8 +27,9 @@ use super::flight::Flight;
 
 const DO_GET: &str = "/arrow.flight.protocol.FlightService/DoGet";
 
-/// The largest `DoGet` request this path reads (a ticket is a few hundred bytes).
-const MAX_TICKET_REQUEST: usize = 64 * 1024;
+/// The largest `DoGet` request body this path reads: what the generated service accepts (a
+/// Flight SQL ticket can hold a long statement), and the 5-byte message prefix.
+const MAX_TICKET_REQUEST: usize = super::MAX_GRPC_MESSAGE + 5;
 
 /// The Flight service with the kept-version `DoGet` path in front of it.
 #[derive(Clone)]
@@ -72,7 +73,8 @@ impl Service<http::Request<Body>> for FlightWithFrames {
                 Err(e) => {
                     let status = if e.is::<http_body_util::LengthLimitError>() {
                         tonic::Status::resource_exhausted(format!(
-                            "a DoGet request is at most {MAX_TICKET_REQUEST} bytes"
+                            "a DoGet request is at most {} bytes",
+                            super::MAX_GRPC_MESSAGE
                         ))
                     } else {
                         tonic::Status::cancelled(format!("reading the request: {e}"))

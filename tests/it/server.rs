@@ -656,6 +656,9 @@ fn tracking_api_and_flight_with_real_clients() {
         .collect();
     let adbc: Vec<(String, i64)> = serde_json::from_value(out["counts"].clone()).unwrap();
     assert_eq!(adbc, cli);
+    // a ticket of ~140 KB goes through the DoGet path as a short one does
+    let all: i64 = cli.iter().map(|(_, n)| n).sum();
+    assert_eq!(out["long_statement"], all, "{out}");
     let n = rows("default", "SELECT count(*) AS n FROM events")[0]["n"].clone();
     assert_eq!(out["events"], n, "{out}");
     assert_eq!(
@@ -809,6 +812,10 @@ with connect('default', 'read-token-1') as conn:
         out['counts'] = [list(r) for r in cur.fetchall()]
         cur.execute('SELECT count(*) FROM events')
         out['events'] = cur.fetchone()[0]
+        # a statement (and so its ticket) far over 64 KiB
+        others = ', '.join(f"'not-an-audience-{i:05}'" for i in range(4000))
+        cur.execute(f'SELECT count(*) FROM memberships WHERE audience_key NOT IN ({others})')
+        out['long_statement'] = cur.fetchone()[0]
         for name, sql in [('ddl', 'CREATE TABLE x AS SELECT 1'), ('copy', "COPY (SELECT 1) TO '/tmp/audiences-flight-sql-copy.csv'")]:
             try:
                 cur.execute(sql)
