@@ -485,11 +485,9 @@ async fn single_stream(
 fn push_json_str(out: &mut String, v: &str) {
     use std::fmt::Write;
     out.push('"');
-    // no early exit: the whole scan vectorizes
-    if !v
-        .bytes()
-        .fold(false, |e, b| e | (b < 0x20) | (b == b'"') | (b == b'\\'))
-    {
+    if !any_byte(v.as_bytes(), |x| {
+        lt_any(x, 0x20) | eq_any(x, b'"') | eq_any(x, b'\\')
+    }) {
         out.push_str(v);
         out.push('"');
         return;
