@@ -291,8 +291,19 @@ pub async fn read_file(store: &Store, f: &FileAdd) -> Result<Vec<RecordBatch>> {
 
 /// A whole Parquet file as [`read_file`] reads it, its row groups decoded on every core.
 pub async fn read_file_parallel(store: &Store, f: &FileAdd) -> Result<Vec<RecordBatch>> {
-    use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ParquetRecordBatchReaderBuilder};
     let bytes = store.get(&Key::from_committed(&f.path)).await?;
+    decode_parallel(bytes, None, &f.path).await
+}
+
+/// The batches of Parquet file `bytes` (only `columns` when given), its row groups split over
+/// the cores and decoded on blocking threads, in file order; `what` names the file in errors.
+pub async fn decode_parallel(
+    bytes: bytes::Bytes,
+    columns: Option<&'static [&'static str]>,
+    what: &str,
+) -> Result<Vec<RecordBatch>> {
+    use parquet::arrow::ProjectionMask;
+    use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ParquetRecordBatchReaderBuilder};
     let meta = ArrowReaderMetadata::load(&bytes, Default::default())?;
     let groups = meta.metadata().num_row_groups();
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -303,10 +314,17 @@ pub async fn read_file_parallel(store: &Store, f: &FileAdd) -> Result<Vec<Record
             let (bytes, meta) = (bytes.clone(), meta.clone());
             tokio::task::spawn_blocking(move || {
                 let rg = (first..groups.min(first + per)).collect();
-                let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(bytes, meta)
-                    .with_row_groups(rg)
-                    .build()?;
-                Ok::<_, Error>(reader.collect::<std::result::Result<Vec<_>, _>>()?)
+                let mut builder = ParquetRecordBatchReaderBuilder::new_with_metadata(bytes, meta)
+                    .with_row_groups(rg);
+                if let Some(c) = columns {
+                    let mask = ProjectionMask::columns(builder.parquet_schema(), c.iter().copied());
+                    builder = builder.with_projection(mask);
+                }
+                Ok::<_, Error>(
+                    builder
+                        .build()?
+                        .collect::<std::result::Result<Vec<_>, _>>()?,
+                )
             })
         })
         .collect();
@@ -314,7 +332,7 @@ pub async fn read_file_parallel(store: &Store, f: &FileAdd) -> Result<Vec<Record
     for t in tasks {
         out.extend(
             t.await
-                .map_err(|e| Error::Usage(format!("reading {} failed: {e}", f.path)))??,
+                .map_err(|e| Error::Usage(format!("reading {what} failed: {e}")))??,
         );
     }
     Ok(out)

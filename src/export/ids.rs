@@ -84,24 +84,10 @@ impl IdIndex {
             let of_checkpoint = checkpoint.contains(&f.path);
             reads.push(tokio::spawn(async move {
                 let bytes = store.get(&Key::from_committed(&f.path)).await?;
-                // row groups decoded on every core
-                let groups = parquet::file::metadata::ParquetMetaDataReader::new()
-                    .parse_and_finish(&bytes)?
-                    .num_row_groups();
-                let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-                let per = groups.div_ceil(threads).max(1);
-                let mut tasks = Vec::new();
-                for first in (0..groups).step_by(per) {
-                    let (bytes, rg) = (bytes.clone(), (first..groups.min(first + per)).collect());
-                    tasks.push(tokio::task::spawn_blocking(move || read_ids(bytes, rg)));
-                }
-                let mut out = Vec::new();
-                for t in tasks {
-                    out.extend(
-                        t.await
-                            .map_err(|e| Error::Usage(format!("identity read failed: {e}")))??,
-                    );
-                }
+                const COLUMNS: &[&str] = &["id_type", "id_value", "profile_idx"];
+                let batches =
+                    crate::compute::decode_parallel(bytes, Some(COLUMNS), &f.path).await?;
+                let out = batches.iter().map(id_columns).collect::<Result<Vec<_>>>()?;
                 Ok::<_, Error>((of_checkpoint, out))
             }));
         }
@@ -348,7 +334,7 @@ async fn persist(store: &Store, space: &Space, key: &Key, ix: &IdIndex) -> Resul
     let os = store.object_store();
     let old: Vec<object_store::ObjectMeta> = os.list(Some(&dir)).try_collect().await?;
     for m in old {
-        if m.location != *key.path() && m.location.as_ref() < key.path().as_ref() {
+        if m.location.as_ref() < key.path().as_ref() {
             let _ = os.delete(&m.location).await;
         }
     }
@@ -378,7 +364,7 @@ fn decode_persisted(bytes: bytes::Bytes, version: u64) -> Result<IdIndex> {
             .get("types")
             .ok_or_else(|| bad("no type names"))?,
     )?;
-    if schema.fields().len() != 3 || *schema != *persisted_schema(&types)? {
+    if *schema != *persisted_schema(&types)? {
         return Err(bad("unexpected columns"));
     }
     let batches = reader.collect::<std::result::Result<Vec<_>, _>>()?;
@@ -414,39 +400,24 @@ fn decode_persisted(bytes: bytes::Bytes, version: u64) -> Result<IdIndex> {
     })
 }
 
-/// `(id_type, id_value, profile_idx)` of row groups `groups` of one identities file.
-fn read_ids(
-    bytes: bytes::Bytes,
-    groups: Vec<usize>,
-) -> Result<Vec<(StringArray, StringArray, Vec<i64>)>> {
-    use parquet::arrow::ProjectionMask;
-    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)?.with_row_groups(groups);
-    let mask = ProjectionMask::columns(
-        builder.parquet_schema(),
-        ["id_type", "id_value", "profile_idx"],
-    );
-    let mut out = Vec::new();
-    for b in builder.with_projection(mask).build()? {
-        let b = b?;
-        let col = |n: &str| {
-            b.column_by_name(n)
-                .ok_or_else(|| Error::Usage(format!("identities table lacks column {n}")))
-        };
-        let str_col = |n: &str| -> Result<StringArray> {
-            col(n)?
-                .as_string_opt::<i32>()
-                .cloned()
-                .ok_or_else(|| Error::Usage(format!("identities column {n} is not a string")))
-        };
-        let p = col("profile_idx")?
-            .as_primitive_opt::<Int64Type>()
-            .ok_or_else(|| Error::Usage("identities column profile_idx is not Int64".into()))?
-            .values()
-            .to_vec();
-        out.push((str_col("id_type")?, str_col("id_value")?, p));
-    }
-    Ok(out)
+/// `(id_type, id_value, profile_idx)` of a batch of the identities table.
+fn id_columns(b: &arrow::array::RecordBatch) -> Result<(StringArray, StringArray, Vec<i64>)> {
+    let col = |n: &str| {
+        b.column_by_name(n)
+            .ok_or_else(|| Error::Usage(format!("identities table lacks column {n}")))
+    };
+    let str_col = |n: &str| -> Result<StringArray> {
+        col(n)?
+            .as_string_opt::<i32>()
+            .cloned()
+            .ok_or_else(|| Error::Usage(format!("identities column {n} is not a string")))
+    };
+    let p = col("profile_idx")?
+        .as_primitive_opt::<Int64Type>()
+        .ok_or_else(|| Error::Usage("identities column profile_idx is not Int64".into()))?
+        .values()
+        .to_vec();
+    Ok((str_col("id_type")?, str_col("id_value")?, p))
 }
 
 /// The index from the identities' rows: a counting sort by profile, then each profile's few
