@@ -118,6 +118,9 @@ pub struct IdentityEvent {
     pub group: Option<(String, Vec<(String, String)>)>,
     /// Alias call: the previous id (a known `user_id`, else treated as an `anonymous_id`).
     pub alias_previous: Option<String>,
+    /// The id list is known to occur for the first time in this run (the first occurrence of
+    /// a plain call's list): the cache of fully linked lists can neither hold it nor need it.
+    pub distinct: bool,
 }
 
 /// Add `n` to the count of `t` in a short list of (type, count).
@@ -157,16 +160,17 @@ impl Graph {
     pub fn process(&mut self, rules: &IdentityRules, ev: &IdentityEvent) -> Option<ProfileIdx> {
         // Fast path: an id list already seen fully linked to one profile cannot change the
         // graph (ids never leave a profile and merges only combine), so it resolves by lookup.
-        let set_hash = (ev.alias_previous.is_none() && !ev.ids.is_empty()).then(|| {
-            let mut h = xxhash_rust::xxh3::Xxh3::new();
-            for (t, v) in &ev.ids {
-                h.update(t.as_bytes());
-                h.update(&[0]);
-                h.update(v.as_bytes());
-                h.update(&[0]);
-            }
-            h.digest()
-        });
+        let set_hash =
+            (!ev.distinct && ev.alias_previous.is_none() && !ev.ids.is_empty()).then(|| {
+                let mut h = xxhash_rust::xxh3::Xxh3::new();
+                for (t, v) in &ev.ids {
+                    h.update(t.as_bytes());
+                    h.update(&[0]);
+                    h.update(v.as_bytes());
+                    h.update(&[0]);
+                }
+                h.digest()
+            });
         let cached = set_hash
             .filter(|h| self.stable_sets.contains(h))
             .and_then(|_| ev.ids.iter().find_map(|(t, v)| self.lookup(t, v)));
@@ -201,12 +205,14 @@ impl Graph {
                     if ids.is_empty() {
                         break None;
                     }
-                    let mut matched: Vec<ProfileIdx> =
-                        ids.iter().filter_map(|(t, v)| self.lookup(t, v)).collect();
+                    // each id is looked up once; fits and apply reuse what it found
+                    let found: Vec<Option<ProfileIdx>> =
+                        ids.iter().map(|(t, v)| self.lookup(t, v)).collect();
+                    let mut matched: Vec<ProfileIdx> = found.iter().flatten().copied().collect();
                     matched.sort_unstable();
                     matched.dedup();
-                    if self.fits(rules, &matched, &ids) {
-                        break Some(self.apply(&matched, &ids, ev));
+                    if self.fits(rules, &matched, &ids, &found) {
+                        break Some(self.apply(&matched, &ids, &found, ev));
                     }
                     // Demote: drop the event's lowest-priority id and retry.
                     ids.pop();
@@ -265,15 +271,22 @@ impl Graph {
     }
 
     /// Would the union of `matched` plus the new ids respect every per-type limit?
-    fn fits(&self, rules: &IdentityRules, matched: &[ProfileIdx], ids: &[(&str, &str)]) -> bool {
+    /// `found` holds the canonical profile of each of `ids`, if linked.
+    fn fits(
+        &self,
+        rules: &IdentityRules,
+        matched: &[ProfileIdx],
+        ids: &[(&str, &str)],
+        found: &[Option<ProfileIdx>],
+    ) -> bool {
         let mut counts: Vec<(&str, u32)> = Vec::new();
         for p in matched {
             for &(t, n) in &self.profiles[*p as usize].id_counts {
                 add_count(&mut counts, self.id_types[t as usize].as_str(), n);
             }
         }
-        for &(t, v) in ids {
-            if self.lookup(t, v).is_none() {
+        for (&(t, _), f) in ids.iter().zip(found) {
+            if f.is_none() {
                 add_count(&mut counts, t, 1);
             }
         }
@@ -313,6 +326,7 @@ impl Graph {
         &mut self,
         matched: &[ProfileIdx],
         ids: &[(&str, &str)],
+        found: &[Option<ProfileIdx>],
         ev: &IdentityEvent,
     ) -> ProfileIdx {
         let survivor = match matched.first() {
@@ -333,7 +347,7 @@ impl Graph {
         for &other in matched.iter().skip(1) {
             self.merge(other, survivor, ev);
         }
-        for &(t, v) in ids {
+        for (&(t, v), _) in ids.iter().zip(found).filter(|(_, f)| f.is_none()) {
             if let hashbrown::hash_map::EntryRef::Vacant(slot) =
                 self.ids.entry_ref(t).or_default().entry_ref(v)
             {

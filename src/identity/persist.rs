@@ -153,175 +153,118 @@ pub fn ts_array(v: Vec<i64>) -> ArrayRef {
     Arc::new(TimestampMicrosecondArray::from(v).with_timezone("UTC"))
 }
 
+/// Writer properties of an identity table: dictionary encoding only for the columns that
+/// repeat (types, keys, account ids, trait values); ids and message ids are nearly unique, and
+/// trying a dictionary for them first costs more than it saves.
+fn table_writer_properties(kind: &str) -> parquet::file::properties::WriterProperties {
+    let kind = kind.strip_suffix(DELTA).unwrap_or(kind);
+    let repeating: &[&str] = match kind {
+        "identities" => &["id_type"],
+        "traits" => &["entity", "account_id", "key", "value", "value_str"],
+        "account_links" => &["account_id"],
+        _ => &[],
+    };
+    let mut b = writer_properties(None)
+        .into_builder()
+        .set_dictionary_enabled(false);
+    for c in repeating {
+        b = b.set_column_dictionary_enabled(parquet::schema::types::ColumnPath::from(*c), true);
+    }
+    b.build()
+}
+
+/// A string column, its buffers sized up front (the values are walked twice, their bytes
+/// copied once).
+fn strs<'a>(values: impl Iterator<Item = &'a str> + Clone) -> ArrayRef {
+    opt_strs(values.map(Some))
+}
+
+/// A nullable string column, its buffers sized up front.
+fn opt_strs<'a>(values: impl Iterator<Item = Option<&'a str>> + Clone) -> ArrayRef {
+    let bytes = values.clone().map(|v| v.map_or(0, str::len)).sum();
+    let mut b = arrow::array::StringBuilder::with_capacity(values.size_hint().0, bytes);
+    for v in values {
+        b.append_option(v);
+    }
+    Arc::new(b.finish())
+}
+
+/// Build the columns of one batch on every core.
+fn columns(build: Vec<Box<dyn Fn() -> ArrayRef + Send + Sync + '_>>) -> Vec<ArrayRef> {
+    use rayon::prelude::*;
+    build.par_iter().map(|f| f()).collect()
+}
+
 /// The rows of every identity table (`only` None), or of a delta: the rows owned by the dirty
-/// profiles and accounts, and the merges from index `merges_from` on.
+/// profiles and accounts, and the merges from index `merges_from` on. The tables are built at
+/// the same time.
 fn batches(
     g: &Graph,
     only: Option<&Dirty>,
     merges_from: usize,
 ) -> Result<Vec<(&'static str, RecordBatch)>> {
+    let ((ids, profiles), (merges, (traits, links))) = rayon::join(
+        || rayon::join(|| identities(g, only), || profiles(g, only)),
+        || {
+            rayon::join(
+                || profile_merges(g, merges_from),
+                || rayon::join(|| traits(g, only), || account_links(g, only)),
+            )
+        },
+    );
+    let (identity_keys, identities) = ids?;
+    Ok(vec![
+        ("identity_keys", identity_keys),
+        ("identities", identities),
+        ("profiles", profiles?),
+        ("profile_merges", merges?),
+        ("traits", traits?),
+        ("account_links", links?),
+    ])
+}
+
+/// Is `p`'s canonical profile one whose rows are written?
+fn owned(g: &Graph, only: Option<&Dirty>, p: ProfileIdx) -> bool {
+    only.is_none_or(|d| d.profiles.contains(&i64::from(g.canonical(p))))
+}
+
+/// The canonical profile id of `p`.
+fn pid(g: &Graph, p: ProfileIdx) -> &str {
+    g.profiles[g.canonical(p) as usize].id.as_str()
+}
+
+/// `identity_keys` and `identities`.
+fn identities(g: &Graph, only: Option<&Dirty>) -> Result<(RecordBatch, RecordBatch)> {
+    use rayon::prelude::*;
     let canon = |p: ProfileIdx| g.canonical(p);
-    let pid = |p: ProfileIdx| g.profiles[canon(p) as usize].id.as_str();
-    let owned = |p: ProfileIdx| only.is_none_or(|d| d.profiles.contains(&i64::from(canon(p))));
-    // identities, in a stable order
     let ids: Vec<((&String, &String), &IdInfo)> = g
         .ids
         .iter()
         .flat_map(|(t, m)| m.iter().map(move |(v, i)| ((t, v), i)))
-        .filter(|(_, i)| owned(i.profile))
+        .filter(|(_, i)| owned(g, only, i.profile))
         .collect();
     // Stable order by identity key (cheap to sort: no string comparisons unless keys collide).
     let mut ids: Vec<(i64, (&String, &String), &IdInfo)> = ids
-        .into_iter()
+        .into_par_iter()
         .map(|(k, i)| (identity_key(k.0, k.1), k, i))
         .collect();
-    ids.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    ids.par_sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    let ids = &ids;
     let identities = RecordBatch::try_new(
         schema("identities"),
-        vec![
-            Arc::new(StringArray::from_iter_values(
-                ids.iter().map(|(_, k, _)| k.0.as_str()),
-            )),
-            Arc::new(StringArray::from_iter_values(
-                ids.iter().map(|(_, k, _)| k.1.as_str()),
-            )),
-            Arc::new(StringArray::from_iter_values(
-                ids.iter().map(|(_, _, i)| pid(i.profile)),
-            )),
-            Arc::new(Int64Array::from_iter_values(
-                ids.iter().map(|(_, _, i)| canon(i.profile) as i64),
-            )),
-            Arc::new(Int64Array::from_iter_values(
-                ids.iter().map(|(key, _, _)| *key),
-            )),
-            ts_array(ids.iter().map(|(_, _, i)| i.first_seen).collect()),
-            Arc::new(StringArray::from_iter_values(
-                ids.iter().map(|(_, _, i)| i.first_message_id.as_str()),
-            )),
-        ],
-    )?;
-    // profiles: a profile's own row belongs to it (not to its canonical profile)
-    let rows: Vec<usize> = match only {
-        None => (0..g.profiles.len()).collect(),
-        Some(d) => {
-            let mut r: Vec<usize> = d
-                .profiles
-                .iter()
-                .map(|p| *p as usize)
-                .filter(|p| *p < g.profiles.len())
-                .collect();
-            r.sort_unstable();
-            r
-        }
-    };
-    let profiles = RecordBatch::try_new(
-        schema("profiles"),
-        vec![
-            Arc::new(Int64Array::from_iter_values(rows.iter().map(|i| *i as i64))),
-            Arc::new(StringArray::from_iter_values(
-                rows.iter().map(|i| g.profiles[*i].id.as_str()),
-            )),
-            Arc::new(StringArray::from_iter(rows.iter().map(|&i| {
-                let c = canon(i as ProfileIdx);
-                (c as usize != i).then(|| g.profiles[c as usize].id.as_str())
-            }))),
-            Arc::new(Int64Array::from_iter_values(
-                rows.iter().map(|&i| canon(i as ProfileIdx) as i64),
-            )),
-            Arc::new(BooleanArray::from_iter(
-                rows.iter().map(|&i| Some(g.is_known(i as ProfileIdx))),
-            )),
-            ts_array(rows.iter().map(|&i| g.profiles[i].created_at).collect()),
-            Arc::new(StringArray::from_iter_values(
-                rows.iter()
-                    .map(|&i| g.profiles[i].first_message_id.as_str()),
-            )),
-        ],
-    )?;
-    let new_merges = g.merges.get(merges_from..).unwrap_or_default();
-    let merges = RecordBatch::try_new(
-        schema("profile_merges"),
-        vec![
-            Arc::new(StringArray::from_iter_values(
-                new_merges.iter().map(|m| m.from.as_str()),
-            )),
-            Arc::new(StringArray::from_iter_values(
-                new_merges.iter().map(|m| m.into.as_str()),
-            )),
-            ts_array(new_merges.iter().map(|m| m.at).collect()),
-            Arc::new(StringArray::from_iter_values(
-                new_merges.iter().map(|m| m.message_id.as_str()),
-            )),
-        ],
-    )?;
-    // traits: profile traits (folded to canonical profiles), then account traits
-    // (is profile trait, profile, account, key, value)
-    type TraitRow<'a> = (
-        bool,
-        Option<ProfileIdx>,
-        Option<&'a str>,
-        &'a str,
-        &'a TraitValue,
-    );
-    let mut rows: Vec<TraitRow> = Vec::new();
-    let mut owners: Vec<&ProfileIdx> = g.profile_traits.keys().filter(|p| owned(**p)).collect();
-    owners.sort();
-    for p in owners {
-        for (k, v) in &g.profile_traits[p] {
-            rows.push((true, Some(canon(*p)), None, k, v));
-        }
-    }
-    let account_owned = |a: &String| only.is_none_or(|d| d.accounts.contains(a));
-    for (a, t) in g.account_traits.iter().filter(|(a, _)| account_owned(a)) {
-        for (k, v) in t {
-            rows.push((false, None, Some(a.as_str()), k, v));
-        }
-    }
-    let typed = typed_json(rows.iter().map(|r| r.4.value.as_str()));
-    let traits = RecordBatch::try_new(
-        schema("traits"),
-        vec![
-            Arc::new(StringArray::from_iter_values(
-                rows.iter().map(|r| if r.0 { "profile" } else { "account" }),
-            )),
-            Arc::new(StringArray::from_iter(rows.iter().map(|r| r.1.map(pid)))),
-            Arc::new(Int64Array::from_iter(
-                rows.iter().map(|r| r.1.map(|p| p as i64)),
-            )),
-            Arc::new(StringArray::from_iter(rows.iter().map(|r| r.2))),
-            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.3))),
-            Arc::new(StringArray::from_iter_values(
-                rows.iter().map(|r| r.4.value.as_str()),
-            )),
-            typed.0,
-            typed.1,
-            typed.2,
-            ts_array(rows.iter().map(|r| r.4.updated_at).collect()),
-            Arc::new(StringArray::from_iter_values(
-                rows.iter().map(|r| r.4.message_id.as_str()),
-            )),
-        ],
-    )?;
-    let mut links: Vec<(ProfileIdx, &str, i64)> = Vec::new();
-    let mut owners: Vec<&ProfileIdx> = g.account_links.keys().filter(|p| owned(**p)).collect();
-    owners.sort();
-    for p in owners {
-        for (a, t) in &g.account_links[p] {
-            links.push((canon(*p), a, *t));
-        }
-    }
-    let account_links = RecordBatch::try_new(
-        schema("account_links"),
-        vec![
-            Arc::new(StringArray::from_iter_values(
-                links.iter().map(|l| pid(l.0)),
-            )),
-            Arc::new(Int64Array::from_iter_values(
-                links.iter().map(|l| l.0 as i64),
-            )),
-            Arc::new(StringArray::from_iter_values(links.iter().map(|l| l.1))),
-            ts_array(links.iter().map(|l| l.2).collect()),
-        ],
+        columns(vec![
+            Box::new(|| strs(ids.iter().map(|(_, k, _)| k.0.as_str()))),
+            Box::new(|| strs(ids.iter().map(|(_, k, _)| k.1.as_str()))),
+            Box::new(|| strs(ids.iter().map(|(_, _, i)| pid(g, i.profile)))),
+            Box::new(|| {
+                Arc::new(Int64Array::from_iter_values(
+                    ids.iter().map(|(_, _, i)| canon(i.profile) as i64),
+                ))
+            }),
+            Box::new(|| Arc::new(Int64Array::from_iter_values(ids.iter().map(|x| x.0)))),
+            Box::new(|| ts_array(ids.iter().map(|(_, _, i)| i.first_seen).collect())),
+            Box::new(|| strs(ids.iter().map(|(_, _, i)| i.first_message_id.as_str()))),
+        ]),
     )?;
     // identity key → canonical profile of the ids events are keyed by, sorted by key: what
     // every plan joins events with (two integer columns, no strings to decode)
@@ -338,14 +281,155 @@ fn batches(
             )),
         ],
     )?;
-    Ok(vec![
-        ("identity_keys", identity_keys),
-        ("identities", identities),
-        ("profiles", profiles),
-        ("profile_merges", merges),
-        ("traits", traits),
-        ("account_links", account_links),
-    ])
+    Ok((identity_keys, identities))
+}
+
+/// `profiles`: a profile's own row belongs to it (not to its canonical profile).
+fn profiles(g: &Graph, only: Option<&Dirty>) -> Result<RecordBatch> {
+    let canon = |p: ProfileIdx| g.canonical(p);
+    let rows: Vec<usize> = match only {
+        None => (0..g.profiles.len()).collect(),
+        Some(d) => {
+            let mut r: Vec<usize> = d
+                .profiles
+                .iter()
+                .map(|p| *p as usize)
+                .filter(|p| *p < g.profiles.len())
+                .collect();
+            r.sort_unstable();
+            r
+        }
+    };
+    let rows = &rows;
+    Ok(RecordBatch::try_new(
+        schema("profiles"),
+        columns(vec![
+            Box::new(|| Arc::new(Int64Array::from_iter_values(rows.iter().map(|i| *i as i64)))),
+            Box::new(|| strs(rows.iter().map(|i| g.profiles[*i].id.as_str()))),
+            Box::new(|| {
+                opt_strs(rows.iter().map(|&i| {
+                    let c = canon(i as ProfileIdx);
+                    (c as usize != i).then(|| g.profiles[c as usize].id.as_str())
+                }))
+            }),
+            Box::new(|| {
+                Arc::new(Int64Array::from_iter_values(
+                    rows.iter().map(|&i| canon(i as ProfileIdx) as i64),
+                ))
+            }),
+            Box::new(|| {
+                Arc::new(BooleanArray::from_iter(
+                    rows.iter().map(|&i| Some(g.is_known(i as ProfileIdx))),
+                ))
+            }),
+            Box::new(|| ts_array(rows.iter().map(|&i| g.profiles[i].created_at).collect())),
+            Box::new(|| {
+                strs(
+                    rows.iter()
+                        .map(|&i| g.profiles[i].first_message_id.as_str()),
+                )
+            }),
+        ]),
+    )?)
+}
+
+/// `profile_merges` from index `merges_from` on.
+fn profile_merges(g: &Graph, merges_from: usize) -> Result<RecordBatch> {
+    let new_merges = g.merges.get(merges_from..).unwrap_or_default();
+    Ok(RecordBatch::try_new(
+        schema("profile_merges"),
+        vec![
+            strs(new_merges.iter().map(|m| m.from.as_str())),
+            strs(new_merges.iter().map(|m| m.into.as_str())),
+            ts_array(new_merges.iter().map(|m| m.at).collect()),
+            strs(new_merges.iter().map(|m| m.message_id.as_str())),
+        ],
+    )?)
+}
+
+/// `traits`: profile traits (folded to canonical profiles), then account traits.
+fn traits(g: &Graph, only: Option<&Dirty>) -> Result<RecordBatch> {
+    let canon = |p: ProfileIdx| g.canonical(p);
+    // (is profile trait, profile, account, key, value)
+    type TraitRow<'a> = (
+        bool,
+        Option<ProfileIdx>,
+        Option<&'a str>,
+        &'a str,
+        &'a TraitValue,
+    );
+    let mut rows: Vec<TraitRow> = Vec::new();
+    let mut owners: Vec<&ProfileIdx> = g
+        .profile_traits
+        .keys()
+        .filter(|p| owned(g, only, **p))
+        .collect();
+    owners.sort();
+    for p in owners {
+        for (k, v) in &g.profile_traits[p] {
+            rows.push((true, Some(canon(*p)), None, k, v));
+        }
+    }
+    let account_owned = |a: &String| only.is_none_or(|d| d.accounts.contains(a));
+    for (a, t) in g.account_traits.iter().filter(|(a, _)| account_owned(a)) {
+        for (k, v) in t {
+            rows.push((false, None, Some(a.as_str()), k, v));
+        }
+    }
+    let rows = &rows;
+    let (typed, mut rest) = rayon::join(
+        || typed_json(rows.iter().map(|r| r.4.value.as_str())),
+        || {
+            columns(vec![
+                Box::new(|| strs(rows.iter().map(|r| if r.0 { "profile" } else { "account" }))),
+                Box::new(|| opt_strs(rows.iter().map(|r| r.1.map(|p| pid(g, p))))),
+                Box::new(|| {
+                    Arc::new(Int64Array::from_iter(
+                        rows.iter().map(|r| r.1.map(|p| p as i64)),
+                    ))
+                }),
+                Box::new(|| opt_strs(rows.iter().map(|r| r.2))),
+                Box::new(|| strs(rows.iter().map(|r| r.3))),
+                Box::new(|| strs(rows.iter().map(|r| r.4.value.as_str()))),
+                Box::new(|| ts_array(rows.iter().map(|r| r.4.updated_at).collect())),
+                Box::new(|| strs(rows.iter().map(|r| r.4.message_id.as_str()))),
+            ])
+        },
+    );
+    // schema order: entity, profile_id, profile_idx, account_id, key, value, the typed three,
+    // updated_at, message_id
+    let tail = rest.split_off(6);
+    rest.extend([typed.0, typed.1, typed.2]);
+    rest.extend(tail);
+    Ok(RecordBatch::try_new(schema("traits"), rest)?)
+}
+
+/// `account_links`.
+fn account_links(g: &Graph, only: Option<&Dirty>) -> Result<RecordBatch> {
+    let canon = |p: ProfileIdx| g.canonical(p);
+    let mut links: Vec<(ProfileIdx, &str, i64)> = Vec::new();
+    let mut owners: Vec<&ProfileIdx> = g
+        .account_links
+        .keys()
+        .filter(|p| owned(g, only, **p))
+        .collect();
+    owners.sort();
+    for p in owners {
+        for (a, t) in &g.account_links[p] {
+            links.push((canon(*p), a, *t));
+        }
+    }
+    Ok(RecordBatch::try_new(
+        schema("account_links"),
+        vec![
+            strs(links.iter().map(|l| pid(g, l.0))),
+            Arc::new(Int64Array::from_iter_values(
+                links.iter().map(|l| l.0 as i64),
+            )),
+            strs(links.iter().map(|l| l.1)),
+            ts_array(links.iter().map(|l| l.2).collect()),
+        ],
+    )?)
 }
 
 // An incremental resolution does not rewrite the identity tables: it writes, next to the last
@@ -965,17 +1049,25 @@ pub async fn resolve_cached(
             }
         }
     }
+    tracing::debug!(
+        ms = started.elapsed().as_millis() as u64,
+        "identity table rows built"
+    );
     // Encode the tables in parallel (they are independent).
     let encoded: Vec<(String, RecordBatch, bytes::Bytes)> = {
         use rayon::prelude::*;
         tables
             .into_par_iter()
             .map(|(kind, batch)| {
-                let bytes = encode_parquet(&batch, writer_properties(None))?;
+                let bytes = encode_parquet(&batch, table_writer_properties(&kind))?;
                 Ok((kind, batch, bytes))
             })
             .collect::<Result<_>>()?
     };
+    tracing::debug!(
+        ms = started.elapsed().as_millis() as u64,
+        "identity tables encoded"
+    );
     for (kind, batch, bytes) in encoded {
         let key = keys::data_file(space, IDENTITY, None, "parquet");
         let size = bytes.len() as u64;

@@ -95,110 +95,203 @@ impl IdColumns {
 }
 
 /// The first occurrence of one distinct id list among plain (track/page/screen) calls.
+#[derive(Default)]
 struct First {
-    hash: u64,
-    values: Box<[Option<Box<str>>]>,
+    /// Where the list's encoding (see [`Firsts::encode`]) sits in the arena.
+    start: usize,
+    len: usize,
+    /// Filled by [`Firsts::sorted`] (while collecting, the arena holds it).
     timestamp: i64,
     message_id: Box<str>,
 }
 
-/// Exact set of distinct id lists with their first (timestamp, messageId).
+/// A hash-table entry: enough to compare a list without touching [`Firsts::rows`].
+#[derive(Clone, Copy)]
+struct Slot {
+    hash: u64,
+    /// Arena offset of the record: the first timestamp (8 bytes), then the encoded list.
+    start: usize,
+    len: u32,
+    row: u32,
+}
+
+/// Exact set of distinct id lists with their first (timestamp, messageId). Each list is kept
+/// in one arena record with its first timestamp, and the table entry holds the hash, place
+/// and length, so a probe that finds its list costs the table and one arena read (a later
+/// timestamp, the common case, needs nothing else).
 #[derive(Default)]
 struct Firsts {
-    table: hashbrown::HashTable<u32>,
+    table: hashbrown::HashTable<Slot>,
     rows: Vec<First>,
+    arena: Vec<u8>,
     buf: Vec<u8>,
 }
 
+/// Marks a null id in an encoded list.
+const NULL_ID: u8 = 0;
+/// Starts a present id in an encoded list.
+const SOME_ID: u8 = 1;
+/// Ends a present id (never inside UTF-8).
+const END_ID: u8 = 0xff;
+/// Bytes of the timestamp at the start of an arena record.
+const TS: usize = 8;
+
 impl Firsts {
-    fn hash_row(&mut self, arrays: &[&StringArray], r: usize) -> u64 {
+    /// Encode row `r`'s id list into `buf` and hash it.
+    fn encode(&mut self, arrays: &[&StringArray], r: usize) -> u64 {
         self.buf.clear();
         for a in arrays {
             if a.is_valid(r) {
-                self.buf.push(1);
+                self.buf.push(SOME_ID);
                 self.buf.extend_from_slice(a.value(r).as_bytes());
-                self.buf.push(0xff); // never inside UTF-8
+                self.buf.push(END_ID);
             } else {
-                self.buf.push(0);
+                self.buf.push(NULL_ID);
             }
         }
         xxhash_rust::xxh3::xxh3_64(&self.buf)
     }
 
+    fn first_ts(&self, start: usize) -> i64 {
+        let mut b = [0u8; TS];
+        b.copy_from_slice(&self.arena[start..start + TS]);
+        i64::from_le_bytes(b)
+    }
+
+    /// The slot of the list in `buf` (hashed `hash`), first seen at `(timestamp, message_id)`
+    /// unless it is already known from an earlier time.
+    fn upsert(&mut self, hash: u64, timestamp: i64, message_id: &str) -> Result<Slot> {
+        let (arena, buf) = (&self.arena, &self.buf);
+        let found = self.table.find(hash, |e| {
+            e.hash == hash
+                && e.len as usize == buf.len()
+                && &arena[e.start + TS..e.start + TS + e.len as usize] == buf.as_slice()
+        });
+        if let Some(&slot) = found {
+            self.earlier(slot, timestamp, message_id);
+            return Ok(slot);
+        }
+        let too_many = || Error::Usage("more than 4 billion distinct id lists".into());
+        let slot = Slot {
+            hash,
+            start: self.arena.len(),
+            len: u32::try_from(self.buf.len()).map_err(|_| too_many())?,
+            row: u32::try_from(self.rows.len()).map_err(|_| too_many())?,
+        };
+        self.rows.push(First {
+            start: slot.start + TS,
+            len: self.buf.len(),
+            timestamp,
+            message_id: message_id.into(),
+        });
+        self.arena.extend_from_slice(&timestamp.to_le_bytes());
+        self.arena.extend_from_slice(&self.buf);
+        self.table.insert_unique(hash, slot, |e| e.hash);
+        Ok(slot)
+    }
+
+    /// Keep `(timestamp, message_id)` as the slot's first occurrence when it is earlier.
+    fn earlier(&mut self, slot: Slot, timestamp: i64, message_id: &str) {
+        let first = self.first_ts(slot.start);
+        if timestamp > first {
+            return;
+        }
+        let f = &mut self.rows[slot.row as usize];
+        if timestamp < first || message_id < &*f.message_id {
+            self.arena[slot.start..slot.start + TS].copy_from_slice(&timestamp.to_le_bytes());
+            f.message_id = message_id.into();
+        }
+    }
+
     fn add_batch(&mut self, b: &RecordBatch, cols: &IdColumns) -> Result<()> {
         let arrays = cols.arrays(b)?;
         let (mid, ts) = (s(b, "message_id")?, tss(b, "timestamp")?);
+        let key = b
+            .column_by_name("identity_key")
+            .and_then(|c| c.as_any().downcast_ref::<arrow::array::Int64Array>())
+            .ok_or_else(|| Error::Usage("events without an identity_key column".into()))?;
+        // Rows of a file are sorted by identity key, so most rows repeat the previous row's
+        // list; a different key (the hash of the list's user or anonymous id) means a
+        // different list without comparing strings.
         let same_as_previous = |r: usize| {
             r > 0
+                && key.value(r) == key.value(r - 1)
                 && arrays.iter().all(|a| {
                     a.is_valid(r) == a.is_valid(r - 1)
                         && (!a.is_valid(r) || a.value(r) == a.value(r - 1))
                 })
         };
-        let mut current = usize::MAX;
+        let mut current: Option<Slot> = None;
         for r in 0..b.num_rows() {
-            if current == usize::MAX || !same_as_previous(r) {
-                let hash = self.hash_row(&arrays, r);
-                let rows = &self.rows;
-                let found = self.table.find(hash, |&i| {
-                    let f = &rows[i as usize];
-                    f.hash == hash
-                        && f.values.iter().zip(&arrays).all(|(v, a)| match v {
-                            Some(v) => a.is_valid(r) && a.value(r) == &**v,
-                            None => a.is_null(r),
-                        })
-                });
-                current = match found {
-                    Some(&i) => i as usize,
-                    None => {
-                        let i = self.rows.len();
-                        let idx = u32::try_from(i).map_err(|_| {
-                            Error::Usage("more than 4 billion distinct id lists".into())
-                        })?;
-                        self.rows.push(First {
-                            hash,
-                            values: arrays
-                                .iter()
-                                .map(|a| a.is_valid(r).then(|| a.value(r).into()))
-                                .collect(),
-                            timestamp: ts.value(r),
-                            message_id: mid.value(r).into(),
-                        });
-                        let rows = &self.rows;
-                        self.table
-                            .insert_unique(hash, idx, |&j| rows[j as usize].hash);
-                        current = i;
-                        continue;
-                    }
-                };
-            }
-            let f = &mut self.rows[current];
-            let (t, m) = (ts.value(r), mid.value(r));
-            if (t, m) < (f.timestamp, &*f.message_id) {
-                f.timestamp = t;
-                f.message_id = m.into();
+            match current {
+                Some(slot) if same_as_previous(r) => {
+                    self.earlier(slot, ts.value(r), mid.value(r));
+                }
+                _ => {
+                    let hash = self.encode(&arrays, r);
+                    current = Some(self.upsert(hash, ts.value(r), mid.value(r))?);
+                }
             }
         }
         Ok(())
     }
 
-    /// The firsts in (timestamp, messageId) order.
-    fn sorted(mut self) -> Vec<First> {
+    /// Fold the lists of `other` (built from other files) into these.
+    fn absorb(&mut self, other: Firsts) -> Result<()> {
+        for e in other.table.iter() {
+            self.buf.clear();
+            self.buf
+                .extend_from_slice(&other.arena[e.start + TS..e.start + TS + e.len as usize]);
+            let f = &other.rows[e.row as usize];
+            self.upsert(e.hash, other.first_ts(e.start), &f.message_id)?;
+        }
+        Ok(())
+    }
+
+    /// The firsts in (timestamp, messageId) order, with the arena their lists are in.
+    fn sorted(mut self) -> (Vec<First>, Vec<u8>) {
+        for f in &mut self.rows {
+            f.timestamp = {
+                let mut b = [0u8; TS];
+                b.copy_from_slice(&self.arena[f.start - TS..f.start]);
+                i64::from_le_bytes(b)
+            };
+        }
         self.rows.sort_unstable_by(|a, b| {
             (a.timestamp, &a.message_id).cmp(&(b.timestamp, &b.message_id))
         });
-        self.rows
+        (self.rows, self.arena)
     }
 }
 
-fn first_event(cols: &IdColumns, f: &First) -> IdentityEvent {
+/// The event of a first occurrence: its ids decoded from the arena.
+fn first_event(cols: &IdColumns, f: &First, arena: &[u8]) -> Result<IdentityEvent> {
+    let mut values: Vec<Option<&str>> = Vec::with_capacity(cols.names.len());
+    let mut rest = &arena[f.start..f.start + f.len];
+    let broken = || Error::Usage("internal: a broken id-list encoding".into());
+    while let Some((&tag, tail)) = rest.split_first() {
+        if tag == NULL_ID {
+            values.push(None);
+            rest = tail;
+        } else {
+            let end = tail.iter().position(|&c| c == END_ID).ok_or_else(broken)?;
+            values.push(Some(
+                std::str::from_utf8(&tail[..end]).map_err(|_| broken())?,
+            ));
+            rest = &tail[end + 1..];
+        }
+    }
+    if values.len() != cols.names.len() {
+        return Err(broken());
+    }
     let mut e = IdentityEvent {
         message_id: f.message_id.to_string(),
         timestamp: f.timestamp,
+        distinct: true,
         ..Default::default()
     };
-    cols.push_ids(&mut e, |i| f.values[i].as_deref());
-    e
+    cols.push_ids(&mut e, |i| values[i]);
+    Ok(e)
 }
 
 /// Stream the events of `files` that can change the identity graph, in (timestamp, messageId)
@@ -228,7 +321,10 @@ pub async fn read_identity_events(
         url::Url::parse(crate::store::DATAFUSION_URL).map_err(|e| Error::Usage(e.to_string()))?;
     ctx.register_object_store(&url, store.object_store());
     let table = CommittedTable::events(files);
-    let cols = IdColumns::new(&datafusion::catalog::TableProvider::schema(&table), rules);
+    let cols = Arc::new(IdColumns::new(
+        &datafusion::catalog::TableProvider::schema(&table),
+        rules,
+    ));
     ctx.register_table("ev", Arc::new(table))?;
     let plain = || col("type").in_list(vec![lit("track"), lit("page"), lit("screen")], false);
     let id_cols = || cols.names.iter().map(ident);
@@ -255,7 +351,7 @@ pub async fn read_identity_events(
         ])?
         .execute_stream()
         .await?;
-    let (tx, mut sorted_calls) = tokio::sync::mpsc::channel(2);
+    let (tx, sorted_calls) = tokio::sync::mpsc::channel(2);
     let feeder = tokio::spawn(async move {
         let mut calls = calls;
         while let Some(b) = calls.next().await {
@@ -265,32 +361,122 @@ pub async fn read_identity_events(
         }
     });
 
-    // Firsts of the plain calls' id lists.
+    // Firsts of the plain calls' id lists: one table per scan partition, on every core, then
+    // folded into one.
     let started = std::time::Instant::now();
-    let mut firsts = Firsts::default();
-    let mut select = vec![col("message_id"), col("timestamp")];
+    let mut select = vec![col("message_id"), col("timestamp"), col("identity_key")];
     select.extend(id_cols());
-    let mut stream = ctx
+    let plan = ctx
         .table("ev")
         .await?
         .filter(plain())?
         .select(select)?
-        .execute_stream()
+        .create_physical_plan()
         .await?;
-    while let Some(b) = stream.next().await {
-        firsts.add_batch(&b?, &cols)?;
+    let streams = datafusion::physical_plan::execute_stream_partitioned(plan, ctx.task_ctx())?;
+    let tasks: Vec<_> = streams
+        .into_iter()
+        .map(|mut stream| {
+            let cols = cols.clone();
+            tokio::spawn(async move {
+                let mut firsts = Firsts::default();
+                while let Some(b) = stream.next().await {
+                    firsts.add_batch(&b?, &cols)?;
+                }
+                Ok::<_, Error>(firsts)
+            })
+        })
+        .collect();
+    let mut firsts: Option<Firsts> = None;
+    for t in tasks {
+        let part = t
+            .await
+            .map_err(|e| Error::Usage(format!("identity events reader failed: {e}")))??;
+        firsts = Some(match firsts {
+            None => part,
+            Some(mut all) => {
+                let mut part = part;
+                if all.rows.len() < part.rows.len() {
+                    std::mem::swap(&mut all, &mut part);
+                }
+                all.absorb(part)?;
+                all
+            }
+        });
     }
-    let firsts = firsts.sorted();
+    let (firsts, arena) = firsts.unwrap_or_default().sorted();
     tracing::debug!(
         firsts = firsts.len(),
         ms = started.elapsed().as_millis() as u64,
         "first occurrences of plain calls' id lists found"
     );
 
-    // Merge the firsts into the calls' order.
-    let mut pending = firsts.iter().peekable();
+    // The events are built (ids copied out, traits parsed) in a task of their own while the
+    // caller resolves the previous chunk.
+    let (etx, mut events) = tokio::sync::mpsc::channel(4);
+    let custom_id_types = rules.custom_id_types.clone();
+    let producer = tokio::spawn(async move {
+        let built = merge_events(
+            &cols,
+            &custom_id_types,
+            &firsts,
+            &arena,
+            sorted_calls,
+            &etx,
+            started,
+        )
+        .await;
+        if let Err(e) = built {
+            let _ = etx.send(Err(e)).await;
+        }
+    });
     let mut n = 0u64;
+    while let Some(chunk) = events.recv().await {
+        for e in &chunk? {
+            on_event(e);
+            n += 1;
+        }
+    }
+    producer
+        .await
+        .map_err(|e| Error::Usage(format!("identity events builder failed: {e}")))?;
+    feeder
+        .await
+        .map_err(|e| Error::Usage(format!("identity events reader failed: {e}")))?;
+    Ok(n)
+}
+
+/// Events are handed to the graph in chunks of this many.
+const EVENT_CHUNK: usize = 4096;
+
+/// Merge the firsts into the sorted calls' order, building each event, and send them in
+/// chunks to `out`.
+async fn merge_events(
+    cols: &IdColumns,
+    custom_id_types: &[String],
+    firsts: &[First],
+    arena: &[u8],
+    mut sorted_calls: tokio::sync::mpsc::Receiver<datafusion::error::Result<RecordBatch>>,
+    out: &tokio::sync::mpsc::Sender<Result<Vec<IdentityEvent>>>,
+    started: std::time::Instant,
+) -> Result<()> {
+    let mut chunk = Vec::with_capacity(EVENT_CHUNK);
+    let send = async |chunk: &mut Vec<IdentityEvent>, force: bool| -> bool {
+        if chunk.is_empty() || (!force && chunk.len() < EVENT_CHUNK) {
+            return true;
+        }
+        let full = std::mem::replace(chunk, Vec::with_capacity(EVENT_CHUNK));
+        out.send(Ok(full)).await.is_ok()
+    };
+    let mut pending = firsts.iter().peekable();
+    let mut first_batch = true;
     while let Some(b) = sorted_calls.recv().await {
+        if std::mem::take(&mut first_batch) {
+            tracing::debug!(
+                ms = started.elapsed().as_millis() as u64,
+                "first sorted identify/group/alias batch"
+            );
+        }
         let b = &b?;
         let arrays = cols.arrays(b)?;
         let (mid, ty, prev, gid, traits) = (
@@ -304,8 +490,10 @@ pub async fn read_identity_events(
         for r in 0..b.num_rows() {
             let key = (ts.value(r), mid.value(r));
             while let Some(f) = pending.next_if(|f| (f.timestamp, &*f.message_id) < key) {
-                on_event(&first_event(&cols, f));
-                n += 1;
+                chunk.push(first_event(cols, f, arena)?);
+                if !send(&mut chunk, false).await {
+                    return Ok(());
+                }
             }
             let mut e = IdentityEvent {
                 message_id: mid.value(r).into(),
@@ -328,7 +516,7 @@ pub async fn read_identity_events(
                         if let Some(Value::String(em)) = m.get("email") {
                             e.ids.push(("email".into(), em.trim().into()));
                         }
-                        for t in &rules.custom_id_types {
+                        for t in custom_id_types {
                             if let Some(Value::String(v)) = m.get(t) {
                                 e.ids.push((t.clone(), v.trim().into()));
                             }
@@ -348,16 +536,18 @@ pub async fn read_identity_events(
                 }
                 _ => {}
             }
-            on_event(&e);
-            n += 1;
+            chunk.push(e);
+            if !send(&mut chunk, false).await {
+                return Ok(());
+            }
         }
     }
-    feeder
-        .await
-        .map_err(|e| Error::Usage(format!("identity events reader failed: {e}")))?;
     for f in pending {
-        on_event(&first_event(&cols, f));
-        n += 1;
+        chunk.push(first_event(cols, f, arena)?);
+        if !send(&mut chunk, false).await {
+            return Ok(());
+        }
     }
-    Ok(n)
+    send(&mut chunk, true).await;
+    Ok(())
 }
