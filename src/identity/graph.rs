@@ -41,8 +41,8 @@ pub struct IdInfo {
     pub profile: ProfileIdx,
     /// First time seen.
     pub first_seen: i64,
-    /// The message it was first seen in.
-    pub first_message_id: String,
+    /// The message it was first seen in (shared by the ids one message linked).
+    pub first_message_id: std::sync::Arc<str>,
 }
 
 /// A recorded merge.
@@ -65,13 +65,41 @@ pub struct TraitValue {
     pub value: String,
     /// Event timestamp.
     pub updated_at: i64,
-    /// The message that set it.
-    pub message_id: String,
+    /// The message that set it (shared by the traits one message set).
+    pub message_id: std::sync::Arc<str>,
 }
 
 impl TraitValue {
     fn newer_than(&self, other: &TraitValue) -> bool {
         (self.updated_at, &self.message_id) > (other.updated_at, &other.message_id)
+    }
+
+    /// Set `key` in `traits` to `value` from message (`at`, `message_id`) unless a newer
+    /// message set it; true when it changed.
+    fn set(
+        traits: &mut BTreeMap<String, TraitValue>,
+        key: &str,
+        value: &str,
+        at: i64,
+        message_id: &std::sync::Arc<str>,
+    ) -> bool {
+        let newer = |old: &TraitValue| (at, &**message_id) > (old.updated_at, &*old.message_id);
+        let tv = || TraitValue {
+            value: value.to_string(),
+            updated_at: at,
+            message_id: message_id.clone(),
+        };
+        match traits.get_mut(key) {
+            Some(old) if !newer(old) => false,
+            Some(old) => {
+                *old = tv();
+                true
+            }
+            None => {
+                traits.insert(key.to_string(), tv());
+                true
+            }
+        }
     }
 }
 
@@ -225,20 +253,22 @@ impl Graph {
                 resolved
             }
         };
+        let has_traits =
+            !ev.traits.is_empty() || ev.group.as_ref().is_some_and(|g| !g.1.is_empty());
+        let message_id: std::sync::Arc<str> = if has_traits {
+            ev.message_id.as_str().into()
+        } else {
+            std::sync::Arc::from("")
+        };
         if let Some(p) = resolved {
-            for (k, v) in &ev.traits {
-                let tv = TraitValue {
-                    value: v.clone(),
-                    updated_at: ev.timestamp,
-                    message_id: ev.message_id.clone(),
-                };
+            if !ev.traits.is_empty() {
                 let slot = self.profile_traits.entry(p).or_default();
-                match slot.get(k) {
-                    Some(old) if !tv.newer_than(old) => {}
-                    _ => {
-                        slot.insert(k.clone(), tv);
-                        self.touched.insert(p);
-                    }
+                let mut changed = false;
+                for (k, v) in &ev.traits {
+                    changed |= TraitValue::set(slot, k, v, ev.timestamp, &message_id);
+                }
+                if changed {
+                    self.touched.insert(p);
                 }
             }
             if let Some((group, _)) = &ev.group {
@@ -252,19 +282,12 @@ impl Graph {
         }
         if let Some((group, traits)) = &ev.group {
             let slot = self.account_traits.entry(group.clone()).or_default();
+            let mut changed = false;
             for (k, v) in traits {
-                let tv = TraitValue {
-                    value: v.clone(),
-                    updated_at: ev.timestamp,
-                    message_id: ev.message_id.clone(),
-                };
-                match slot.get(k) {
-                    Some(old) if !tv.newer_than(old) => {}
-                    _ => {
-                        slot.insert(k.clone(), tv);
-                        self.touched_accounts.insert(group.clone());
-                    }
-                }
+                changed |= TraitValue::set(slot, k, v, ev.timestamp, &message_id);
+            }
+            if changed {
+                self.touched_accounts.insert(group.clone());
             }
         }
         resolved
@@ -347,6 +370,7 @@ impl Graph {
         for &other in matched.iter().skip(1) {
             self.merge(other, survivor, ev);
         }
+        let mut message_id: Option<std::sync::Arc<str>> = None;
         for (&(t, v), _) in ids.iter().zip(found).filter(|(_, f)| f.is_none()) {
             if let hashbrown::hash_map::EntryRef::Vacant(slot) =
                 self.ids.entry_ref(t).or_default().entry_ref(v)
@@ -354,7 +378,9 @@ impl Graph {
                 slot.insert(IdInfo {
                     profile: survivor,
                     first_seen: ev.timestamp,
-                    first_message_id: ev.message_id.clone(),
+                    first_message_id: message_id
+                        .get_or_insert_with(|| ev.message_id.as_str().into())
+                        .clone(),
                 });
                 self.count_id(survivor, t);
                 self.touched.insert(survivor);

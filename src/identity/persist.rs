@@ -263,7 +263,7 @@ fn identities(g: &Graph, only: Option<&Dirty>) -> Result<(RecordBatch, RecordBat
             }),
             Box::new(|| Arc::new(Int64Array::from_iter_values(ids.iter().map(|x| x.0)))),
             Box::new(|| ts_array(ids.iter().map(|(_, _, i)| i.first_seen).collect())),
-            Box::new(|| strs(ids.iter().map(|(_, _, i)| i.first_message_id.as_str()))),
+            Box::new(|| strs(ids.iter().map(|(_, _, i)| &*i.first_message_id))),
         ]),
     )?;
     // identity key → canonical profile of the ids events are keyed by, sorted by key: what
@@ -392,7 +392,7 @@ fn traits(g: &Graph, only: Option<&Dirty>) -> Result<RecordBatch> {
                 Box::new(|| strs(rows.iter().map(|r| r.3))),
                 Box::new(|| strs(rows.iter().map(|r| r.4.value.as_str()))),
                 Box::new(|| ts_array(rows.iter().map(|r| r.4.updated_at).collect())),
-                Box::new(|| strs(rows.iter().map(|r| r.4.message_id.as_str()))),
+                Box::new(|| strs(rows.iter().map(|r| &*r.4.message_id))),
             ])
         },
     );
@@ -792,7 +792,7 @@ fn load_ids(batches: Vec<RecordBatch>, n: usize) -> Result<LoadedIds> {
                 IdInfo {
                     profile: pi as ProfileIdx,
                     first_seen: fs.value(r),
-                    first_message_id: fm.value(r).to_string(),
+                    first_message_id: fm.value(r).into(),
                 },
             );
         }

@@ -112,19 +112,53 @@ struct Slot {
     /// Arena offset of the record: the first timestamp (8 bytes), then the encoded list.
     start: usize,
     len: u32,
+    /// Index into [`Firsts::rows`]; [`EMPTY`] for a free slot.
     row: u32,
 }
 
+/// The `row` of a free slot.
+const EMPTY: u32 = u32::MAX;
+
+const FREE: Slot = Slot {
+    hash: 0,
+    start: 0,
+    len: 0,
+    row: EMPTY,
+};
+
+/// One run of rows with the same id list: its encoding (a range of a buffer), hash and
+/// earliest (timestamp, messageId).
+struct Run<'a> {
+    key: std::ops::Range<usize>,
+    hash: u64,
+    timestamp: i64,
+    message_id: &'a str,
+}
+
 /// Exact set of distinct id lists with their first (timestamp, messageId). Each list is kept
-/// in one arena record with its first timestamp, and the table entry holds the hash, place
-/// and length, so a probe that finds its list costs the table and one arena read (a later
-/// timestamp, the common case, needs nothing else).
-#[derive(Default)]
+/// in one arena record with its first timestamp, and the table (open addressing, linear
+/// probing) holds the hash, place and length, so finding a list costs one table read and one
+/// arena read (a later timestamp, the common case, needs nothing else). The table is far
+/// larger than the caches: lookups go by batches, each one's table slot and arena record
+/// prefetched a few lookups ahead, so the memory latencies overlap.
 struct Firsts {
-    table: hashbrown::HashTable<Slot>,
+    slots: Vec<Slot>,
+    used: usize,
     rows: Vec<First>,
     arena: Vec<u8>,
     buf: Vec<u8>,
+}
+
+impl Default for Firsts {
+    fn default() -> Self {
+        Self {
+            slots: vec![FREE; 1 << 16],
+            used: 0,
+            rows: Vec::new(),
+            arena: Vec::new(),
+            buf: Vec::new(),
+        }
+    }
 }
 
 /// Marks a null id in an encoded list.
@@ -135,21 +169,35 @@ const SOME_ID: u8 = 1;
 const END_ID: u8 = 0xff;
 /// Bytes of the timestamp at the start of an arena record.
 const TS: usize = 8;
+/// How many lookups ahead a table slot is prefetched (its arena record: half as many).
+const AHEAD: usize = 16;
+
+/// Ask the CPU to start loading the cache line at `p` (a hint only: no access happens).
+#[inline(always)]
+fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults and does not dereference in the language's sense; any
+    // address is allowed.
+    unsafe {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
 
 impl Firsts {
-    /// Encode row `r`'s id list into `buf` and hash it.
-    fn encode(&mut self, arrays: &[&StringArray], r: usize) -> u64 {
-        self.buf.clear();
+    /// Append row `r`'s id list, encoded, to `buf`.
+    fn encode(buf: &mut Vec<u8>, arrays: &[&StringArray], r: usize) {
         for a in arrays {
             if a.is_valid(r) {
-                self.buf.push(SOME_ID);
-                self.buf.extend_from_slice(a.value(r).as_bytes());
-                self.buf.push(END_ID);
+                buf.push(SOME_ID);
+                buf.extend_from_slice(a.value(r).as_bytes());
+                buf.push(END_ID);
             } else {
-                self.buf.push(NULL_ID);
+                buf.push(NULL_ID);
             }
         }
-        xxhash_rust::xxh3::xxh3_64(&self.buf)
     }
 
     fn first_ts(&self, start: usize) -> i64 {
@@ -158,36 +206,89 @@ impl Firsts {
         i64::from_le_bytes(b)
     }
 
-    /// The slot of the list in `buf` (hashed `hash`), first seen at `(timestamp, message_id)`
+    fn home(&self, hash: u64) -> usize {
+        hash as usize & (self.slots.len() - 1)
+    }
+
+    /// Record every run (`keys` holds their encodings), prefetching ahead.
+    fn upsert_runs(&mut self, keys: &[u8], runs: &[Run]) -> Result<()> {
+        for (j, run) in runs.iter().enumerate() {
+            if let Some(r) = runs.get(j + AHEAD) {
+                prefetch(&self.slots[self.home(r.hash)]);
+            }
+            if let Some(r) = runs.get(j + AHEAD / 2) {
+                let s = self.slots[self.home(r.hash)];
+                if s.row != EMPTY {
+                    prefetch(self.arena.as_ptr().wrapping_add(s.start));
+                }
+            }
+            self.upsert(
+                &keys[run.key.clone()],
+                run.hash,
+                run.timestamp,
+                run.message_id,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Record the list `key` (hashed `hash`) as first seen at `(timestamp, message_id)`
     /// unless it is already known from an earlier time.
-    fn upsert(&mut self, hash: u64, timestamp: i64, message_id: &str) -> Result<Slot> {
-        let (arena, buf) = (&self.arena, &self.buf);
-        let found = self.table.find(hash, |e| {
-            e.hash == hash
-                && e.len as usize == buf.len()
-                && &arena[e.start + TS..e.start + TS + e.len as usize] == buf.as_slice()
-        });
-        if let Some(&slot) = found {
-            self.earlier(slot, timestamp, message_id);
-            return Ok(slot);
+    fn upsert(&mut self, key: &[u8], hash: u64, timestamp: i64, message_id: &str) -> Result<()> {
+        if (self.used + 1) * 2 > self.slots.len() {
+            self.grow();
+        }
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(hash);
+        loop {
+            let s = self.slots[i];
+            if s.row == EMPTY {
+                break;
+            }
+            if s.hash == hash
+                && s.len as usize == key.len()
+                && &self.arena[s.start + TS..s.start + TS + key.len()] == key
+            {
+                self.earlier(s, timestamp, message_id);
+                return Ok(());
+            }
+            i = (i + 1) & mask;
         }
         let too_many = || Error::Usage("more than 4 billion distinct id lists".into());
         let slot = Slot {
             hash,
             start: self.arena.len(),
-            len: u32::try_from(self.buf.len()).map_err(|_| too_many())?,
-            row: u32::try_from(self.rows.len()).map_err(|_| too_many())?,
+            len: u32::try_from(key.len()).map_err(|_| too_many())?,
+            row: u32::try_from(self.rows.len())
+                .ok()
+                .filter(|r| *r != EMPTY)
+                .ok_or_else(too_many)?,
         };
         self.rows.push(First {
             start: slot.start + TS,
-            len: self.buf.len(),
+            len: key.len(),
             timestamp,
             message_id: message_id.into(),
         });
         self.arena.extend_from_slice(&timestamp.to_le_bytes());
-        self.arena.extend_from_slice(&self.buf);
-        self.table.insert_unique(hash, slot, |e| e.hash);
-        Ok(slot)
+        self.arena.extend_from_slice(key);
+        self.slots[i] = slot;
+        self.used += 1;
+        Ok(())
+    }
+
+    /// Double the table.
+    fn grow(&mut self) {
+        let doubled = vec![FREE; self.slots.len() * 2];
+        let old = std::mem::replace(&mut self.slots, doubled);
+        let mask = self.slots.len() - 1;
+        for s in old.into_iter().filter(|s| s.row != EMPTY) {
+            let mut i = self.home(s.hash);
+            while self.slots[i].row != EMPTY {
+                i = (i + 1) & mask;
+            }
+            self.slots[i] = s;
+        }
     }
 
     /// Keep `(timestamp, message_id)` as the slot's first occurrence when it is earlier.
@@ -221,31 +322,48 @@ impl Firsts {
                         && (!a.is_valid(r) || a.value(r) == a.value(r - 1))
                 })
         };
-        let mut current: Option<Slot> = None;
+        let mut keys = std::mem::take(&mut self.buf);
+        keys.clear();
+        let mut runs: Vec<Run> = Vec::new();
         for r in 0..b.num_rows() {
-            match current {
-                Some(slot) if same_as_previous(r) => {
-                    self.earlier(slot, ts.value(r), mid.value(r));
+            let (t, m) = (ts.value(r), mid.value(r));
+            match runs.last_mut() {
+                Some(run) if same_as_previous(r) => {
+                    if (t, m) < (run.timestamp, run.message_id) {
+                        (run.timestamp, run.message_id) = (t, m);
+                    }
                 }
                 _ => {
-                    let hash = self.encode(&arrays, r);
-                    current = Some(self.upsert(hash, ts.value(r), mid.value(r))?);
+                    let start = keys.len();
+                    Self::encode(&mut keys, &arrays, r);
+                    runs.push(Run {
+                        hash: xxhash_rust::xxh3::xxh3_64(&keys[start..]),
+                        key: start..keys.len(),
+                        timestamp: t,
+                        message_id: m,
+                    });
                 }
             }
         }
-        Ok(())
+        let done = self.upsert_runs(&keys, &runs);
+        self.buf = keys;
+        done
     }
 
     /// Fold the lists of `other` (built from other files) into these.
     fn absorb(&mut self, other: Firsts) -> Result<()> {
-        for e in other.table.iter() {
-            self.buf.clear();
-            self.buf
-                .extend_from_slice(&other.arena[e.start + TS..e.start + TS + e.len as usize]);
-            let f = &other.rows[e.row as usize];
-            self.upsert(e.hash, other.first_ts(e.start), &f.message_id)?;
-        }
-        Ok(())
+        let runs: Vec<Run> = other
+            .slots
+            .iter()
+            .filter(|s| s.row != EMPTY)
+            .map(|s| Run {
+                key: s.start + TS..s.start + TS + s.len as usize,
+                hash: s.hash,
+                timestamp: other.first_ts(s.start),
+                message_id: &other.rows[s.row as usize].message_id,
+            })
+            .collect();
+        self.upsert_runs(&other.arena, &runs)
     }
 
     /// The firsts in (timestamp, messageId) order, with the arena their lists are in.
@@ -396,7 +514,7 @@ pub async fn read_identity_events(
             None => part,
             Some(mut all) => {
                 let mut part = part;
-                if all.rows.len() < part.rows.len() {
+                if all.used < part.used {
                     std::mem::swap(&mut all, &mut part);
                 }
                 all.absorb(part)?;
@@ -430,13 +548,20 @@ pub async fn read_identity_events(
             let _ = etx.send(Err(e)).await;
         }
     });
+    // Freeing a resolved chunk's strings is left to a thread of its own.
+    let (spent, to_free) = std::sync::mpsc::channel::<Vec<IdentityEvent>>();
+    let freer = std::thread::spawn(move || to_free.into_iter().for_each(drop));
     let mut n = 0u64;
     while let Some(chunk) = events.recv().await {
-        for e in &chunk? {
+        let chunk = chunk?;
+        for e in &chunk {
             on_event(e);
             n += 1;
         }
+        let _ = spent.send(chunk);
     }
+    drop(spent);
+    let _ = freer.join();
     producer
         .await
         .map_err(|e| Error::Usage(format!("identity events builder failed: {e}")))?;
@@ -550,4 +675,121 @@ async fn merge_events(
     }
     send(&mut chunk, true).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int64Array, TimestampMicrosecondArray};
+    use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    use std::collections::BTreeMap;
+
+    /// Rows: (user_id, anonymous_id, timestamp, message_id).
+    type Row = (Option<String>, Option<String>, i64, String);
+
+    fn batch(rows: &[Row]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("message_id", DataType::Utf8, false),
+            Field::new(
+                "timestamp",
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                false,
+            ),
+            Field::new("identity_key", DataType::Int64, false),
+            Field::new("user_id", DataType::Utf8, true),
+            Field::new("anonymous_id", DataType::Utf8, true),
+        ]));
+        let key = |r: &Row| match (&r.0, &r.1) {
+            (Some(u), _) => crate::events::schema::identity_key("user_id", u),
+            (None, Some(a)) => crate::events::schema::identity_key("anonymous_id", a),
+            (None, None) => 0,
+        };
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &r.3))),
+                Arc::new(
+                    TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.2))
+                        .with_timezone("UTC"),
+                ),
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(key))),
+                Arc::new(StringArray::from_iter(rows.iter().map(|r| r.0.as_deref()))),
+                Arc::new(StringArray::from_iter(rows.iter().map(|r| r.1.as_deref()))),
+            ],
+        )
+        .unwrap()
+    }
+
+    /// Lists drawn from a small pool (so they repeat, in and across batches, with the table
+    /// growing several times), folded in two halves like two scan partitions, agree with a
+    /// map of each list's minimum (timestamp, messageId).
+    #[test]
+    fn firsts_agree_with_a_map_of_minimums() {
+        let mut seed = 7u64;
+        let mut next = move |n: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        let mut rows: Vec<Row> = Vec::new();
+        for i in 0..300_000 {
+            let u = next(4) > 0;
+            let list = next(60_000);
+            rows.push((
+                u.then(|| format!("u{}", list % 20_000)),
+                (!u || list % 3 == 0).then(|| format!("a{list}")),
+                next(1_000) as i64,
+                format!("m{:06}", next(1_000_000) + i % 2),
+            ));
+            // runs of the same list, as sorted files have
+            if next(3) == 0 {
+                let last = rows.last().unwrap().clone();
+                rows.push((last.0, last.1, next(1_000) as i64, format!("m{}", next(99))));
+            }
+        }
+        let mut expected: BTreeMap<(Option<String>, Option<String>), (i64, String)> =
+            BTreeMap::new();
+        for r in &rows {
+            let e = expected
+                .entry((r.0.clone(), r.1.clone()))
+                .or_insert((r.2, r.3.clone()));
+            if (r.2, &r.3) < (e.0, &e.1) {
+                *e = (r.2, r.3.clone());
+            }
+        }
+        let b = batch(&rows);
+        let cols = IdColumns::new(&b.schema(), &IdentityRules::default());
+        let half = rows.len() / 2;
+        let mut parts = Vec::new();
+        for range in [0..half, half..rows.len()] {
+            let mut f = Firsts::default();
+            for start in range.clone().step_by(8192) {
+                let len = 8192.min(range.end - start);
+                f.add_batch(&b.slice(start, len), &cols).unwrap();
+            }
+            parts.push(f);
+        }
+        let second = parts.pop().unwrap();
+        let mut all = parts.pop().unwrap();
+        all.absorb(second).unwrap();
+        let (firsts, arena) = all.sorted();
+        let mut got = BTreeMap::new();
+        for f in &firsts {
+            let e = first_event(&cols, f, &arena).unwrap();
+            let id = |t: &str| e.ids.iter().find(|i| i.0 == t).map(|i| i.1.clone());
+            got.insert(
+                (id("user_id"), id("anonymous_id")),
+                (f.timestamp, e.message_id),
+            );
+        }
+        assert_eq!(got.len(), expected.len());
+        assert_eq!(got, expected);
+        // sorted by (timestamp, messageId)
+        assert!(
+            firsts
+                .windows(2)
+                .all(|w| (w[0].timestamp, &w[0].message_id) <= (w[1].timestamp, &w[1].message_id))
+        );
+    }
 }
