@@ -253,19 +253,15 @@ impl Graph {
                 resolved
             }
         };
-        let has_traits =
-            !ev.traits.is_empty() || ev.group.as_ref().is_some_and(|g| !g.1.is_empty());
-        let message_id: std::sync::Arc<str> = if has_traits {
-            ev.message_id.as_str().into()
-        } else {
-            std::sync::Arc::from("")
-        };
+        // one shared copy of the message id for every trait this message sets
+        let shared_id = std::cell::OnceCell::new();
+        let message_id = || shared_id.get_or_init(|| ev.message_id.as_str().into());
         if let Some(p) = resolved {
             if !ev.traits.is_empty() {
                 let slot = self.profile_traits.entry(p).or_default();
                 let mut changed = false;
                 for (k, v) in &ev.traits {
-                    changed |= TraitValue::set(slot, k, v, ev.timestamp, &message_id);
+                    changed |= TraitValue::set(slot, k, v, ev.timestamp, message_id());
                 }
                 if changed {
                     self.touched.insert(p);
@@ -284,7 +280,7 @@ impl Graph {
             let slot = self.account_traits.entry(group.clone()).or_default();
             let mut changed = false;
             for (k, v) in traits {
-                changed |= TraitValue::set(slot, k, v, ev.timestamp, &message_id);
+                changed |= TraitValue::set(slot, k, v, ev.timestamp, message_id());
             }
             if changed {
                 self.touched_accounts.insert(group.clone());

@@ -95,7 +95,6 @@ impl IdColumns {
 }
 
 /// The first occurrence of one distinct id list among plain (track/page/screen) calls.
-#[derive(Default)]
 struct First {
     /// Where the list's encoding (see [`Firsts::encode`]) sits in the arena.
     start: usize,
@@ -186,6 +185,13 @@ fn prefetch<T>(p: *const T) {
     let _ = p;
 }
 
+/// The first timestamp of the arena record at `start`.
+fn ts_at(arena: &[u8], start: usize) -> i64 {
+    let mut b = [0u8; TS];
+    b.copy_from_slice(&arena[start..start + TS]);
+    i64::from_le_bytes(b)
+}
+
 impl Firsts {
     /// Append row `r`'s id list, encoded, to `buf`.
     fn encode(buf: &mut Vec<u8>, arrays: &[&StringArray], r: usize) {
@@ -201,9 +207,7 @@ impl Firsts {
     }
 
     fn first_ts(&self, start: usize) -> i64 {
-        let mut b = [0u8; TS];
-        b.copy_from_slice(&self.arena[start..start + TS]);
-        i64::from_le_bytes(b)
+        ts_at(&self.arena, start)
     }
 
     fn home(&self, hash: u64) -> usize {
@@ -369,11 +373,7 @@ impl Firsts {
     /// The firsts in (timestamp, messageId) order, with the arena their lists are in.
     fn sorted(mut self) -> (Vec<First>, Vec<u8>) {
         for f in &mut self.rows {
-            f.timestamp = {
-                let mut b = [0u8; TS];
-                b.copy_from_slice(&self.arena[f.start - TS..f.start]);
-                i64::from_le_bytes(b)
-            };
+            f.timestamp = ts_at(&self.arena, f.start - TS);
         }
         self.rows.sort_unstable_by(|a, b| {
             (a.timestamp, &a.message_id).cmp(&(b.timestamp, &b.message_id))
