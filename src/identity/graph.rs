@@ -184,6 +184,16 @@ impl Graph {
             .map(|i| self.canonical(i.profile))
     }
 
+    /// Touch what resolving `ev` will read (its ids' entries and profiles), so the loads are
+    /// under way before it is resolved; changes nothing.
+    pub fn warm(&self, ev: &IdentityEvent) {
+        for (t, v) in &ev.ids {
+            if let Some(i) = self.ids.get(t.as_str()).and_then(|m| m.get(v.as_str())) {
+                std::hint::black_box(self.profiles[i.profile as usize].parent);
+            }
+        }
+    }
+
     /// Process one event; returns the canonical profile it resolved to (None without ids).
     pub fn process(&mut self, rules: &IdentityRules, ev: &IdentityEvent) -> Option<ProfileIdx> {
         // Fast path: an id list already seen fully linked to one profile cannot change the

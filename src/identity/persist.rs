@@ -890,6 +890,10 @@ pub async fn resolve(
     resolve_cached(store, space, rules, full, None).await
 }
 
+/// How many events ahead the graph's entries for an event's ids are touched, so their cache
+/// misses overlap with resolving the events before it.
+const WARM_AHEAD: usize = 8;
+
 /// An identity graph kept in memory between runs of one process (the serve loop), with the
 /// identity version it was committed as.
 pub type GraphCache = std::sync::Arc<tokio::sync::Mutex<Option<(u64, Graph)>>>;
@@ -959,8 +963,13 @@ pub async fn resolve_cached(
             .collect()
     };
     let started = std::time::Instant::now();
-    let resolved = super::source::read_identity_events(store, &new_files, rules, |e| {
-        graph.process(rules, e);
+    let resolved = super::source::read_identity_events(store, &new_files, rules, |chunk| {
+        for (i, e) in chunk.iter().enumerate() {
+            if let Some(ahead) = chunk.get(i + WARM_AHEAD) {
+                graph.warm(ahead);
+            }
+            graph.process(rules, e);
+        }
     })
     .await?;
     tracing::debug!(

@@ -413,12 +413,12 @@ fn first_event(cols: &IdColumns, f: &First, arena: &[u8]) -> Result<IdentityEven
 }
 
 /// Stream the events of `files` that can change the identity graph, in (timestamp, messageId)
-/// order, to `on_event`; returns how many were passed.
+/// order, to `on_chunk` in chunks; returns how many were passed.
 pub async fn read_identity_events(
     store: &Store,
     files: &[FileAdd],
     rules: &IdentityRules,
-    mut on_event: impl FnMut(&IdentityEvent),
+    mut on_chunk: impl FnMut(&[IdentityEvent]),
 ) -> Result<u64> {
     if files.is_empty() {
         return Ok(0);
@@ -554,10 +554,8 @@ pub async fn read_identity_events(
     let mut n = 0u64;
     while let Some(chunk) = events.recv().await {
         let chunk = chunk?;
-        for e in &chunk {
-            on_event(e);
-            n += 1;
-        }
+        on_chunk(&chunk);
+        n += chunk.len() as u64;
         let _ = spent.send(chunk);
     }
     drop(spent);
