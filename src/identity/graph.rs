@@ -71,7 +71,12 @@ pub struct TraitValue {
 
 impl TraitValue {
     fn newer_than(&self, other: &TraitValue) -> bool {
-        (self.updated_at, &self.message_id) > (other.updated_at, &other.message_id)
+        other.older_than(self.updated_at, &self.message_id)
+    }
+
+    /// Was this value set before message (`at`, `message_id`)?
+    fn older_than(&self, at: i64, message_id: &str) -> bool {
+        (at, message_id) > (self.updated_at, &*self.message_id)
     }
 
     /// Set `key` in `traits` to `value` from message (`at`, `message_id`) unless a newer
@@ -83,14 +88,13 @@ impl TraitValue {
         at: i64,
         message_id: &std::sync::Arc<str>,
     ) -> bool {
-        let newer = |old: &TraitValue| (at, &**message_id) > (old.updated_at, &*old.message_id);
         let tv = || TraitValue {
             value: value.to_string(),
             updated_at: at,
             message_id: message_id.clone(),
         };
         match traits.get_mut(key) {
-            Some(old) if !newer(old) => false,
+            Some(old) if !old.older_than(at, message_id) => false,
             Some(old) => {
                 *old = tv();
                 true
