@@ -258,12 +258,69 @@ struct Affected<'a> {
     files_read: HashSet<String>,
     rows_read: u64,
     /// identity_key → canonical profile_idx (read once).
-    keymap: Option<Arc<HashMap<i64, i64>>>,
+    keymap: Option<Arc<KeyMap>>,
+}
+
+/// The current `identity_keys` table, both ways.
+struct KeyMap {
+    /// identity_key → canonical profile_idx.
+    profile: HashMap<i64, i64>,
+    /// Identity keys sorted by profile_idx: profile p's are `keys[starts[p]..starts[p + 1]]`
+    /// (profile indexes are dense).
+    keys: Vec<i64>,
+    starts: Vec<usize>,
+}
+
+impl KeyMap {
+    fn new(profile: HashMap<i64, i64>) -> KeyMap {
+        // a counting sort by profile
+        let n = profile
+            .values()
+            .copied()
+            .max()
+            .map_or(0, |p| p.max(0) as usize + 1);
+        let mut starts = vec![0usize; n + 1];
+        for p in profile.values().filter(|p| **p >= 0) {
+            starts[*p as usize + 1] += 1;
+        }
+        for i in 1..starts.len() {
+            starts[i] += starts[i - 1];
+        }
+        let mut next = starts.clone();
+        let mut keys = vec![0i64; starts[n]];
+        for (k, p) in profile.iter().filter(|(_, p)| **p >= 0) {
+            keys[next[*p as usize]] = *k;
+            next[*p as usize] += 1;
+        }
+        KeyMap {
+            profile,
+            keys,
+            starts,
+        }
+    }
+
+    /// The identity keys of `profiles` with their profile, in profile order.
+    fn keys_of(&self, profiles: &HashSet<i64>) -> (Vec<i64>, Vec<i64>) {
+        let mut ps: Vec<i64> = profiles.iter().copied().collect();
+        ps.sort_unstable();
+        let (mut ks, mut out) = (Vec::new(), Vec::new());
+        for p in ps {
+            let Some(range) = usize::try_from(p)
+                .ok()
+                .and_then(|p| Some(*self.starts.get(p)?..*self.starts.get(p + 1)?))
+            else {
+                continue;
+            };
+            ks.extend_from_slice(&self.keys[range.clone()]);
+            out.extend(std::iter::repeat_n(p, range.len()));
+        }
+        (ks, out)
+    }
 }
 
 impl Affected<'_> {
     /// The current identity_key → profile_idx map.
-    async fn keymap(&mut self) -> Result<Arc<HashMap<i64, i64>>> {
+    async fn keymap(&mut self) -> Result<Arc<KeyMap>> {
         if let Some(m) = &self.keymap {
             return Ok(Arc::clone(m));
         }
@@ -275,7 +332,7 @@ impl Affected<'_> {
             );
             m.extend(k.values().iter().copied().zip(p.values().iter().copied()));
         }
-        let m = Arc::new(m);
+        let m = Arc::new(KeyMap::new(m));
         self.keymap = Some(Arc::clone(&m));
         Ok(m)
     }
@@ -284,7 +341,10 @@ impl Affected<'_> {
     async fn profiles_of_keys(&mut self, keys: DataFrame) -> Result<HashSet<i64>> {
         let keys = idx_set(keys).await?;
         let map = self.keymap().await?;
-        Ok(keys.iter().filter_map(|k| map.get(k).copied()).collect())
+        Ok(keys
+            .iter()
+            .filter_map(|k| map.profile.get(k).copied())
+            .collect())
     }
 
     /// Profiles with events committed after events version `from` that can change the result
@@ -564,16 +624,17 @@ async fn restrict_accounts(ctx: &SessionContext, accounts: Option<&HashSet<Strin
     Ok(())
 }
 
-/// Register `profiles` and `events_indexed` restricted to `affected` (None: unrestricted).
+/// Register `profiles` and `events_indexed` restricted to `affected` (None: unrestricted), the
+/// events read from table `events` (`events_raw` or the [`SHARED`] events).
 async fn restrict(
     ctx: &SessionContext,
-    affected: Option<&HashSet<i64>>,
-    keymap: &HashMap<i64, i64>,
+    affected: Option<(&HashSet<i64>, &KeyMap)>,
+    events: &str,
 ) -> Result<()> {
     for t in ["profiles", "events_indexed"] {
         let _ = ctx.deregister_table(t);
     }
-    let Some(affected) = affected else {
+    let Some((affected, keymap)) = affected else {
         ctx.register_table("profiles", ctx.table("__profiles_all").await?.into_view())?;
         ctx.register_table(
             "events_indexed",
@@ -599,13 +660,7 @@ async fn restrict(
         .drop_columns(&["__a"])?;
     ctx.register_table("profiles", profiles.into_view())?;
     // The identity keys of the affected profiles, from the map (no join over all keys).
-    let (mut ks, mut ps) = (Vec::new(), Vec::new());
-    for (k, p) in keymap.iter() {
-        if affected.contains(p) {
-            ks.push(*k);
-            ps.push(*p);
-        }
-    }
+    let (ks, ps) = keymap.keys_of(affected);
     let kschema = Arc::new(Schema::new(vec![
         Field::new("__key", DataType::Int64, false),
         Field::new("profile_idx", DataType::Int64, false),
@@ -621,7 +676,7 @@ async fn restrict(
     let keys = ctx.table("__affected_keys").await?;
     let events = keys
         .join(
-            ctx.table("events_raw").await?,
+            ctx.table(events).await?,
             JoinType::Inner,
             &["__key"],
             &["identity_key"],
@@ -630,6 +685,239 @@ async fn restrict(
         .drop_columns(&["__key"])?;
     ctx.register_table("events_indexed", events.into_view())?;
     Ok(())
+}
+
+/// The accounts linked to an affected profile, and every profile linked to them (what an
+/// account-level key re-evaluates).
+fn account_scope(
+    links: &[(String, i64)],
+    affected: &HashSet<i64>,
+) -> (HashSet<String>, HashSet<i64>) {
+    let accounts: HashSet<String> = links
+        .iter()
+        .filter(|(_, p)| affected.contains(p))
+        .map(|(a, _)| a.clone())
+        .collect();
+    let profiles = links
+        .iter()
+        .filter(|(a, _)| accounts.contains(a))
+        .map(|(_, p)| *p)
+        .collect();
+    (accounts, profiles)
+}
+
+/// The table of events read once for several keys.
+const SHARED: &str = "__shared_events";
+
+/// Events of the profiles several incremental keys re-evaluate, read from the event files once.
+struct Shared {
+    /// The keys whose plans read their events from it.
+    keys: HashSet<String>,
+    /// The profiles whose events it holds.
+    profiles: HashSet<i64>,
+}
+
+/// The scans of `events_raw` in a plan: (columns read, filters).
+fn event_scans(
+    plan: &datafusion::logical_expr::LogicalPlan,
+) -> Result<Vec<(BTreeSet<String>, Vec<Expr>)>> {
+    use datafusion::common::tree_node::TreeNodeRecursion;
+    use datafusion::logical_expr::LogicalPlan;
+    let mut out = Vec::new();
+    plan.apply_with_subqueries(|n| {
+        if let LogicalPlan::TableScan(s) = n
+            && s.table_name.table() == "events_raw"
+        {
+            let mut cols: BTreeSet<String> = s
+                .projected_schema
+                .fields()
+                .iter()
+                .map(|f| f.name().clone())
+                .collect();
+            for f in &s.filters {
+                cols.extend(f.column_refs().into_iter().map(|c| c.name.clone()));
+            }
+            out.push((cols, s.filters.clone()));
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    Ok(out)
+}
+
+/// `e` widened to a condition on the event kind and time only: every part that reads another
+/// column is taken as true (in an AND/OR tree that only widens what passes), so the shared
+/// read evaluates a cheap filter and each plan still applies its own.
+fn kind_and_time(e: Expr) -> Expr {
+    use datafusion::logical_expr::{BinaryExpr, Operator};
+    match e {
+        Expr::BinaryExpr(BinaryExpr {
+            left,
+            op: op @ (Operator::And | Operator::Or),
+            right,
+        }) => {
+            let (l, r) = (kind_and_time(*left), kind_and_time(*right));
+            match op {
+                Operator::And => l.and(r),
+                _ => l.or(r),
+            }
+        }
+        e if e
+            .column_refs()
+            .iter()
+            .all(|c| matches!(c.name.as_str(), "type" | "event" | "name" | "timestamp")) =>
+        {
+            e
+        }
+        _ => lit(true),
+    }
+}
+
+/// A column of `n` rows standing in for one no shared plan reads (None: no stand-in for its
+/// type; the column is read).
+fn stand_in(field: &Field, n: usize) -> Option<arrow::array::ArrayRef> {
+    use arrow::array::{StringArray, TimestampMicrosecondArray};
+    use arrow::datatypes::TimeUnit;
+    if field.is_nullable() {
+        return Some(arrow::array::new_null_array(field.data_type(), n));
+    }
+    Some(match field.data_type() {
+        DataType::Utf8 => Arc::new(StringArray::from_iter_values(std::iter::repeat_n("", n))),
+        DataType::Int64 => Arc::new(Int64Array::from(vec![0; n])),
+        DataType::Timestamp(TimeUnit::Microsecond, tz) => {
+            Arc::new(TimestampMicrosecondArray::from(vec![0; n]).with_timezone_opt(tz.clone()))
+        }
+        _ => return None,
+    })
+}
+
+/// Read once the events of every incremental key's profiles that the keys' plans read (the
+/// union of their scans' filters and columns; columns no plan reads hold stand-ins), and
+/// register them as [`SHARED`]. Keys whose plans read unfiltered events keep their own scan.
+/// None when fewer than two keys would share.
+#[allow(clippy::too_many_arguments)]
+async fn share_events(
+    ctx: &SessionContext,
+    aff: &mut Affected<'_>,
+    defs: &BTreeMap<String, Stored>,
+    found: &HashMap<String, (Option<String>, HashSet<i64>)>,
+    links: &[(String, i64)],
+    trait_values: &BTreeMap<String, Vec<RecordBatch>>,
+    as_of: i64,
+    computed: &BTreeSet<String>,
+    account_keys: &BTreeSet<String>,
+) -> Result<Option<Shared>> {
+    let t = std::time::Instant::now();
+    let keymap = aff.keymap().await?;
+    let mut keys = HashSet::new();
+    let mut profiles: HashSet<i64> = HashSet::new();
+    let mut columns: BTreeSet<String> = BTreeSet::new();
+    let mut rows: Vec<Expr> = Vec::new();
+    for (key, (reason, affected)) in found {
+        if reason.is_some() || affected.is_empty() {
+            continue;
+        }
+        let stored = &defs[key];
+        let (accounts, scope) = match stored.file.level {
+            Level::Accounts => {
+                let (a, p) = account_scope(links, affected);
+                (Some(a), p)
+            }
+            Level::Users => (None, affected.clone()),
+        };
+        // The plan as the key will run it, compiled only to see what it reads.
+        restrict(ctx, Some((&scope, &keymap)), "events_raw").await?;
+        restrict_accounts(ctx, accounts.as_ref()).await?;
+        register_trait_values(ctx, trait_values)?;
+        let inputs = Inputs {
+            ctx,
+            as_of,
+            created_at: stored.created_at,
+            computed_traits: computed,
+            account_keys,
+        };
+        let frame = match stored.file.kind {
+            Kind::Audience => compile_audience(&inputs, &stored.file).await?.frame,
+            Kind::ComputedTrait => compile_trait(&inputs, &stored.file).await?.frame,
+        };
+        let scans = event_scans(&frame.into_optimized_plan()?)?;
+        if scans.is_empty() || scans.iter().any(|(_, f)| f.is_empty()) {
+            continue;
+        }
+        for (cols, filters) in scans {
+            columns.extend(cols);
+            rows.extend(filters.into_iter().map(kind_and_time).reduce(Expr::and));
+        }
+        profiles.extend(scope);
+        keys.insert(key.clone());
+    }
+    if keys.len() < 2 {
+        return Ok(None);
+    }
+    tracing::debug!(
+        millis = t.elapsed().as_millis() as u64,
+        "plans compiled to see the events they read"
+    );
+    columns.insert("identity_key".into());
+    let (ks, _) = keymap.keys_of(&profiles);
+    let kschema = Arc::new(Schema::new(vec![Field::new(
+        "__key",
+        DataType::Int64,
+        false,
+    )]));
+    let kbatch = RecordBatch::try_new(Arc::clone(&kschema), vec![Arc::new(Int64Array::from(ks))])?;
+    register_batch(ctx, "__shared_keys", kschema, kbatch)?;
+    let raw = ctx.table("events_raw").await?;
+    let schema: Schema = raw.schema().as_arrow().clone();
+    let read: Vec<Expr> = schema
+        .fields()
+        .iter()
+        .filter(|f| columns.contains(f.name()) || stand_in(f, 0).is_none())
+        .map(|f| col(datafusion::common::Column::new_unqualified(f.name())))
+        .collect();
+    let events = ctx
+        .table("__shared_keys")
+        .await?
+        .join(
+            raw.filter(rows.into_iter().reduce(Expr::or).unwrap_or(lit(true)))?
+                .select(read)?,
+            JoinType::Inner,
+            &["__key"],
+            &["identity_key"],
+            None,
+        )?
+        .drop_columns(&["__key"])?;
+    let schema = Arc::new(schema);
+    let parts = ctx.state().config().target_partitions().max(1);
+    let mut partitions: Vec<Vec<RecordBatch>> = vec![Vec::new(); parts];
+    let mut n = 0;
+    for (i, b) in super::collect_traced(SHARED, events)
+        .await?
+        .into_iter()
+        .enumerate()
+    {
+        let cols = schema
+            .fields()
+            .iter()
+            .map(|f| match b.column_by_name(f.name()) {
+                Some(c) => Ok(Arc::clone(c)),
+                None => stand_in(f, b.num_rows())
+                    .ok_or_else(|| Error::Usage(format!("no stand-in for column {}", f.name()))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        n += b.num_rows();
+        partitions[i % parts].push(RecordBatch::try_new(Arc::clone(&schema), cols)?);
+    }
+    let _ = ctx.deregister_table(SHARED);
+    ctx.register_table(SHARED, Arc::new(MemTable::try_new(schema, partitions)?))?;
+    tracing::debug!(
+        keys = keys.len(),
+        profiles = profiles.len(),
+        rows = n,
+        columns = columns.len(),
+        millis = t.elapsed().as_millis() as u64,
+        "events read once for the keys that share them"
+    );
+    Ok(Some(Shared { keys, profiles }))
 }
 
 /// Trait values per profile_idx (JSON text), from trait-values batches.
@@ -806,23 +1094,19 @@ pub async fn refresh(
     let mut trait_values =
         super::lifecycle::register_references(store, &ctx, &defs, &latest, &referenced).await?;
     tracing::debug!(millis = t0.elapsed().as_millis() as u64, "session ready");
-    let mut changed: HashMap<String, HashSet<i64>> = HashMap::new();
-    let mut reports = Vec::new();
-    let mut items = Vec::new();
-    let mut unchanged = Vec::new();
-    let mut adds: Vec<FileAdd> = Vec::new();
-    let mut removes = Vec::new();
-    let mut new_versions: BTreeMap<String, u64> = BTreeMap::new();
+    // Why each key is recomputed in full (None: incremental) and the profiles affected before
+    // the changes of this refresh, found for every key first: the keys that read the same
+    // events then read them once.
+    let t_found = std::time::Instant::now();
+    let no_deps = BTreeSet::new();
+    let mut found: HashMap<String, (Option<String>, HashSet<i64>)> = HashMap::new();
     for key in order.iter().filter(|k| wanted(k)) {
-        let t = std::time::Instant::now();
         let stored = &defs[key];
-        let prev = latest.get(key);
         let basis = key_bases.get(key);
-        let no_deps = BTreeSet::new();
         let kdeps = deps.get(key).unwrap_or(&no_deps);
         let time = time_use(&stored.file)?;
+        let prev = latest.get(key);
         let mut reason = full_reason(stored, prev, basis, kdeps, &latest, &defs, &time, as_of);
-        // The affected profiles (incremental mode).
         let mut affected: HashSet<i64> = HashSet::new();
         if let (None, Some(b)) = (&reason, basis) {
             match (
@@ -840,6 +1124,45 @@ pub async fn refresh(
                     affected.extend(aff.slice(b.as_of, as_of, *o, &time).await?.iter());
                 }
             }
+        }
+        if reason.is_none() && stored.file.level == Level::Accounts && all_links.is_none() {
+            all_links = Some(account_links(&ctx).await?);
+        }
+        found.insert(key.clone(), (reason, affected));
+    }
+    tracing::debug!(
+        millis = t_found.elapsed().as_millis() as u64,
+        "affected profiles found"
+    );
+    let shared = share_events(
+        &ctx,
+        &mut aff,
+        &defs,
+        &found,
+        all_links.as_deref().unwrap_or_default(),
+        &trait_values,
+        as_of,
+        &computed,
+        &account_keys,
+    )
+    .await?;
+    let mut changed: HashMap<String, HashSet<i64>> = HashMap::new();
+    let mut reports = Vec::new();
+    let mut items = Vec::new();
+    let mut unchanged = Vec::new();
+    let mut adds: Vec<FileAdd> = Vec::new();
+    let mut removes = Vec::new();
+    let mut new_versions: BTreeMap<String, u64> = BTreeMap::new();
+    for key in order.iter().filter(|k| wanted(k)) {
+        let t = std::time::Instant::now();
+        let stored = &defs[key];
+        let prev = latest.get(key);
+        let basis = key_bases.get(key);
+        let kdeps = deps.get(key).unwrap_or(&no_deps);
+        // The affected profiles (incremental mode): found before the loop, plus the profiles
+        // whose values of the definitions it reads changed in this refresh.
+        let (reason, mut affected) = found.remove(key).unwrap_or_default();
+        if reason.is_none() {
             for d in kdeps {
                 affected.extend(changed.get(d).into_iter().flatten());
             }
@@ -867,23 +1190,10 @@ pub async fn refresh(
         // profile linked to them.
         let mut accounts: Option<HashSet<String>> = None;
         if incremental && stored.file.level == Level::Accounts {
-            if all_links.is_none() {
-                all_links = Some(account_links(&ctx).await?);
-            }
-            let links = all_links.as_deref().unwrap_or_default();
-            let a: HashSet<String> = links
-                .iter()
-                .filter(|(_, p)| affected.contains(p))
-                .map(|(a, _)| a.clone())
-                .collect();
-            affected = links
-                .iter()
-                .filter(|(acc, _)| a.contains(acc))
-                .map(|(_, p)| *p)
-                .collect();
-            accounts = Some(a);
+            let (a, p) = account_scope(all_links.as_deref().unwrap_or_default(), &affected);
+            (accounts, affected) = (Some(a), p);
         }
-        tracing::debug!(key = %key, millis = t.elapsed().as_millis() as u64, affected = affected.len(), accounts = accounts.as_ref().map_or(0, |a| a.len()), "affected profiles found");
+        tracing::debug!(key = %key, affected = affected.len(), accounts = accounts.as_ref().map_or(0, |a| a.len()), "affected");
         let mut report = KeyRefresh {
             key: key.clone(),
             kind: match stored.file.kind {
@@ -914,14 +1224,22 @@ pub async fn refresh(
             reports.push(report);
             continue;
         }
+        let t_restrict = std::time::Instant::now();
         if incremental {
             let keymap = aff.keymap().await?;
-            restrict(&ctx, Some(&affected), &keymap).await?;
+            // Events read once for the keys that share them, when this key's profiles are
+            // among them (a definition it reads may have changed others).
+            let events = match &shared {
+                Some(sh) if sh.keys.contains(key) && affected.is_subset(&sh.profiles) => SHARED,
+                _ => "events_raw",
+            };
+            restrict(&ctx, Some((&affected, &keymap)), events).await?;
         } else {
-            restrict(&ctx, None, &HashMap::new()).await?;
+            restrict(&ctx, None, "events_raw").await?;
         }
         restrict_accounts(&ctx, accounts.as_ref()).await?;
         register_trait_values(&ctx, &trait_values)?;
+        let restrict_ms = t_restrict.elapsed().as_millis() as u64;
         let inputs = Inputs {
             ctx: &ctx,
             as_of,
@@ -942,6 +1260,7 @@ pub async fn refresh(
                     .map_err(fail)?;
                 let level = plan.level;
                 let batches = super::collect_traced(key, plan.frame).await.map_err(fail)?;
+                let eval_ms = t.elapsed().as_millis() as u64;
                 let fresh = members_of(&batches, level)?;
                 let old = current_members(store, prev).await?;
                 let members: Members = if incremental {
@@ -975,12 +1294,14 @@ pub async fn refresh(
                 report.size = members.len() as u64;
                 report.entered = entered as u64;
                 report.exited = exited as u64;
+                let diff_ms = t.elapsed().as_millis() as u64;
                 if has_changes || must_version {
                     let (f, _, _) =
                         audience_files(store, space, key, version, as_of, level, &members, &old)
                             .await?;
                     files = f;
                 }
+                tracing::debug!(key = %key, restrict_ms, eval_ms, diff_ms, written_ms = t.elapsed().as_millis() as u64, "audience phases (ms since the key started)");
             }
             Kind::ComputedTrait => {
                 let plan = compile_trait(&inputs, &stored.file).await.map_err(fail)?;
@@ -1127,4 +1448,51 @@ pub async fn refresh(
         "refresh done"
     );
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_of_profiles_agree_with_a_scan_of_the_map() {
+        // identity key k belongs to profile (k * 7) % 50 (some profiles have none)
+        let profile: HashMap<i64, i64> = (0..1000i64)
+            .map(|k| (k, (k * 7) % 50))
+            .filter(|(_, p)| p % 5 != 3)
+            .collect();
+        let map = KeyMap::new(profile.clone());
+        let wanted: HashSet<i64> = [0, 3, 8, 13, 49, 77, -1].into_iter().collect();
+        let (ks, ps) = map.keys_of(&wanted);
+        let mut got: Vec<(i64, i64)> = ks.into_iter().zip(ps).collect();
+        got.sort_unstable();
+        let mut expected: Vec<(i64, i64)> = profile
+            .iter()
+            .filter(|(_, p)| wanted.contains(p))
+            .map(|(k, p)| (*k, *p))
+            .collect();
+        expected.sort_unstable();
+        assert!(!expected.is_empty());
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn kind_and_time_only_widens_a_filter() {
+        let price = col("properties.price:num").gt(lit(100.0));
+        let e = col("event")
+            .eq(lit("A"))
+            .and(price.clone())
+            .or(col("type")
+                .eq(lit("page"))
+                .and(col("timestamp").gt(lit(5i64))))
+            .and(col("properties.x:str").is_not_null().or(price));
+        let expected = col("event")
+            .eq(lit("A"))
+            .and(lit(true))
+            .or(col("type")
+                .eq(lit("page"))
+                .and(col("timestamp").gt(lit(5i64))))
+            .and(lit(true).or(lit(true)));
+        assert_eq!(kind_and_time(e), expected);
+    }
 }
