@@ -15,8 +15,13 @@ after the end, existing and new profiles), ingest it (timed apart), and time
 
 Prints p50/p95 of the refreshes, their modes and affected profiles, and the ratios.
 
+With --serve, the refreshes run in one `audiences serve --refresh-interval off` process, asked
+for by the Flight `refresh` action (pyarrow.flight) and timed from the client: the server keeps
+the identity graph in memory between refreshes, as a deployment's refresh loop does. The
+ingests stay separate processes.
+
 Usage: python3 benches/refresh.py [--events 10000000] [--deltas 20] [--fraction 0.01]
-                                  [--bin PATH] [--keep DIR]
+                                  [--bin PATH] [--keep DIR] [--serve]
 """
 import argparse, json, os, shutil, statistics, subprocess, sys, tempfile
 
@@ -38,6 +43,7 @@ def main():
     ap.add_argument("--fraction", type=float, default=0.01)
     ap.add_argument("--bin", default=os.path.expanduser("~/.cache/audiences-target/release/audiences"))
     ap.add_argument("--keep", help="keep (or reuse, if it exists) the base store in this directory")
+    ap.add_argument("--serve", action="store_true", help="refresh through a running server's Flight action")
     a = ap.parse_args()
     env = dict(os.environ, TOKIO_WORKER_THREADS="2", RAYON_NUM_THREADS="2")
     work = tempfile.mkdtemp(prefix="audiences-refresh-bench-")
@@ -61,6 +67,26 @@ def main():
         if base:
             shutil.copytree(store, base)
     times, ingests, reports = [], [], []
+    server = client = None
+    if a.serve:
+        import threading, time
+        import pyarrow.flight as fl
+        server = subprocess.Popen([a.bin, "--store", store, "serve", "--insecure-no-auth", "--refresh-interval", "off",
+                                   "--flight", "127.0.0.1:0", "--http", "127.0.0.1:0"],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        loc = None
+        while loc is None:
+            line = server.stderr.readline()
+            if not line:
+                sys.exit("audiences serve exited before listening")
+            if "flight listening on " in line:
+                loc = line.split("flight listening on ")[1].strip()
+        threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
+        client = fl.FlightClient("grpc://" + loc)
+
+        def peak_kb():
+            with open(f"/proc/{server.pid}/status") as f:
+                return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
     for r in range(a.deltas):
         delta = os.path.join(work, f"delta{r}.ndjson")
         subprocess.run([a.bin, "generate", "--events", str(a.events), "--seed", "42", "--delta", str(a.fraction),
@@ -69,8 +95,14 @@ def main():
         ingests.append(dt)
         os.remove(delta)
         as_of = iso(end + (r + 1) * DAY)
-        dt, kb, out = suite.run([a.bin, "--store", store, "--json", "refresh", "--as-of", as_of], env)
-        rep = json.loads(out)
+        if server:
+            t = time.perf_counter()
+            res = list(client.do_action(fl.Action("refresh", json.dumps({"as_of": as_of}).encode())))
+            dt, kb = time.perf_counter() - t, peak_kb()
+            rep = json.loads(res[0].body.to_pybytes())
+        else:
+            dt, kb, out = suite.run([a.bin, "--store", store, "--json", "refresh", "--as-of", as_of], env)
+            rep = json.loads(out)
         times.append((dt, kb))
         reports.append(rep)
         modes = {}
@@ -79,6 +111,9 @@ def main():
         affected = max((k["affected"] for k in rep["keys"]), default=0)
         print(f"delta {r:>2}: ingest {ingests[-1]:6.2f}s  refresh {dt:6.2f}s  rows read {rep['new_event_rows']:>8}  "
               f"modes {modes}  max affected {affected}  peak {kb/1024:.0f} MiB", flush=True)
+    if server:
+        server.terminate()
+        server.wait()
     last = iso(end + a.deltas * DAY)
     keys = [q[1] for q in queries]
 
@@ -117,7 +152,8 @@ def main():
     print(f"\n{a.deltas} deltas of {a.fraction:.0%} x {a.events:,} events; memberships after the refreshes = full compute = DuckDB (checked)")
     print("| measure | seconds | ratio |")
     print("|---|---:|---:|")
-    print(f"| refresh p50 | {p50:.2f} | |")
+    how = "through `serve` (graph kept)" if a.serve else "(one process each)"
+    print(f"| refresh p50 {how} | {p50:.2f} | |")
     print(f"| refresh p95 | {p95:.2f} | |")
     print(f"| our full compute of the suite | {full:.2f} | {full / p50:.2f}x the p50 refresh |")
     print(f"| DuckDB recompute of the suite (query by query) | {duck_total:.2f} | {duck_total / p50:.2f}x the p50 refresh |")

@@ -149,7 +149,8 @@ pub struct RefreshArgs {
 /// `serve` options.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Time between refreshes of realtime definitions (e.g. 5s, 500ms, 1m).
+    /// Time between refreshes of realtime definitions (e.g. 5s, 500ms, 1m; `off`: no refresh
+    /// loop, refreshes only through the Flight `refresh` action).
     #[arg(long, env = "AUDIENCES_REFRESH_INTERVAL", default_value = "5s")]
     pub refresh_interval: String,
     /// Stop after this many refreshes (default: run until interrupted).
@@ -967,7 +968,10 @@ async fn serve(g: &Global, a: &ServeArgs) -> Result<()> {
     let opts = crate::server::ServeOptions {
         flight: addr(&a.flight, "--flight")?,
         http: addr(&a.http, "--http")?,
-        interval: crate::serve::parse_duration(&a.refresh_interval)?,
+        interval: match a.refresh_interval.as_str() {
+            "off" => None,
+            d => Some(crate::serve::parse_duration(d)?),
+        },
         refreshes: a.refreshes,
         insecure: a.insecure_no_auth,
         spaces,

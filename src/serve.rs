@@ -94,12 +94,12 @@ pub async fn run(
     rules: &IdentityRules,
     interval: Duration,
     passes: Option<u64>,
+    cache: crate::identity::persist::GraphCache,
     mut stop: tokio::sync::watch::Receiver<bool>,
     mut on_report: impl FnMut(&Result<RefreshReport>),
 ) -> Result<()> {
     let mut done = 0u64;
-    // The identity graph stays in memory between refreshes (no reload of the committed state).
-    let cache = crate::identity::persist::GraphCache::default();
+    // The identity graph stays in `cache` between refreshes (no reload of the committed state).
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -9,7 +9,7 @@
 pub mod lifecycle;
 pub mod refresh;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, Int64Array, RecordBatch, StringArray};
@@ -339,11 +339,11 @@ pub async fn decode_parallel(
 }
 
 /// Current members of an audience: member key → (profile_idx, entered_at).
-pub(crate) async fn current_members(
-    store: &Store,
-    v: Option<&VersionRef>,
-) -> Result<HashMap<String, (Option<i64>, i64)>> {
-    let mut out = HashMap::new();
+/// Members of a committed version: member key → (profile_idx, entered_at).
+pub(crate) type OldMembers = hashbrown::HashMap<String, (Option<i64>, i64)>;
+
+pub(crate) async fn current_members(store: &Store, v: Option<&VersionRef>) -> Result<OldMembers> {
+    let mut out = OldMembers::new();
     let Some(v) = v else { return Ok(out) };
     for b in read_file(store, &v.data).await? {
         let b = conform(&b, "members")?;
@@ -727,7 +727,7 @@ pub(crate) async fn audience_files(
     as_of: i64,
     level: Level,
     members: &Members,
-    old: &HashMap<String, (Option<i64>, i64)>,
+    old: &OldMembers,
 ) -> Result<(
     Vec<FileAdd>,
     Vec<(String, Option<i64>)>,
@@ -740,8 +740,9 @@ pub(crate) async fn audience_files(
             entered.push((k.clone(), *idx));
         }
     }
+    let now: hashbrown::HashSet<&str> = members.keys().map(String::as_str).collect();
     for (k, (idx, _)) in old {
-        if !members.contains_key(k) {
+        if !now.contains(k.as_str()) {
             exited.push((k.clone(), *idx));
         }
     }

@@ -1263,6 +1263,7 @@ pub async fn refresh(
                 let eval_ms = t.elapsed().as_millis() as u64;
                 let fresh = members_of(&batches, level)?;
                 let old = current_members(store, prev).await?;
+                let old_ms = t.elapsed().as_millis() as u64;
                 let members: Members = if incremental {
                     old.iter()
                         .filter(|(k, (idx, _))| match &accounts {
@@ -1275,20 +1276,22 @@ pub async fn refresh(
                 } else {
                     fresh
                 };
-                let entered = members.keys().filter(|k| !old.contains_key(*k)).count();
-                let exited = old.keys().filter(|k| !members.contains_key(*k)).count();
-                has_changes = entered + exited > 0;
+                let (mut entered, mut exited) = (0, 0);
                 let mut ch = HashSet::new();
                 for (k, i) in &members {
                     if !old.contains_key(k) {
+                        entered += 1;
                         ch.extend(*i);
                     }
                 }
+                let now: hashbrown::HashSet<&str> = members.keys().map(String::as_str).collect();
                 for (k, (i, _)) in &old {
-                    if !members.contains_key(k) {
+                    if !now.contains(k.as_str()) {
+                        exited += 1;
                         ch.extend(*i);
                     }
                 }
+                has_changes = entered + exited > 0;
                 changed.insert(key.clone(), ch);
                 register_members(&ctx, key, &members, level)?;
                 report.size = members.len() as u64;
@@ -1301,7 +1304,7 @@ pub async fn refresh(
                             .await?;
                     files = f;
                 }
-                tracing::debug!(key = %key, restrict_ms, eval_ms, diff_ms, written_ms = t.elapsed().as_millis() as u64, "audience phases (ms since the key started)");
+                tracing::debug!(key = %key, restrict_ms, eval_ms, old_ms, diff_ms, written_ms = t.elapsed().as_millis() as u64, "audience phases (ms since the key started)");
             }
             Kind::ComputedTrait => {
                 let plan = compile_trait(&inputs, &stored.file).await.map_err(fail)?;

@@ -432,6 +432,31 @@ impl Graph {
         });
     }
 
+    /// Canonical profile and [`Graph::is_known`] of every profile, in index order: one
+    /// sequential pass over the profiles instead of a lookup per profile.
+    pub fn canonical_known(&self) -> Vec<(ProfileIdx, bool)> {
+        let known_type: Vec<bool> = self
+            .id_types
+            .iter()
+            .map(|t| matches!(t.as_str(), "user_id" | "email"))
+            .collect();
+        let own: Vec<bool> = self
+            .profiles
+            .iter()
+            .map(|p| {
+                p.id_counts
+                    .iter()
+                    .any(|(t, n)| *n > 0 && known_type.get(*t as usize).copied().unwrap_or(false))
+            })
+            .collect();
+        (0..self.profiles.len() as ProfileIdx)
+            .map(|p| {
+                let c = self.canonical(p);
+                (c, own[c as usize])
+            })
+            .collect()
+    }
+
     /// True when the canonical profile has a `user_id` or an `email`.
     pub fn is_known(&self, p: ProfileIdx) -> bool {
         // one pass over the profile's few counts (this runs for every profile per commit)

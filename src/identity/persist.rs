@@ -898,6 +898,19 @@ const WARM_AHEAD: usize = 8;
 /// identity version it was committed as.
 pub type GraphCache = std::sync::Arc<tokio::sync::Mutex<Option<(u64, Graph)>>>;
 
+/// The graphs of the spaces one process serves: its refresh loops and the Flight `refresh`
+/// action share them, so neither reloads a committed graph the other left in memory.
+#[derive(Default)]
+pub struct GraphCaches(std::sync::Mutex<std::collections::HashMap<String, GraphCache>>);
+
+impl GraphCaches {
+    /// The cache of `space`.
+    pub fn of(&self, space: &Space) -> GraphCache {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        std::sync::Arc::clone(m.entry(space.to_string()).or_default())
+    }
+}
+
 /// [`resolve`], starting from the cached graph when it is the committed version (no reload),
 /// and leaving the new graph in the cache.
 pub async fn resolve_cached(
@@ -946,9 +959,7 @@ pub async fn resolve_cached(
     };
     // Canonical profile and known flag of every profile before: what changed is recorded with
     // the commit, so a refresh knows which profiles identity moved without diffing tables.
-    let before: Vec<(ProfileIdx, bool)> = (0..graph.profiles.len() as ProfileIdx)
-        .map(|p| (graph.canonical(p), graph.is_known(p)))
-        .collect();
+    let before: Vec<(ProfileIdx, bool)> = graph.canonical_known();
     graph.touched.clear();
     graph.touched_accounts.clear();
     let new_files: Vec<FileAdd> = if watermark == 0 {
@@ -1002,10 +1013,11 @@ pub async fn resolve_cached(
         None
     };
     let mut tables: Vec<(String, RecordBatch)> = Vec::new();
+    let after = graph.canonical_known();
     if incremental {
         let mut changed = std::collections::BTreeSet::new();
-        for p in 0..graph.profiles.len() as ProfileIdx {
-            let now = (graph.canonical(p), graph.is_known(p));
+        for (p, now) in after.iter().copied().enumerate() {
+            let p = p as ProfileIdx;
             match before.get(p as usize) {
                 Some(b) if *b == now => {}
                 Some(b) => {
@@ -1102,8 +1114,11 @@ pub async fn resolve_cached(
         .filter(|f| dirty.is_none() || !f.kind.as_deref().is_some_and(|k| KINDS.contains(&k)))
         .map(|f| f.path.clone())
         .collect();
-    let canonical: Vec<ProfileIdx> = (0..graph.profiles.len() as ProfileIdx)
-        .filter(|p| graph.canonical(*p) == *p)
+    let canonical: Vec<(ProfileIdx, bool)> = after
+        .iter()
+        .enumerate()
+        .filter(|(p, (c, _))| *c as usize == *p)
+        .map(|(_, ck)| *ck)
         .collect();
     let mut accounts: std::collections::BTreeSet<&str> =
         graph.account_traits.keys().map(String::as_str).collect();
@@ -1113,7 +1128,7 @@ pub async fn resolve_cached(
     let mut report = IdentityReport {
         events_read,
         profiles: canonical.len() as u64,
-        known: canonical.iter().filter(|p| graph.is_known(**p)).count() as u64,
+        known: canonical.iter().filter(|(_, known)| *known).count() as u64,
         ids: graph.ids.values().map(|m| m.len() as u64).sum(),
         merges: graph.merges.len() as u64,
         accounts: accounts.len() as u64,

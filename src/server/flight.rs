@@ -59,6 +59,8 @@ pub struct Flight {
     pub query_memory: Option<usize>,
     /// Id indexes and finished membership streams (shared with the HTTP exports).
     pub serving: Arc<crate::export::ServingCache>,
+    /// Identity graphs kept in memory per space (shared with the refresh loops).
+    pub graphs: Arc<crate::identity::persist::GraphCaches>,
 }
 
 type Stream<T> = BoxStream<'static, Result<T, Status>>;
@@ -911,7 +913,10 @@ impl FlightService for Flight {
                     &self.store,
                     &g.space,
                     &rules,
-                    &crate::compute::refresh::RefreshOptions::at(as_of),
+                    &crate::compute::refresh::RefreshOptions {
+                        identity_cache: Some(self.graphs.of(&g.space)),
+                        ..crate::compute::refresh::RefreshOptions::at(as_of)
+                    },
                 )
                 .await
                 .map_err(usage)?;

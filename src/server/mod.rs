@@ -29,8 +29,9 @@ pub struct ServeOptions {
     pub flight: SocketAddr,
     /// HTTP address; port 0 picks a free port.
     pub http: SocketAddr,
-    /// Refresh interval of realtime definitions.
-    pub interval: Duration,
+    /// Refresh interval of realtime definitions (None: no refresh loop; refreshes run only when
+    /// asked for, through the Flight `refresh` action).
+    pub interval: Option<Duration>,
     /// Stop after this many refresh passes (tests, one-off runs).
     pub refreshes: Option<u64>,
     /// No authentication at all (local experiments).
@@ -112,7 +113,9 @@ pub async fn run(store: &Store, config: Config, opts: ServeOptions) -> Result<()
     eprintln!("audiences serve: http listening on {ha}");
 
     let serving = Arc::new(crate::export::ServingCache::new(opts.serving_cache));
+    let graphs = Arc::new(crate::identity::persist::GraphCaches::default());
     let flight = flight::Flight {
+        graphs: Arc::clone(&graphs),
         store: store.clone(),
         serving: Arc::clone(&serving),
         auth: Arc::clone(&auth),
@@ -201,9 +204,13 @@ pub async fn run(store: &Store, config: Config, opts: ServeOptions) -> Result<()
             None => crate::identity::IdentityRules::default(),
         };
         let (store, space, stop, json) = (store.clone(), space.clone(), stop_rx.clone(), opts.json);
-        let (interval, passes) = (opts.interval, opts.refreshes);
+        let Some(interval) = opts.interval else {
+            continue;
+        };
+        let passes = opts.refreshes;
+        let cache = graphs.of(&space);
         loops.push(tokio::spawn(async move {
-            crate::serve::run(&store, &space, &rules, interval, passes, stop, |r| {
+            crate::serve::run(&store, &space, &rules, interval, passes, cache, stop, |r| {
                 if r.is_ok() {
                     kick.notify_one();
                 }
