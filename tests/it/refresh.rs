@@ -381,16 +381,10 @@ fn members_by_key(store: &str) -> BTreeMap<String, BTreeSet<String>> {
     out
 }
 
-/// kill -9 at each point of a refresh: the last committed versions stay intact, and the next
-/// refresh produces exactly one new version per changed audience, whose entered/exited
-/// changes are exactly the difference to the version before (none lost, none twice), and
-/// whose members equal a full compute.
-#[test]
-fn a_refresh_killed_anywhere_loses_and_repeats_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let store_path = dir.path().join("store");
-    let store = store_path.to_str().unwrap();
-    let base = dir.path().join("base.ndjson");
+/// A store with generated events and the suite's definitions computed at 2025-12-20
+/// (`work` holds the generated file).
+fn suite_store(work: &std::path::Path, store: &str) {
+    let base = work.join("base.ndjson");
     std::fs::write(&base, generated(3000, 31)).unwrap();
     run_ok(store, &["ingest", base.to_str().unwrap()]);
     let root = env!("CARGO_MANIFEST_DIR");
@@ -410,6 +404,113 @@ fn a_refresh_killed_anywhere_loses_and_repeats_nothing() {
         run_ok(store, &[kind, "create", &p]);
     }
     run_ok(store, &["compute", "--as-of", "2025-12-20T00:00:00Z"]);
+}
+
+/// The Flight `refresh` action of a server started with `--refresh-interval off` keeps the
+/// identity graph in memory between refreshes, and the server refreshes nothing by itself: two
+/// refreshes through it (new events ingested by another process before each) leave exactly what
+/// two one-shot `refresh` processes leave in a copy of the store.
+#[test]
+fn refreshes_through_the_server_equal_one_shot_refreshes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let (sa, sb) = (a.to_str().unwrap(), b.to_str().unwrap());
+    suite_store(dir.path(), sa);
+    copy_dir(&a, &b);
+    let delta = |round: u64| {
+        let p = dir.path().join(format!("delta{round}.ndjson"));
+        let r = round.to_string();
+        let args = [
+            "generate",
+            "--events",
+            "3000",
+            "--seed",
+            "31",
+            "--delta",
+            "0.05",
+            "--delta-round",
+            &r,
+            "-o",
+            p.to_str().unwrap(),
+        ];
+        assert!(run(sa, &args, &[]).status.success());
+        p
+    };
+    let deltas = [delta(0), delta(1)];
+    let as_of = ["2026-01-02T00:00:00Z", "2026-01-03T00:00:00Z"];
+    let identity_log = || {
+        std::fs::read_dir(a.join("spaces/default/identity/_log"))
+            .unwrap()
+            .count()
+    };
+    let server = crate::server::start_with(
+        sa,
+        &[],
+        &["--insecure-no-auth", "--refresh-interval", "off"],
+        &mut Vec::new(),
+    );
+    for (d, t) in deltas.iter().zip(as_of) {
+        let before = identity_log();
+        run_ok(sa, &["ingest", d.to_str().unwrap()]);
+        std::thread::sleep(std::time::Duration::from_millis(800));
+        assert_eq!(identity_log(), before, "no refresh ran without being asked");
+        let out = python(
+            r#"
+import json, sys
+import pyarrow.flight as fl
+c = fl.FlightClient('grpc://' + sys.argv[1])
+r = list(c.do_action(fl.Action('refresh', json.dumps({'as_of': sys.argv[2]}).encode())))
+print(json.dumps(json.loads(r[0].body.to_pybytes())))
+"#,
+            &[&server.flight, t],
+        );
+        let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert!(report["new_event_rows"].as_u64().unwrap() > 0, "{report}");
+        assert!(
+            identity_log() > before,
+            "the action resolved the new events"
+        );
+        run_ok(sb, &["ingest", d.to_str().unwrap()]);
+        run_ok(sb, &["refresh", "--as-of", t]);
+    }
+    drop(server);
+    assert_eq!(members_by_key(sa), members_by_key(sb));
+    for q in [
+        "SELECT id_type, id_value, profile_id, first_message_id FROM identities ORDER BY 1, 2",
+        "SELECT profile_id, known FROM profiles ORDER BY 1",
+        "SELECT entity, profile_id, account_id, key, value FROM traits ORDER BY 1, 2, 3, 4",
+        "SELECT from_profile_id, into_profile_id, message_id FROM profile_merges ORDER BY 1, 2",
+        "SELECT audience_key, version, profile_id, change FROM membership_changes ORDER BY 1, 2, 3",
+    ] {
+        let (x, y) = (sql_json(sa, q), sql_json(sb, q));
+        assert!(!x.is_empty(), "{q}");
+        assert_eq!(x, y, "{q}");
+    }
+    // Sums of floats may differ in their last bits with the order rows were added in.
+    let q = "SELECT key, profile_id, value_num FROM computed_traits ORDER BY 1, 2";
+    let (x, y) = (sql_json(sa, q), sql_json(sb, q));
+    assert_eq!(x.len(), y.len());
+    assert!(!x.is_empty());
+    for (x, y) in x.iter().zip(&y) {
+        assert_eq!((&x["key"], &x["profile_id"]), (&y["key"], &y["profile_id"]));
+        let (u, v) = (
+            x["value_num"].as_f64().unwrap(),
+            y["value_num"].as_f64().unwrap(),
+        );
+        assert!((u - v).abs() <= 1e-9 * u.abs().max(1.0), "{x} vs {y}");
+    }
+}
+
+/// kill -9 at each point of a refresh: the last committed versions stay intact, and the next
+/// refresh produces exactly one new version per changed audience, whose entered/exited
+/// changes are exactly the difference to the version before (none lost, none twice), and
+/// whose members equal a full compute.
+#[test]
+fn a_refresh_killed_anywhere_loses_and_repeats_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_path = dir.path().join("store");
+    let store = store_path.to_str().unwrap();
+    suite_store(dir.path(), store);
     let delta = dir.path().join("delta.ndjson");
     let out = run(
         store,

@@ -8,9 +8,9 @@ use std::process::{Child, Command, Stdio};
 
 use crate::common::*;
 
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    flight: String,
+    pub(crate) flight: String,
     http: String,
 }
 
@@ -32,12 +32,23 @@ fn start(store: &str, config: &std::path::Path) -> Server {
 
 /// Start `serve` with extra global and serve flags; the stderr lines up to the listening ones
 /// go to `early`.
-fn start_with(store: &str, global: &[&str], extra: &[&str], early: &mut Vec<String>) -> Server {
+pub(crate) fn start_with(
+    store: &str,
+    global: &[&str],
+    extra: &[&str],
+    early: &mut Vec<String>,
+) -> Server {
+    // a refresh loop every 300 ms unless the caller chose otherwise
+    let interval: &[&str] = if extra.contains(&"--refresh-interval") {
+        &[]
+    } else {
+        &["--refresh-interval", "300ms"]
+    };
     let mut child = Command::new(env!("CARGO_BIN_EXE_audiences"))
         .args(["--store", store, "--json"])
         .args(global)
         .args(["serve", "--flight", "127.0.0.1:0", "--http", "127.0.0.1:0"])
-        .args(["--refresh-interval", "300ms"])
+        .args(interval)
         .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
