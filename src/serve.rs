@@ -86,15 +86,27 @@ pub async fn due_keys(store: &Store, space: &Space, now: i64) -> Result<BTreeSet
     Ok(due)
 }
 
+/// How a refresh loop runs.
+pub struct Loop {
+    /// Time between refreshes.
+    pub interval: Duration,
+    /// Stop after this many refreshes (None: until stopped).
+    pub passes: Option<u64>,
+    /// The identity graph kept between refreshes (shared with the server's Flight actions).
+    pub cache: crate::identity::persist::GraphCache,
+}
+
 /// Run refreshes every `interval` until `stop` turns true (or `passes` refreshes, when given);
 /// `on_report` sees each one.
 pub async fn run(
     store: &Store,
     space: &Space,
     rules: &IdentityRules,
-    interval: Duration,
-    passes: Option<u64>,
-    cache: crate::identity::persist::GraphCache,
+    Loop {
+        interval,
+        passes,
+        cache,
+    }: Loop,
     mut stop: tokio::sync::watch::Receiver<bool>,
     mut on_report: impl FnMut(&Result<RefreshReport>),
 ) -> Result<()> {

@@ -207,10 +207,13 @@ pub async fn run(store: &Store, config: Config, opts: ServeOptions) -> Result<()
         let Some(interval) = opts.interval else {
             continue;
         };
-        let passes = opts.refreshes;
-        let cache = graphs.of(&space);
+        let how = crate::serve::Loop {
+            interval,
+            passes: opts.refreshes,
+            cache: graphs.of(&space),
+        };
         loops.push(tokio::spawn(async move {
-            crate::serve::run(&store, &space, &rules, interval, passes, cache, stop, |r| {
+            crate::serve::run(&store, &space, &rules, how, stop, |r| {
                 if r.is_ok() {
                     kick.notify_one();
                 }
