@@ -867,6 +867,12 @@ async fn share_events(
     let kbatch = RecordBatch::try_new(Arc::clone(&kschema), vec![Arc::new(Int64Array::from(ks))])?;
     register_batch(ctx, "__shared_keys", kschema, kbatch)?;
     let raw = ctx.table("events_raw").await?;
+    let rows_filter = match rows.into_iter().reduce(Expr::or) {
+        Some(any) => crate::plan::compile::kind_in_lists(&any)
+            .into_iter()
+            .fold(any, |f, kinds| kinds.and(f)),
+        None => lit(true),
+    };
     let schema: Schema = raw.schema().as_arrow().clone();
     let read: Vec<Expr> = schema
         .fields()
@@ -878,8 +884,7 @@ async fn share_events(
         .table("__shared_keys")
         .await?
         .join(
-            raw.filter(rows.into_iter().reduce(Expr::or).unwrap_or(lit(true)))?
-                .select(read)?,
+            raw.filter(rows_filter)?.select(read)?,
             JoinType::Inner,
             &["__key"],
             &["identity_key"],

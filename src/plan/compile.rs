@@ -716,6 +716,7 @@ fn rows_filter(scan: &[Expr], agg_rows: &[Expr]) -> (Expr, Vec<Expr>) {
         .collect();
     let mut filter = common.clone();
     if let Some(any) = residuals.and_then(disjunction) {
+        filter.extend(kind_in_lists(&any));
         filter.push(any);
     }
     let rows = conjunction(filter).unwrap_or_else(|| lit(true));
@@ -724,6 +725,74 @@ fn rows_filter(scan: &[Expr], agg_rows: &[Expr]) -> (Expr, Vec<Expr>) {
         implied.extend(split_conjunction(f).into_iter().cloned());
     }
     (rows, implied)
+}
+
+/// `c IN (...)` conditions on the event kind columns (`type`, `event`, `name`) that every row `e`
+/// admits satisfies: redundant with `e`, but a scan can prune with them. The Parquet page index
+/// prunes with single-column conjuncts only, so a disjunction such as `event = 'A' AND
+/// timestamp >= t OR event = 'B'` alone skips no page; with `event IN ('A', 'B')` beside it the
+/// pages of other kinds (event files are sorted by kind) are skipped.
+pub(crate) fn kind_in_lists(e: &Expr) -> Vec<Expr> {
+    use datafusion::logical_expr::{BinaryExpr, Operator};
+    fn text(e: &Expr) -> Option<&str> {
+        match e {
+            Expr::Literal(
+                ScalarValue::Utf8(Some(s))
+                | ScalarValue::Utf8View(Some(s))
+                | ScalarValue::LargeUtf8(Some(s)),
+                _,
+            ) => Some(s),
+            _ => None,
+        }
+    }
+    fn is_col(e: &Expr, c: &str) -> bool {
+        matches!(e, Expr::Column(x) if x.name == c)
+    }
+    /// The values of column `c` every row admitted by `e` has (None: any).
+    fn values(e: &Expr, c: &str) -> Option<std::collections::BTreeSet<String>> {
+        match e {
+            Expr::BinaryExpr(BinaryExpr {
+                left,
+                op: Operator::Eq,
+                right,
+            }) => {
+                let v = match (is_col(left, c), is_col(right, c)) {
+                    (true, _) => text(right),
+                    (_, true) => text(left),
+                    _ => None,
+                }?;
+                Some([v.to_string()].into())
+            }
+            Expr::BinaryExpr(BinaryExpr {
+                left,
+                op: Operator::And,
+                right,
+            }) => match (values(left, c), values(right, c)) {
+                (Some(a), Some(b)) => Some(a.intersection(&b).cloned().collect()),
+                (a, b) => a.or(b),
+            },
+            Expr::BinaryExpr(BinaryExpr {
+                left,
+                op: Operator::Or,
+                right,
+            }) => {
+                let mut a = values(left, c)?;
+                a.extend(values(right, c)?);
+                Some(a)
+            }
+            Expr::InList(l) if !l.negated && is_col(&l.expr, c) => {
+                l.list.iter().map(|v| text(v).map(str::to_string)).collect()
+            }
+            _ => None,
+        }
+    }
+    ["type", "event", "name"]
+        .into_iter()
+        .filter_map(|c| {
+            let vs = values(e, c).filter(|v| !v.is_empty())?;
+            Some(col(c).in_list(vs.into_iter().map(lit).collect(), false))
+        })
+        .collect()
 }
 
 /// `agg` (an aliased aggregate) without the conjuncts of its FILTER that are `implied` (hold
@@ -1107,13 +1176,45 @@ mod tests {
             filtered(x)
         );
 
-        // nothing in common: the disjunction, and every FILTER stays
+        // nothing in common: the disjunction (with the kinds it admits, for pruning), and every
+        // FILTER stays
         let (rows, implied) = rows_filter(&scan, &[a.clone(), b.clone()]);
-        assert_eq!(rows, a.clone().or(b.clone()));
+        let kinds = col("event").in_list(vec![lit("a"), lit("b")], false);
+        assert_eq!(rows, kinds.and(a.clone().or(b.clone())));
         assert_eq!(without_implied(filtered(a.clone()), &implied), filtered(a));
 
         // no FILTER, or not an aggregate: unchanged
         assert_eq!(without_implied(bare.clone(), &implied), bare);
         assert_eq!(without_implied(col("z"), &implied), col("z"));
+    }
+
+    #[test]
+    fn kind_in_lists_are_implied_by_the_filter() {
+        let ev = |e: &str| col("event").eq(lit(e));
+        let ts = col("timestamp").gt(lit(5));
+        let track = col("type").eq(lit("track"));
+        let in_list =
+            |c: &str, vs: &[&str]| col(c).in_list(vs.iter().map(|v| lit(*v)).collect(), false);
+        // every disjunct names its event: the union; `type` only where every disjunct names it
+        let e = track
+            .clone()
+            .and(ev("A").and(ts.clone()))
+            .or(track.clone().and(ev("B").or(ev("C"))));
+        assert_eq!(
+            kind_in_lists(&e),
+            vec![
+                in_list("type", &["track"]),
+                in_list("event", &["A", "B", "C"])
+            ]
+        );
+        // a disjunct that admits any event: no condition on events
+        let e = ev("A").or(ts.clone().and(track.clone()));
+        assert_eq!(kind_in_lists(&e), vec![]);
+        // AND narrows; IN lists count; a contradiction gives nothing to prune with
+        let e = in_list("event", &["A", "B"]).and(ev("B").or(ev("C")));
+        assert_eq!(kind_in_lists(&e), vec![in_list("event", &["B"])]);
+        assert_eq!(kind_in_lists(&ev("A").and(ev("B"))), vec![]);
+        // negations and other shapes are not looked into
+        assert_eq!(kind_in_lists(&ev("A").not()), vec![]);
     }
 }
