@@ -155,6 +155,23 @@ print(json.dumps(sorted(next(iter(json.loads(l).values())) for l in out.splitlin
 def num(v, fmt, suffix=""):
     return "nan".rjust(len(format(0.0, fmt)) + len(suffix)) if v != v else format(v, fmt) + suffix
 
+def serve(bin, store, env, refresh_interval):
+    """Start `audiences serve` (no auth, free ports) on `store`: (process, flight host:port)."""
+    import threading
+    srv = subprocess.Popen([bin, "--store", store, "serve", "--insecure-no-auth", "--flight", "127.0.0.1:0",
+                            "--http", "127.0.0.1:0", "--refresh-interval", refresh_interval], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    loc = None
+    while loc is None:
+        line = srv.stderr.readline()
+        if not line:
+            sys.exit("audiences serve exited before listening")
+        if "flight listening on " in line:
+            loc = line.split("flight listening on ")[1].strip()
+    threading.Thread(target=lambda: [None for _ in srv.stderr], daemon=True).start()
+    return srv, loc
+
+
 def run(cmd, env):
     t = time.perf_counter()
     p = subprocess.run(["/usr/bin/time", "-f", "%M"] + cmd, capture_output=True, text=True, env=env)

@@ -69,19 +69,9 @@ def main():
     times, ingests, reports = [], [], []
     server = client = None
     if a.serve:
-        import threading, time
+        import time
         import pyarrow.flight as fl
-        server = subprocess.Popen([a.bin, "--store", store, "serve", "--insecure-no-auth", "--refresh-interval", "off",
-                                   "--flight", "127.0.0.1:0", "--http", "127.0.0.1:0"],
-                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        loc = None
-        while loc is None:
-            line = server.stderr.readline()
-            if not line:
-                sys.exit("audiences serve exited before listening")
-            if "flight listening on " in line:
-                loc = line.split("flight listening on ")[1].strip()
-        threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
+        server, loc = suite.serve(a.bin, store, env, "off")
         client = fl.FlightClient("grpc://" + loc)
 
         def peak_kb():

@@ -18,7 +18,10 @@ identities exported once to Parquet for the peers (`--members`, `--ids`).
 Usage: python3 benches/serving.py --store DIR --members m.parquet --ids ids.parquet [--key K]
        python3 benches/serving.py --events N   (sets up its own store first)
 """
-import argparse, json, os, statistics, subprocess, sys, tempfile, threading, time
+import argparse, json, os, statistics, subprocess, sys, tempfile, time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import audiences as suite  # noqa: E402  (starting the server)
 
 def timed(cmd, env):
     t = time.perf_counter()
@@ -93,17 +96,7 @@ def main():
     assert hashed == theirs, (len(hashed), len(theirs))
     rows.append(("SHA-256 single export (rows)", len(hashed), statistics.median(ours), statistics.median(duck)))
     # 3. Flight do_get
-    srv = subprocess.Popen([a.bin, "--store", a.store, "serve", "--insecure-no-auth", "--flight", "127.0.0.1:0",
-                            "--http", "127.0.0.1:0", "--refresh-interval", "1h"], env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    loc = None
-    while loc is None:
-        line = srv.stderr.readline()
-        if not line:
-            sys.exit("serve exited")
-        if "flight listening on " in line:
-            loc = line.split("flight listening on ")[1].strip()
-    threading.Thread(target=lambda: [None for _ in srv.stderr], daemon=True).start()
+    srv, loc = suite.serve(a.bin, a.store, env, "1h")
     c = fl.FlightClient("grpc://" + loc)
     def pull(client, desc):
         info = client.get_flight_info(desc)

@@ -406,6 +406,32 @@ fn suite_store(work: &std::path::Path, store: &str) {
     run_ok(store, &["compute", "--as-of", "2025-12-20T00:00:00Z"]);
 }
 
+/// Delta round `round` of [`suite_store`]'s events (5%, on day `round` + 1 after its end).
+fn suite_delta(store: &str, work: &std::path::Path, round: u64) -> std::path::PathBuf {
+    let p = work.join(format!("delta{round}.ndjson"));
+    let r = round.to_string();
+    let args = [
+        "generate",
+        "--events",
+        "3000",
+        "--seed",
+        "31",
+        "--delta",
+        "0.05",
+        "--delta-round",
+        &r,
+        "-o",
+        p.to_str().unwrap(),
+    ];
+    let out = run(store, &args, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    p
+}
+
 /// The Flight `refresh` action of a server started with `--refresh-interval off` keeps the
 /// identity graph in memory between refreshes, and the server refreshes nothing by itself: two
 /// refreshes through it (new events ingested by another process before each) leave exactly what
@@ -417,26 +443,10 @@ fn refreshes_through_the_server_equal_one_shot_refreshes() {
     let (sa, sb) = (a.to_str().unwrap(), b.to_str().unwrap());
     suite_store(dir.path(), sa);
     copy_dir(&a, &b);
-    let delta = |round: u64| {
-        let p = dir.path().join(format!("delta{round}.ndjson"));
-        let r = round.to_string();
-        let args = [
-            "generate",
-            "--events",
-            "3000",
-            "--seed",
-            "31",
-            "--delta",
-            "0.05",
-            "--delta-round",
-            &r,
-            "-o",
-            p.to_str().unwrap(),
-        ];
-        assert!(run(sa, &args, &[]).status.success());
-        p
-    };
-    let deltas = [delta(0), delta(1)];
+    let deltas = [
+        suite_delta(sa, dir.path(), 0),
+        suite_delta(sa, dir.path(), 1),
+    ];
     let as_of = ["2026-01-02T00:00:00Z", "2026-01-03T00:00:00Z"];
     let identity_log = || {
         std::fs::read_dir(a.join("spaces/default/identity/_log"))
@@ -511,23 +521,7 @@ fn a_refresh_killed_anywhere_loses_and_repeats_nothing() {
     let store_path = dir.path().join("store");
     let store = store_path.to_str().unwrap();
     suite_store(dir.path(), store);
-    let delta = dir.path().join("delta.ndjson");
-    let out = run(
-        store,
-        &[
-            "generate",
-            "--events",
-            "3000",
-            "--seed",
-            "31",
-            "--delta",
-            "0.05",
-            "-o",
-            delta.to_str().unwrap(),
-        ],
-        &[],
-    );
-    assert!(out.status.success());
+    let delta = suite_delta(store, dir.path(), 0);
     run_ok(store, &["ingest", delta.to_str().unwrap()]);
     // identity first, so the fault points below are reached in the refresh's own commit
     run_ok(store, &["identity"]);
