@@ -793,7 +793,7 @@ fn stand_in(field: &Field, n: usize) -> Option<arrow::array::ArrayRef> {
 /// Read once the events of every incremental key's profiles that the keys' plans read (the
 /// union of their scans' filters and columns; columns no plan reads hold stand-ins), and
 /// register them as [`SHARED`]. Keys whose plans read unfiltered events keep their own scan.
-/// None when fewer than two keys would share.
+/// None when fewer than two keys would share, or for too many profiles (see below).
 #[allow(clippy::too_many_arguments)]
 async fn share_events(
     ctx: &SessionContext,
@@ -850,7 +850,11 @@ async fn share_events(
         profiles.extend(scope);
         keys.insert(key.clone());
     }
-    if keys.len() < 2 {
+    // The shared events are held in memory: for many profiles (beyond 200k and an eighth of
+    // all, as at large scale or after an identity change that touched most of them) each key
+    // streams its own scan instead.
+    let all = keymap.starts.len().saturating_sub(1);
+    if keys.len() < 2 || (profiles.len() > 200_000 && profiles.len().saturating_mul(8) > all) {
         return Ok(None);
     }
     tracing::debug!(

@@ -748,27 +748,30 @@ pub(crate) fn kind_in_lists(e: &Expr) -> Vec<Expr> {
     fn is_col(e: &Expr, c: &str) -> bool {
         matches!(e, Expr::Column(x) if x.name == c)
     }
-    /// The values of column `c` every row admitted by `e` has (None: any).
-    fn values(e: &Expr, c: &str) -> Option<std::collections::BTreeSet<String>> {
+    /// The values of column `c` every row admitted by `e` has (None: any), and the column as
+    /// `e` names it (qualified or not).
+    fn values(e: &Expr, c: &str) -> Option<(std::collections::BTreeSet<String>, Expr)> {
         match e {
             Expr::BinaryExpr(BinaryExpr {
                 left,
                 op: Operator::Eq,
                 right,
             }) => {
-                let v = match (is_col(left, c), is_col(right, c)) {
-                    (true, _) => text(right),
-                    (_, true) => text(left),
-                    _ => None,
-                }?;
-                Some([v.to_string()].into())
+                let (v, column) = match (is_col(left, c), is_col(right, c)) {
+                    (true, _) => (text(right), left),
+                    (_, true) => (text(left), right),
+                    _ => (None, left),
+                };
+                Some(([v?.to_string()].into(), column.as_ref().clone()))
             }
             Expr::BinaryExpr(BinaryExpr {
                 left,
                 op: Operator::And,
                 right,
             }) => match (values(left, c), values(right, c)) {
-                (Some(a), Some(b)) => Some(a.intersection(&b).cloned().collect()),
+                (Some((a, column)), Some((b, _))) => {
+                    Some((a.intersection(&b).cloned().collect(), column))
+                }
                 (a, b) => a.or(b),
             },
             Expr::BinaryExpr(BinaryExpr {
@@ -776,12 +779,17 @@ pub(crate) fn kind_in_lists(e: &Expr) -> Vec<Expr> {
                 op: Operator::Or,
                 right,
             }) => {
-                let mut a = values(left, c)?;
-                a.extend(values(right, c)?);
-                Some(a)
+                let (mut a, column) = values(left, c)?;
+                a.extend(values(right, c)?.0);
+                Some((a, column))
             }
             Expr::InList(l) if !l.negated && is_col(&l.expr, c) => {
-                l.list.iter().map(|v| text(v).map(str::to_string)).collect()
+                let vs = l
+                    .list
+                    .iter()
+                    .map(|v| text(v).map(str::to_string))
+                    .collect::<Option<_>>()?;
+                Some((vs, l.expr.as_ref().clone()))
             }
             _ => None,
         }
@@ -789,8 +797,8 @@ pub(crate) fn kind_in_lists(e: &Expr) -> Vec<Expr> {
     ["type", "event", "name"]
         .into_iter()
         .filter_map(|c| {
-            let vs = values(e, c).filter(|v| !v.is_empty())?;
-            Some(col(c).in_list(vs.into_iter().map(lit).collect(), false))
+            let (vs, column) = values(e, c).filter(|(v, _)| !v.is_empty())?;
+            Some(column.in_list(vs.into_iter().map(lit).collect(), false))
         })
         .collect()
 }
@@ -1216,5 +1224,12 @@ mod tests {
         assert_eq!(kind_in_lists(&ev("A").and(ev("B"))), vec![]);
         // negations and other shapes are not looked into
         assert_eq!(kind_in_lists(&ev("A").not()), vec![]);
+        // the column keeps its qualifier (a joined scan may have two columns of that name)
+        let q = Expr::Column(datafusion::common::Column::new(Some("t"), "event"));
+        let e = q.clone().eq(lit("A")).or(q.clone().eq(lit("B")));
+        assert_eq!(
+            kind_in_lists(&e),
+            vec![q.in_list(vec![lit("A"), lit("B")], false)]
+        );
     }
 }
