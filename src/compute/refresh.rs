@@ -825,9 +825,14 @@ async fn share_events(
             Level::Users => (None, affected.clone()),
         };
         // The plan as the key will run it, compiled only to see what it reads.
-        restrict(ctx, Some((&scope, &keymap)), "events_raw").await?;
-        restrict_accounts(ctx, accounts.as_ref()).await?;
-        register_trait_values(ctx, trait_values)?;
+        register_inputs(
+            ctx,
+            Some((&scope, &keymap)),
+            "events_raw",
+            accounts.as_ref(),
+            trait_values,
+        )
+        .await?;
         let inputs = Inputs {
             ctx,
             as_of,
@@ -927,6 +932,21 @@ async fn share_events(
         "events read once for the keys that share them"
     );
     Ok(Some(Shared { keys, profiles }))
+}
+
+/// Register what a key's plan reads: `profiles` and `events_indexed` restricted to the affected
+/// profiles (see [`restrict`]), `account_links` and account traits restricted to `accounts`,
+/// and the current values of the computed traits.
+async fn register_inputs(
+    ctx: &SessionContext,
+    affected: Option<(&HashSet<i64>, &KeyMap)>,
+    events: &str,
+    accounts: Option<&HashSet<String>>,
+    trait_values: &BTreeMap<String, Vec<RecordBatch>>,
+) -> Result<()> {
+    restrict(ctx, affected, events).await?;
+    restrict_accounts(ctx, accounts).await?;
+    register_trait_values(ctx, trait_values)
 }
 
 /// Trait values per profile_idx (JSON text), from trait-values batches.
@@ -1242,12 +1262,17 @@ pub async fn refresh(
                 Some(sh) if sh.keys.contains(key) && affected.is_subset(&sh.profiles) => SHARED,
                 _ => "events_raw",
             };
-            restrict(&ctx, Some((&affected, &keymap)), events).await?;
+            register_inputs(
+                &ctx,
+                Some((&affected, &keymap)),
+                events,
+                accounts.as_ref(),
+                &trait_values,
+            )
+            .await?;
         } else {
-            restrict(&ctx, None, "events_raw").await?;
+            register_inputs(&ctx, None, "events_raw", None, &trait_values).await?;
         }
-        restrict_accounts(&ctx, accounts.as_ref()).await?;
-        register_trait_values(&ctx, &trait_values)?;
         let restrict_ms = t_restrict.elapsed().as_millis() as u64;
         let inputs = Inputs {
             ctx: &ctx,
