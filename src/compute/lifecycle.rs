@@ -254,7 +254,7 @@ pub async fn preview(
         .snapshot()
         .await?;
     let events_version = crate::identity::persist::last_events_version(&identity);
-    let ctx = crate::tables::compute_session(store, space, Some(events_version)).await?;
+    let ctx = crate::tables::compute_session(store, space, Some(events_version), true).await?;
     let snap = CommitLog::new(store, space, MEMBERSHIPS).snapshot().await?;
     let mut latest: BTreeMap<String, VersionRef> = BTreeMap::new();
     for v in versions(&snap) {

@@ -548,7 +548,8 @@ pub async fn compute_with_progress(
         }
         w
     };
-    let ctx = crate::tables::compute_session(store, space, Some(identity.events_version)).await?;
+    let ctx =
+        crate::tables::compute_session(store, space, Some(identity.events_version), true).await?;
     tracing::debug!(millis = t0.elapsed().as_millis() as u64, "session ready");
     let computed: BTreeSet<String> = defs
         .iter()

@@ -877,7 +877,7 @@ async fn share_events(
     register_batch(ctx, "__shared_keys", kschema, kbatch)?;
     let raw = ctx.table("events_raw").await?;
     let rows_filter = match rows.into_iter().reduce(Expr::or) {
-        Some(any) => crate::plan::compile::kind_in_lists(&any)
+        Some(any) => crate::tables::kind_in_lists(&any)
             .into_iter()
             .fold(any, |f, kinds| kinds.and(f)),
         None => lit(true),
@@ -1073,7 +1073,8 @@ pub async fn refresh(
         latest.insert(v.key.clone(), v);
     }
     let key_bases = bases(&snap);
-    let ctx = crate::tables::compute_session(store, space, Some(identity.events_version)).await?;
+    let ctx =
+        crate::tables::compute_session(store, space, Some(identity.events_version), false).await?;
     if !ctx.table_exist("identity_keys")? {
         return Err(Error::Usage("identity state without identity_keys".into()));
     }

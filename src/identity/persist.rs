@@ -167,6 +167,11 @@ fn table_writer_properties(kind: &str) -> parquet::file::properties::WriterPrope
     let mut b = writer_properties(None)
         .into_builder()
         .set_dictionary_enabled(false);
+    if kind == "identity_keys" {
+        // Two integer columns of hashes and indexes read whole by every session that
+        // evaluates a definition: zstd saves nothing on the hashes and costs most of the read.
+        b = b.set_compression(parquet::basic::Compression::UNCOMPRESSED);
+    }
     for c in repeating {
         b = b.set_column_dictionary_enabled(parquet::schema::types::ColumnPath::from(*c), true);
     }

@@ -716,7 +716,7 @@ fn rows_filter(scan: &[Expr], agg_rows: &[Expr]) -> (Expr, Vec<Expr>) {
         .collect();
     let mut filter = common.clone();
     if let Some(any) = residuals.and_then(disjunction) {
-        filter.extend(kind_in_lists(&any));
+        filter.extend(crate::tables::kind_in_lists(&any));
         filter.push(any);
     }
     let rows = conjunction(filter).unwrap_or_else(|| lit(true));
@@ -725,82 +725,6 @@ fn rows_filter(scan: &[Expr], agg_rows: &[Expr]) -> (Expr, Vec<Expr>) {
         implied.extend(split_conjunction(f).into_iter().cloned());
     }
     (rows, implied)
-}
-
-/// `c IN (...)` conditions on the event kind columns (`type`, `event`, `name`) that every row `e`
-/// admits satisfies: redundant with `e`, but a scan can prune with them. The Parquet page index
-/// prunes with single-column conjuncts only, so a disjunction such as `event = 'A' AND
-/// timestamp >= t OR event = 'B'` alone skips no page; with `event IN ('A', 'B')` beside it the
-/// pages of other kinds (event files are sorted by kind) are skipped.
-pub(crate) fn kind_in_lists(e: &Expr) -> Vec<Expr> {
-    use datafusion::logical_expr::{BinaryExpr, Operator};
-    fn text(e: &Expr) -> Option<&str> {
-        match e {
-            Expr::Literal(
-                ScalarValue::Utf8(Some(s))
-                | ScalarValue::Utf8View(Some(s))
-                | ScalarValue::LargeUtf8(Some(s)),
-                _,
-            ) => Some(s),
-            _ => None,
-        }
-    }
-    fn is_col(e: &Expr, c: &str) -> bool {
-        matches!(e, Expr::Column(x) if x.name == c)
-    }
-    /// The values of column `c` every row admitted by `e` has (None: any), and the column as
-    /// `e` names it (qualified or not).
-    fn values(e: &Expr, c: &str) -> Option<(std::collections::BTreeSet<String>, Expr)> {
-        match e {
-            Expr::BinaryExpr(BinaryExpr {
-                left,
-                op: Operator::Eq,
-                right,
-            }) => {
-                let (v, column) = match (is_col(left, c), is_col(right, c)) {
-                    (true, _) => (text(right), left),
-                    (_, true) => (text(left), right),
-                    _ => (None, left),
-                };
-                Some(([v?.to_string()].into(), column.as_ref().clone()))
-            }
-            Expr::BinaryExpr(BinaryExpr {
-                left,
-                op: Operator::And,
-                right,
-            }) => match (values(left, c), values(right, c)) {
-                (Some((a, column)), Some((b, _))) => {
-                    Some((a.intersection(&b).cloned().collect(), column))
-                }
-                (a, b) => a.or(b),
-            },
-            Expr::BinaryExpr(BinaryExpr {
-                left,
-                op: Operator::Or,
-                right,
-            }) => {
-                let (mut a, column) = values(left, c)?;
-                a.extend(values(right, c)?.0);
-                Some((a, column))
-            }
-            Expr::InList(l) if !l.negated && is_col(&l.expr, c) => {
-                let vs = l
-                    .list
-                    .iter()
-                    .map(|v| text(v).map(str::to_string))
-                    .collect::<Option<_>>()?;
-                Some((vs, l.expr.as_ref().clone()))
-            }
-            _ => None,
-        }
-    }
-    ["type", "event", "name"]
-        .into_iter()
-        .filter_map(|c| {
-            let (vs, column) = values(e, c).filter(|(v, _)| !v.is_empty())?;
-            Some(column.in_list(vs.into_iter().map(lit).collect(), false))
-        })
-        .collect()
 }
 
 /// `agg` (an aliased aggregate) without the conjuncts of its FILTER that are `implied` (hold
@@ -1198,6 +1122,7 @@ mod tests {
 
     #[test]
     fn kind_in_lists_are_implied_by_the_filter() {
+        use crate::tables::kind_in_lists;
         let ev = |e: &str| col("event").eq(lit(e));
         let ts = col("timestamp").gt(lit(5));
         let track = col("type").eq(lit("track"));

@@ -18,5 +18,6 @@
 mod account;
 pub mod compile;
 mod nested;
+pub mod one_phase;
 
 pub use compile::{Compiled, Inputs, compile_audience, compile_trait};

@@ -5,6 +5,8 @@
 //! column, fills columns a file lacks with nulls (schema evolution of shredded properties), and
 //! prunes files by their committed timestamp ranges before any file is opened.
 
+pub mod indexed;
+
 use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -17,6 +19,7 @@ use datafusion::datasource::file_format::FileFormat;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder};
+use datafusion::datasource::physical_plan::{FileSource, ParquetSource};
 use datafusion::datasource::table_schema::TableSchema;
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::logical_expr::{BinaryExpr, Expr, Operator, TableProviderFilterPushDown};
@@ -138,6 +141,32 @@ impl CommittedTable {
         })
     }
 
+    /// The event kinds (`type`/`event`/`name` IN lists, see [`kind_in_lists`]) that `filters`
+    /// admit, as a predicate for the Parquet source: its page index prunes with them. The
+    /// plan's own filters do not keep them: the optimizer drops such redundant conjuncts.
+    fn kinds_predicate(
+        &self,
+        state: &dyn Session,
+        filters: &[Expr],
+    ) -> Option<Arc<dyn datafusion::physical_expr::PhysicalExpr>> {
+        if !self.date_partitioned {
+            return None;
+        }
+        let lists = filters
+            .iter()
+            .flat_map(kind_in_lists)
+            .map(datafusion::logical_expr::expr_rewriter::unnormalize_col);
+        let e = datafusion::logical_expr::utils::conjunction(lists)?;
+        let schema = datafusion::common::DFSchema::try_from(self.schema.as_ref().clone()).ok()?;
+        match state.create_physical_expr(e, &schema) {
+            Ok(p) => Some(p),
+            Err(err) => {
+                tracing::debug!(error = %err, "no event kind predicate for the scan");
+                None
+            }
+        }
+    }
+
     /// Files that may hold rows satisfying `filters` (by committed timestamp ranges and dates).
     pub fn prune(&self, filters: &[Expr]) -> Vec<&FileAdd> {
         let mut b = Bounds::default();
@@ -146,6 +175,82 @@ impl CommittedTable {
         }
         self.files.iter().filter(|f| b.admits(f)).collect()
     }
+}
+
+/// `c IN (...)` conditions on the event kind columns (`type`, `event`, `name`) that every row `e`
+/// admits satisfies: redundant with `e`, but a scan can prune with them. The Parquet page index
+/// prunes with single-column conjuncts only, so a disjunction such as `event = 'A' AND
+/// timestamp >= t OR event = 'B'` alone skips no page; with `event IN ('A', 'B')` beside it the
+/// pages of other kinds (event files are sorted by kind) are skipped.
+pub fn kind_in_lists(e: &Expr) -> Vec<Expr> {
+    use datafusion::logical_expr::{BinaryExpr, Operator};
+    fn text(e: &Expr) -> Option<&str> {
+        match e {
+            Expr::Literal(
+                ScalarValue::Utf8(Some(s))
+                | ScalarValue::Utf8View(Some(s))
+                | ScalarValue::LargeUtf8(Some(s)),
+                _,
+            ) => Some(s),
+            _ => None,
+        }
+    }
+    fn is_col(e: &Expr, c: &str) -> bool {
+        matches!(e, Expr::Column(x) if x.name == c)
+    }
+    /// The values of column `c` every row admitted by `e` has (None: any), and the column as
+    /// `e` names it (qualified or not).
+    fn values(e: &Expr, c: &str) -> Option<(std::collections::BTreeSet<String>, Expr)> {
+        match e {
+            Expr::BinaryExpr(BinaryExpr {
+                left,
+                op: Operator::Eq,
+                right,
+            }) => {
+                let (v, column) = match (is_col(left, c), is_col(right, c)) {
+                    (true, _) => (text(right), left),
+                    (_, true) => (text(left), right),
+                    _ => (None, left),
+                };
+                Some(([v?.to_string()].into(), column.as_ref().clone()))
+            }
+            Expr::BinaryExpr(BinaryExpr {
+                left,
+                op: Operator::And,
+                right,
+            }) => match (values(left, c), values(right, c)) {
+                (Some((a, column)), Some((b, _))) => {
+                    Some((a.intersection(&b).cloned().collect(), column))
+                }
+                (a, b) => a.or(b),
+            },
+            Expr::BinaryExpr(BinaryExpr {
+                left,
+                op: Operator::Or,
+                right,
+            }) => {
+                let (mut a, column) = values(left, c)?;
+                a.extend(values(right, c)?.0);
+                Some((a, column))
+            }
+            Expr::InList(l) if !l.negated && is_col(&l.expr, c) => {
+                let vs = l
+                    .list
+                    .iter()
+                    .map(|v| text(v).map(str::to_string))
+                    .collect::<Option<_>>()?;
+                Some((vs, l.expr.as_ref().clone()))
+            }
+            _ => None,
+        }
+    }
+    ["type", "event", "name"]
+        .into_iter()
+        .filter_map(|c| {
+            let (vs, column) = values(e, c).filter(|(v, _)| !v.is_empty())?;
+            Some(column.in_list(vs.into_iter().map(lit).collect(), false))
+        })
+        .collect()
 }
 
 fn date_field() -> Field {
@@ -325,7 +430,12 @@ impl TableProvider for CommittedTable {
             .with_table_partition_cols(partition_cols)
             .build();
         let format = ParquetFormat::default().with_options(state.table_options().parquet.clone());
-        let source = format.file_source(table_schema);
+        let mut source = ParquetSource::new(table_schema)
+            .with_table_parquet_options(state.table_options().parquet.clone());
+        if let Some(kinds) = self.kinds_predicate(state, filters) {
+            source = source.with_predicate(kinds);
+        }
+        let source: Arc<dyn FileSource> = Arc::new(source);
         let conf = FileScanConfigBuilder::new(ObjectStoreUrl::parse(DATAFUSION_URL)?, source)
             .with_file_groups(groups.into_iter().map(FileGroup::new).collect())
             .with_projection_indices(projection.cloned())?
@@ -354,10 +464,13 @@ pub async fn session_at(
 /// [`session_at`] for evaluating definitions: every compiled plan joins `profiles`
 /// (profile_idx, profile_id, known), so those three columns of the canonical profiles are read
 /// once and kept in memory for the session instead of scanned and filtered per definition.
+/// With `index_keys`, the identity key index of `events_indexed` is loaded meanwhile (for
+/// sessions whose plans scan all events; see [`indexed`]).
 pub async fn compute_session(
     store: &Store,
     space: &Space,
     events_version: Option<u64>,
+    index_keys: bool,
 ) -> Result<SessionContext> {
     let ctx = session_at(store, space, events_version).await?;
     let df = ctx.table("profiles").await?.select(vec![
@@ -366,7 +479,19 @@ pub async fn compute_session(
         col("known"),
     ])?;
     let schema = Arc::new(df.schema().as_arrow().clone());
-    let batches = df.collect().await?;
+    let state = ctx.state();
+    let index = async {
+        let provider = ctx.table_provider("events_indexed").await?;
+        let any: &dyn std::any::Any = provider.as_ref();
+        match any.downcast_ref::<indexed::IndexedEvents>() {
+            Some(events) if index_keys => events.index(&state).await.map(|_| ()),
+            _ => Ok(()),
+        }
+    };
+    let (batches, ()) = futures::try_join!(
+        async { df.collect().await.map_err(crate::Error::from) },
+        async { index.await.map_err(crate::Error::from) }
+    )?;
     // as many partitions as the session runs, so that joins probe them in parallel
     let parts = ctx.state().config().target_partitions().max(1);
     let mut partitions: Vec<Vec<arrow::array::RecordBatch>> = vec![Vec::new(); parts];
@@ -436,6 +561,10 @@ async fn session_with(
         }
         None => SessionContext::new_with_config(config),
     };
+    let state = datafusion::execution::SessionStateBuilder::new_from_existing(ctx.state())
+        .with_physical_optimizer_rule(Arc::new(crate::plan::one_phase::OnePhaseRowAggregates))
+        .build();
+    let ctx = SessionContext::new_with_state(state);
     let url =
         url::Url::parse(DATAFUSION_URL).map_err(|e| crate::error::Error::Usage(e.to_string()))?;
     ctx.register_object_store(&url, store.object_store());
@@ -533,9 +662,9 @@ async fn session_with(
         .join(keys, JoinType::Left, &["identity_key"], &["__key"], None)?
         .drop_columns(&["__key"])?;
     ctx.register_table("events", events.into_view())?;
-    // `events_indexed`: every event with its canonical profile_idx only, through the integer
-    // `identity_keys` table (what compiled plans read). Identity states written before that
-    // table existed fall back to the identities join.
+    // `events_indexed`: every event with its canonical profile_idx only, looked up in the
+    // integer `identity_keys` table (what compiled plans read; see [`indexed`]). Identity
+    // states written before that table existed take the keys from `identities`.
     let has_keys = identity
         .files
         .iter()
@@ -543,18 +672,20 @@ async fn session_with(
     let keys = if has_keys {
         ctx.table("identity_keys")
             .await?
-            .select(vec![col("identity_key").alias("__key"), col("profile_idx")])?
+            .select(vec![col("identity_key"), col("profile_idx")])?
     } else {
         ctx.table("identities")
             .await?
             .filter(col("id_type").in_list(vec![lit("user_id"), lit("anonymous_id")], false))?
-            .select(vec![col("identity_key").alias("__key"), col("profile_idx")])?
+            .select(vec![col("identity_key"), col("profile_idx")])?
     };
-    let indexed = ctx
-        .read_table(Arc::new(events_viewed))?
-        .join(keys, JoinType::Left, &["identity_key"], &["__key"], None)?
-        .drop_columns(&["__key"])?;
-    ctx.register_table("events_indexed", indexed.into_view())?;
+    ctx.register_table(
+        "events_indexed",
+        Arc::new(indexed::IndexedEvents::new(
+            Arc::new(events_viewed),
+            keys.into_unoptimized_plan(),
+        )),
+    )?;
     Ok(ctx)
 }
 
@@ -682,6 +813,43 @@ mod tests {
         unknown.ts_range = None;
         let t = CommittedTable::events(&[unknown]);
         assert!(!t.decided_by_pruning(&col("timestamp").gt_eq(ts(0))));
+    }
+
+    /// The scan's Parquet predicate names the event kinds a disjunction admits (its page index
+    /// then skips the pages of other kinds), and nothing when the filters admit any kind.
+    #[test]
+    fn the_scan_predicate_names_the_event_kinds_a_disjunction_admits() {
+        let file = FileAdd {
+            path: "f".into(),
+            date: Some("2025-01-01".into()),
+            ..Default::default()
+        };
+        let t = CommittedTable::events(std::slice::from_ref(&file));
+        let ctx = SessionContext::new();
+        let state = ctx.state();
+        let ev = |e: &str| col("event").eq(lit(e));
+        let any = ev("Checkout Started")
+            .and(
+                col("timestamp").gt_eq(lit(ScalarValue::TimestampMicrosecond(
+                    Some(5),
+                    Some("UTC".into()),
+                ))),
+            )
+            .or(ev("Order Completed"));
+        let p = t
+            .kinds_predicate(&state, &[col("type").eq(lit("track")), any])
+            .expect("a predicate");
+        let shown = p.to_string();
+        for kind in ["track", "Checkout Started", "Order Completed"] {
+            assert!(shown.contains(kind), "{shown}");
+        }
+        assert!(!shown.contains("timestamp"), "{shown}");
+        // an OR that admits any event names no event
+        let open = ev("A").or(col("user_id").eq(lit("u")));
+        assert!(t.kinds_predicate(&state, &[open]).is_none());
+        // tables other than the events are not touched
+        let plain = CommittedTable::plain(Arc::clone(&t.file_schema), vec![file]);
+        assert!(plain.kinds_predicate(&state, &[ev("A")]).is_none());
     }
 
     #[test]
