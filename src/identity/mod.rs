@@ -29,3 +29,4 @@ mod source;
 pub use graph::{Graph, IdentityEvent, ProfileIdx};
 pub use persist::{IdentityReport, resolve};
 pub use rules::IdentityRules;
+pub(crate) use source::prefetch;

@@ -173,7 +173,7 @@ const AHEAD: usize = 16;
 
 /// Ask the CPU to start loading the cache line at `p` (a hint only: no access happens).
 #[inline(always)]
-fn prefetch<T>(p: *const T) {
+pub(crate) fn prefetch<T>(p: *const T) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch never faults and does not dereference in the language's sense; any
     // address is allowed.
