@@ -1119,42 +1119,4 @@ mod tests {
         assert_eq!(without_implied(bare.clone(), &implied), bare);
         assert_eq!(without_implied(col("z"), &implied), col("z"));
     }
-
-    #[test]
-    fn kind_in_lists_are_implied_by_the_filter() {
-        use crate::tables::kind_in_lists;
-        let ev = |e: &str| col("event").eq(lit(e));
-        let ts = col("timestamp").gt(lit(5));
-        let track = col("type").eq(lit("track"));
-        let in_list =
-            |c: &str, vs: &[&str]| col(c).in_list(vs.iter().map(|v| lit(*v)).collect(), false);
-        // every disjunct names its event: the union; `type` only where every disjunct names it
-        let e = track
-            .clone()
-            .and(ev("A").and(ts.clone()))
-            .or(track.clone().and(ev("B").or(ev("C"))));
-        assert_eq!(
-            kind_in_lists(&e),
-            vec![
-                in_list("type", &["track"]),
-                in_list("event", &["A", "B", "C"])
-            ]
-        );
-        // a disjunct that admits any event: no condition on events
-        let e = ev("A").or(ts.clone().and(track.clone()));
-        assert_eq!(kind_in_lists(&e), vec![]);
-        // AND narrows; IN lists count; a contradiction gives nothing to prune with
-        let e = in_list("event", &["A", "B"]).and(ev("B").or(ev("C")));
-        assert_eq!(kind_in_lists(&e), vec![in_list("event", &["B"])]);
-        assert_eq!(kind_in_lists(&ev("A").and(ev("B"))), vec![]);
-        // negations and other shapes are not looked into
-        assert_eq!(kind_in_lists(&ev("A").not()), vec![]);
-        // the column keeps its qualifier (a joined scan may have two columns of that name)
-        let q = Expr::Column(datafusion::common::Column::new(Some("t"), "event"));
-        let e = q.clone().eq(lit("A")).or(q.clone().eq(lit("B")));
-        assert_eq!(
-            kind_in_lists(&e),
-            vec![q.in_list(vec![lit("A"), lit("B")], false)]
-        );
-    }
 }

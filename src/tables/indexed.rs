@@ -323,8 +323,8 @@ impl TableProvider for IndexedEvents {
         let outputs = wanted
             .iter()
             .map(|i| match inner.iter().position(|j| j == i) {
-                Some(p) if *i != pcol => Out::Column(p),
-                _ => Out::Profile(key_at),
+                Some(p) => Out::Column(p),
+                None => Out::Profile(key_at),
             })
             .collect();
         let input = self.events.scan(state, Some(&inner), &own, limit).await?;
