@@ -259,60 +259,47 @@ struct Affected<'a> {
     rows_read: u64,
     /// identity_key → canonical profile_idx (read once).
     keymap: Option<Arc<KeyMap>>,
+    /// The session's `events_indexed` (its key index is the map).
+    indexed: Arc<crate::tables::indexed::IndexedEvents>,
 }
 
 /// The current `identity_keys` table, both ways.
 struct KeyMap {
-    /// identity_key → canonical profile_idx.
-    profile: HashMap<i64, i64>,
-    /// Identity keys sorted by profile_idx: profile p's are `keys[starts[p]..starts[p + 1]]`
-    /// (profile indexes are dense).
-    keys: Vec<i64>,
-    starts: Vec<usize>,
+    /// identity_key → canonical profile_idx (the session's index, shared with its scans).
+    index: Arc<crate::tables::indexed::KeyIndex>,
+    /// One more than the largest profile_idx (profile indexes are dense).
+    profiles: usize,
 }
 
 impl KeyMap {
-    fn new(profile: HashMap<i64, i64>) -> KeyMap {
-        // a counting sort by profile
-        let n = profile
-            .values()
-            .copied()
+    fn new(index: Arc<crate::tables::indexed::KeyIndex>) -> KeyMap {
+        let profiles = index
+            .pairs()
+            .filter_map(|(_, p)| usize::try_from(p).ok())
             .max()
-            .map_or(0, |p| p.max(0) as usize + 1);
-        let mut starts = vec![0usize; n + 1];
-        for p in profile.values().filter(|p| **p >= 0) {
-            starts[*p as usize + 1] += 1;
-        }
-        for i in 1..starts.len() {
-            starts[i] += starts[i - 1];
-        }
-        let mut next = starts.clone();
-        let mut keys = vec![0i64; starts[n]];
-        for (k, p) in profile.iter().filter(|(_, p)| **p >= 0) {
-            keys[next[*p as usize]] = *k;
-            next[*p as usize] += 1;
-        }
-        KeyMap {
-            profile,
-            keys,
-            starts,
-        }
+            .map_or(0, |p| p + 1);
+        KeyMap { index, profiles }
     }
 
-    /// The identity keys of `profiles` with their profile, in profile order.
+    /// The identity keys of `profiles` with their profile, in key order: one pass over the
+    /// index with a bitmap of the profiles.
     fn keys_of(&self, profiles: &HashSet<i64>) -> (Vec<i64>, Vec<i64>) {
-        let mut ps: Vec<i64> = profiles.iter().copied().collect();
-        ps.sort_unstable();
+        let n = self.profiles;
+        let mut bits = vec![0u64; n.div_ceil(64)];
+        for p in profiles.iter().filter_map(|p| usize::try_from(*p).ok()) {
+            if p < n {
+                bits[p / 64] |= 1 << (p % 64);
+            }
+        }
         let (mut ks, mut out) = (Vec::new(), Vec::new());
-        for p in ps {
-            let Some(range) = usize::try_from(p)
-                .ok()
-                .and_then(|p| Some(*self.starts.get(p)?..*self.starts.get(p + 1)?))
-            else {
-                continue;
-            };
-            ks.extend_from_slice(&self.keys[range.clone()]);
-            out.extend(std::iter::repeat_n(p, range.len()));
+        for (k, p) in self.index.pairs() {
+            if let Ok(i) = usize::try_from(p)
+                && i < n
+                && bits[i / 64] & (1 << (i % 64)) != 0
+            {
+                ks.push(k);
+                out.push(p);
+            }
         }
         (ks, out)
     }
@@ -324,15 +311,13 @@ impl Affected<'_> {
         if let Some(m) = &self.keymap {
             return Ok(Arc::clone(m));
         }
-        let mut m = HashMap::new();
-        for b in self.ctx.table("identity_keys").await?.collect().await? {
-            let (k, p) = (
-                b.column(0).as_primitive::<Int64Type>(),
-                b.column(1).as_primitive::<Int64Type>(),
-            );
-            m.extend(k.values().iter().copied().zip(p.values().iter().copied()));
-        }
-        let m = Arc::new(KeyMap::new(m));
+        let t = std::time::Instant::now();
+        let index = self.indexed.index(&self.ctx.state()).await?;
+        let m = Arc::new(KeyMap::new(index));
+        tracing::debug!(
+            millis = t.elapsed().as_millis() as u64,
+            "identity keys by profile"
+        );
         self.keymap = Some(Arc::clone(&m));
         Ok(m)
     }
@@ -341,10 +326,7 @@ impl Affected<'_> {
     async fn profiles_of_keys(&mut self, keys: DataFrame) -> Result<HashSet<i64>> {
         let keys = idx_set(keys).await?;
         let map = self.keymap().await?;
-        Ok(keys
-            .iter()
-            .filter_map(|k| map.profile.get(k).copied())
-            .collect())
+        Ok(keys.iter().filter_map(|k| map.index.get(*k)).collect())
     }
 
     /// Profiles with events committed after events version `from` that can change the result
@@ -858,7 +840,7 @@ async fn share_events(
     // The shared events are held in memory: for many profiles (beyond 200k and an eighth of
     // all, as at large scale or after an identity change that touched most of them) each key
     // streams its own scan instead.
-    let all = keymap.starts.len().saturating_sub(1);
+    let all = keymap.profiles;
     if keys.len() < 2 || (profiles.len() > 200_000 && profiles.len().saturating_mul(8) > all) {
         return Ok(None);
     }
@@ -1078,6 +1060,9 @@ pub async fn refresh(
     if !ctx.table_exist("identity_keys")? {
         return Err(Error::Usage("identity state without identity_keys".into()));
     }
+    let indexed = crate::tables::indexed_events(&ctx)
+        .await?
+        .ok_or_else(|| Error::Usage("identity state without an events_indexed table".into()))?;
     ctx.register_table("__profiles_all", ctx.table("profiles").await?.into_view())?;
     ctx.register_table(
         "__events_all",
@@ -1107,6 +1092,7 @@ pub async fn refresh(
         files_read: HashSet::new(),
         rows_read: 0,
         keymap: None,
+        indexed,
     };
     let computed: BTreeSet<String> = defs
         .iter()
@@ -1130,6 +1116,7 @@ pub async fn refresh(
     let t_found = std::time::Instant::now();
     let no_deps = BTreeSet::new();
     let mut found: HashMap<String, (Option<String>, HashSet<i64>)> = HashMap::new();
+    let (mut changes_ms, mut slices_ms, mut links_ms) = (0, 0, 0);
     for key in order.iter().filter(|k| wanted(k)) {
         let stored = &defs[key];
         let basis = key_bases.get(key);
@@ -1139,6 +1126,7 @@ pub async fn refresh(
         let mut reason = full_reason(stored, prev, basis, kdeps, &latest, &defs, &time, as_of);
         let mut affected: HashSet<i64> = HashSet::new();
         if let (None, Some(b)) = (&reason, basis) {
+            let t = std::time::Instant::now();
             match (
                 aff.delta(b.events_version, &time).await,
                 aff.identity(b.identity_version).await,
@@ -1149,19 +1137,28 @@ pub async fn refresh(
                 }
                 (Err(e), _) | (_, Err(e)) => reason = Some(e.replace('\n', " ")),
             }
+            changes_ms += t.elapsed().as_millis() as u64;
+            let t = std::time::Instant::now();
             if b.as_of != as_of {
                 for o in &time.offsets {
                     affected.extend(aff.slice(b.as_of, as_of, *o, &time).await?.iter());
                 }
             }
+            slices_ms += t.elapsed().as_millis() as u64;
         }
         if reason.is_none() && stored.file.level == Level::Accounts && all_links.is_none() {
+            let t = std::time::Instant::now();
             all_links = Some(account_links(&ctx).await?);
+            links_ms = t.elapsed().as_millis() as u64;
         }
         found.insert(key.clone(), (reason, affected));
     }
     tracing::debug!(
         millis = t_found.elapsed().as_millis() as u64,
+        changes_ms,
+        slices = aff.slices.len(),
+        slices_ms,
+        links_ms,
         "affected profiles found"
     );
     let shared = share_events(
@@ -1499,7 +1496,9 @@ mod tests {
             .map(|k| (k, (k * 7) % 50))
             .filter(|(_, p)| p % 5 != 3)
             .collect();
-        let map = KeyMap::new(profile.clone());
+        let map = KeyMap::new(Arc::new(crate::tables::indexed::KeyIndex::new(
+            profile.iter().map(|(k, p)| (*k, *p)).collect(),
+        )));
         let wanted: HashSet<i64> = [0, 3, 8, 13, 49, 77, -1].into_iter().collect();
         let (ks, ps) = map.keys_of(&wanted);
         let mut got: Vec<(i64, i64)> = ks.into_iter().zip(ps).collect();

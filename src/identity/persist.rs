@@ -10,7 +10,7 @@ use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, TimestampM
 
 use serde_json::Value;
 
-use super::graph::{Graph, IdInfo, Merge, Profile, ProfileIdx, TraitValue};
+use super::graph::{Graph, IdInfo, IdentityEvent, Merge, Profile, ProfileIdx, TraitValue};
 use super::rules::IdentityRules;
 use crate::error::{Error, Result};
 use crate::events::schema::{identity_key, ts_type};
@@ -627,11 +627,18 @@ pub(super) fn tss<'a>(b: &'a RecordBatch, n: &str) -> Result<&'a TimestampMicros
         .ok_or_else(|| Error::Usage(format!("identity input lacks timestamp column {n}")))
 }
 
-/// Load the committed identity state.
-pub async fn load(store: &Store, snap: &Snapshot) -> Result<Graph> {
+/// The committed identity tables' current rows, decoded.
+struct Committed {
+    profiles: Vec<RecordBatch>,
+    ids: Vec<RecordBatch>,
+    merges: Vec<RecordBatch>,
+    traits: Vec<RecordBatch>,
+    links: Vec<RecordBatch>,
+}
+
+/// Read the five identity tables of `snap` concurrently.
+async fn read_committed(store: &Store, snap: &Snapshot) -> Result<Committed> {
     let dirty = Arc::new(Dirty::read(store, snap).await?);
-    // The tables are read and decoded concurrently, then the id map (with the per-profile id
-    // counts) and the trait and link maps are built on threads of their own.
     let read = |kind: &'static str| {
         let (store, snap, dirty) = (store.clone(), snap.clone(), Arc::clone(&dirty));
         tokio::spawn(async move { read_kind(&store, &snap, &dirty, kind).await })
@@ -653,12 +660,69 @@ pub async fn load(store: &Store, snap: &Snapshot) -> Result<Graph> {
     let [profiles, ids, merges, traits, links]: [Vec<RecordBatch>; 5] = tables
         .try_into()
         .map_err(|_| Error::Usage("identity read failed".into()))?;
+    Ok(Committed {
+        profiles,
+        ids,
+        merges,
+        traits,
+        links,
+    })
+}
+
+/// Which committed rows are built into the graph's maps.
+trait Select: Sync {
+    /// An id row (type, value, owning profile).
+    fn id(&self, g: &Graph, t: &str, v: &str, p: ProfileIdx) -> bool;
+    /// A trait or link row of a profile.
+    fn profile(&self, g: &Graph, p: ProfileIdx) -> bool;
+    /// A trait row of an account.
+    fn account(&self, a: &str) -> bool;
+    /// Whether every row is selected (the maps are then sized for all of them first).
+    fn all(&self) -> bool {
+        false
+    }
+}
+
+/// Every row.
+struct Everything;
+
+impl Select for Everything {
+    fn id(&self, _: &Graph, _: &str, _: &str, _: ProfileIdx) -> bool {
+        true
+    }
+    fn profile(&self, _: &Graph, _: ProfileIdx) -> bool {
+        true
+    }
+    fn account(&self, _: &str) -> bool {
+        true
+    }
+    fn all(&self) -> bool {
+        true
+    }
+}
+
+/// The rows of `identities` with each row's id type number (into [`Graph::id_types`]).
+struct IdRows {
+    batches: Vec<RecordBatch>,
+    types: Vec<Vec<u16>>,
+    /// Rows per type number.
+    per_type: Vec<usize>,
+}
+
+impl IdRows {
+    fn rows(&self) -> usize {
+        self.batches.iter().map(RecordBatch::num_rows).sum()
+    }
+}
+
+/// The profiles and merges of `c` (the id type names and per-profile id counts included); the
+/// id, trait and link rows are built into the graph by [`fill`].
+fn graph_base(c: Committed) -> Result<(Graph, IdRows, Vec<RecordBatch>, Vec<RecordBatch>)> {
     let mut g = Graph {
-        profiles: load_profiles(profiles)?,
+        profiles: load_profiles(c.profiles)?,
         ..Graph::default()
     };
-    let n = g.profiles.len();
-    for b in merges {
+    for b in c.merges {
         let (f, i, at, m) = (
             s(&b, "from_profile_id")?,
             s(&b, "into_profile_id")?,
@@ -674,21 +738,327 @@ pub async fn load(store: &Store, snap: &Snapshot) -> Result<Graph> {
             });
         }
     }
-    let (id_part, trait_part) = std::thread::scope(|scope| {
-        let ids = scope.spawn(|| load_ids(ids, n));
-        let traits = load_traits(traits, links, n);
-        let ids = ids
-            .join()
-            .map_err(|_| Error::Usage("identity load failed".into()));
-        (ids, traits)
-    });
-    let (ids, id_types, counts) = id_part??;
-    (g.ids, g.id_types) = (ids, id_types);
+    let ids = id_rows(&mut g, c.ids)?;
+    Ok((g, ids, c.traits, c.links))
+}
+
+/// Type numbers of the id rows, and every profile's id counts (of all rows, whatever is built
+/// into the id map later).
+fn id_rows(g: &mut Graph, batches: Vec<RecordBatch>) -> Result<IdRows> {
+    let n = g.profiles.len();
+    let mut types: Vec<Vec<u16>> = Vec::with_capacity(batches.len());
+    let mut per_type: Vec<usize> = Vec::new();
+    let mut counts: Vec<Vec<(u16, u32)>> = vec![Vec::new(); n];
+    for b in &batches {
+        let (t, v, p) = (s(b, "id_type")?, s(b, "id_value")?, i64s(b, "profile_idx")?);
+        let mut of_rows = Vec::with_capacity(b.num_rows());
+        for r in 0..b.num_rows() {
+            let name = t.value(r);
+            let i = match g.id_types.iter().position(|x| x == name) {
+                Some(i) => i,
+                None => {
+                    g.id_types.push(name.to_string());
+                    per_type.push(0);
+                    g.id_types.len() - 1
+                }
+            };
+            per_type[i] += 1;
+            of_rows.push(i as u16);
+            let pi = p.value(r);
+            let Some(c) = usize::try_from(pi).ok().and_then(|i| counts.get_mut(i)) else {
+                return Err(Error::Usage(format!(
+                    "identity state corrupt: id {name}:{} points at missing profile {pi}",
+                    v.value(r)
+                )));
+            };
+            add_count(c, i as u16);
+        }
+        types.push(of_rows);
+    }
     for (p, c) in g.profiles.iter_mut().zip(counts) {
         p.id_counts = c;
     }
-    (g.profile_traits, g.account_traits, g.account_links) = trait_part?;
+    Ok(IdRows {
+        batches,
+        types,
+        per_type,
+    })
+}
+
+/// Build the id, trait and link rows `sel` selects into the graph (an id already in the map
+/// stays as it is). The ids are built on a thread of their own.
+fn fill(
+    g: &mut Graph,
+    sel: &impl Select,
+    ids: &IdRows,
+    traits: &[RecordBatch],
+    links: &[RecordBatch],
+) -> Result<()> {
+    // the id maps, by type number, taken out of the graph while they are filled
+    let mut maps: Vec<hashbrown::HashMap<String, IdInfo>> = g
+        .id_types
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let mut m = g.ids.remove(t.as_str()).unwrap_or_default();
+            if sel.all() && m.is_empty() {
+                m.reserve(ids.per_type.get(i).copied().unwrap_or(0));
+            }
+            m
+        })
+        .collect();
+    let graph: &Graph = g;
+    let (filled, trait_part) = std::thread::scope(|scope| {
+        let filled = scope.spawn(|| {
+            let t = std::time::Instant::now();
+            let r = fill_ids(graph, sel, ids, &mut maps);
+            tracing::debug!(ms = t.elapsed().as_millis() as u64, "identity ids loaded");
+            r
+        });
+        let t = std::time::Instant::now();
+        let traits = load_traits(graph, sel, traits, links);
+        tracing::debug!(
+            ms = t.elapsed().as_millis() as u64,
+            "identity traits loaded"
+        );
+        let filled = filled
+            .join()
+            .map_err(|_| Error::Usage("identity load failed".into()));
+        (filled, traits)
+    });
+    filled??;
+    for (t, m) in g.id_types.iter().zip(maps) {
+        if !m.is_empty() {
+            g.ids.insert(t.clone(), m);
+        }
+    }
+    let (pt, at, al) = trait_part?;
+    // (the rows of a profile or account are built in one call: no map is merged into another)
+    if g.profile_traits.is_empty() {
+        g.profile_traits = pt;
+    } else {
+        g.profile_traits.extend(pt);
+    }
+    if g.account_traits.is_empty() {
+        g.account_traits = at;
+    } else {
+        g.account_traits.extend(at);
+    }
+    if g.account_links.is_empty() {
+        g.account_links = al;
+    } else {
+        g.account_links.extend(al);
+    }
+    Ok(())
+}
+
+/// The id rows `sel` selects, into `maps` (by type number).
+fn fill_ids(
+    g: &Graph,
+    sel: &impl Select,
+    ids: &IdRows,
+    maps: &mut [hashbrown::HashMap<String, IdInfo>],
+) -> Result<()> {
+    for (b, tys) in ids.batches.iter().zip(&ids.types) {
+        let (v, p, fs, fm) = (
+            s(b, "id_value")?,
+            i64s(b, "profile_idx")?,
+            tss(b, "first_seen")?,
+            s(b, "first_message_id")?,
+        );
+        for (r, t) in tys.iter().enumerate() {
+            // in range: checked by `id_rows`
+            let pi = p.value(r) as ProfileIdx;
+            let t = *t as usize;
+            if !sel.id(g, &g.id_types[t], v.value(r), pi) {
+                continue;
+            }
+            if let hashbrown::hash_map::EntryRef::Vacant(slot) = maps[t].entry_ref(v.value(r)) {
+                slot.insert(IdInfo {
+                    profile: pi,
+                    first_seen: fs.value(r),
+                    first_message_id: fm.value(r).into(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Load the committed identity state.
+pub async fn load(store: &Store, snap: &Snapshot) -> Result<Graph> {
+    let t = std::time::Instant::now();
+    let c = read_committed(store, snap).await?;
+    let read_ms = t.elapsed().as_millis() as u64;
+    let (mut g, ids, traits, links) = graph_base(c)?;
+    fill(&mut g, &Everything, &ids, &traits, &links)?;
+    tracing::debug!(
+        read_ms,
+        ms = t.elapsed().as_millis() as u64,
+        "identity graph loaded"
+    );
     Ok(g)
+}
+
+/// Which committed rows a batch of events can reach: its ids (an alias's previous id as
+/// either type) and accounts, the traits and links of the profiles owning those ids.
+struct Reach {
+    ids: hashbrown::HashMap<String, hashbrown::HashSet<String>>,
+    accounts: hashbrown::HashSet<String>,
+    /// By canonical profile (at load).
+    profiles: Vec<bool>,
+}
+
+impl Reach {
+    fn of(events: &[IdentityEvent]) -> Reach {
+        let mut r = Reach {
+            ids: hashbrown::HashMap::new(),
+            accounts: hashbrown::HashSet::new(),
+            profiles: Vec::new(),
+        };
+        let mut add = |t: &str, v: &str| {
+            let set = r.ids.entry_ref(t).or_default();
+            if !set.contains(v) {
+                set.insert(v.to_string());
+            }
+        };
+        for e in events {
+            for (t, v) in &e.ids {
+                add(t, v);
+            }
+            if let Some(prev) = &e.alias_previous {
+                add("user_id", prev);
+                add("anonymous_id", prev);
+            }
+        }
+        r.accounts = events
+            .iter()
+            .filter_map(|e| e.group.as_ref().map(|g| g.0.clone()))
+            .collect();
+        r
+    }
+}
+
+impl Select for Reach {
+    fn id(&self, _: &Graph, t: &str, v: &str, _: ProfileIdx) -> bool {
+        self.ids.get(t).is_some_and(|s| s.contains(v))
+    }
+    fn profile(&self, g: &Graph, p: ProfileIdx) -> bool {
+        self.profiles
+            .get(g.canonical(p) as usize)
+            .copied()
+            .unwrap_or(false)
+    }
+    fn account(&self, a: &str) -> bool {
+        self.accounts.contains(a)
+    }
+}
+
+/// The rows a write needs that a partial load left out: those of the profiles and accounts
+/// the events did not reach and the write rewrites (the dirty ones; every one for a
+/// checkpoint).
+struct Rest<'a> {
+    reach: &'a Reach,
+    dirty: Option<&'a Dirty>,
+}
+
+impl Select for Rest<'_> {
+    fn id(&self, g: &Graph, _: &str, _: &str, p: ProfileIdx) -> bool {
+        // an id the events reach is in the map already (fill keeps it)
+        self.dirty
+            .is_none_or(|d| d.profiles.contains(&i64::from(g.canonical(p))))
+    }
+    fn profile(&self, g: &Graph, p: ProfileIdx) -> bool {
+        // A profile the events did not reach kept its canonical profile, and no profile
+        // reached was merged into one that was not.
+        !self.reach.profile(g, p)
+            && self
+                .dirty
+                .is_none_or(|d| d.profiles.contains(&i64::from(g.canonical(p))))
+    }
+    fn account(&self, a: &str) -> bool {
+        !self.reach.accounts.contains(a) && self.dirty.is_none_or(|d| d.accounts.contains(a))
+    }
+}
+
+/// A graph loaded with only what a batch of events reaches, and what it needs to complete
+/// itself for a write ([`Partial::complete`]).
+struct Partial {
+    reach: Reach,
+    ids: IdRows,
+    traits: Vec<RecordBatch>,
+    links: Vec<RecordBatch>,
+    /// Ids in the map after the load.
+    loaded_ids: u64,
+}
+
+impl Partial {
+    /// The graph of `c` holding every profile and merge, and of ids, traits and links only
+    /// what `events` reach.
+    fn load(c: Committed, events: &[IdentityEvent]) -> Result<(Graph, Partial)> {
+        let t = std::time::Instant::now();
+        let (mut g, ids, traits, links) = graph_base(c)?;
+        let mut reach = Reach::of(events);
+        fill(&mut g, &reach, &ids, &[], &[])?;
+        let mut profiles = vec![false; g.profiles.len()];
+        for i in g.ids.values().flat_map(|m| m.values()) {
+            profiles[g.canonical(i.profile) as usize] = true;
+        }
+        reach.profiles = profiles;
+        fill(&mut g, &reach, &IdRows::empty(), &traits, &links)?;
+        let loaded_ids = g.ids.values().map(|m| m.len() as u64).sum();
+        tracing::debug!(
+            ids = loaded_ids,
+            ms = t.elapsed().as_millis() as u64,
+            "identity graph loaded for the events"
+        );
+        Ok((
+            g,
+            Partial {
+                reach,
+                ids,
+                traits,
+                links,
+                loaded_ids,
+            },
+        ))
+    }
+
+    /// Build into `g` the rows the write of `dirty` needs (None: a checkpoint, every row);
+    /// returns how many ids the space has.
+    fn complete(self, g: &mut Graph, dirty: Option<&Dirty>) -> Result<u64> {
+        let now: u64 = g.ids.values().map(|m| m.len() as u64).sum();
+        let total = self.ids.rows() as u64 + now - self.loaded_ids;
+        let rest = Rest {
+            reach: &self.reach,
+            dirty,
+        };
+        fill(g, &rest, &self.ids, &self.traits, &self.links)?;
+        Ok(total)
+    }
+
+    /// The accounts of the committed rows (with traits or links).
+    fn accounts(&self) -> Result<std::collections::BTreeSet<String>> {
+        let mut out = std::collections::BTreeSet::new();
+        for b in self.traits.iter().chain(&self.links) {
+            for a in s(b, "account_id")?.iter().flatten() {
+                if !out.contains(a) {
+                    out.insert(a.to_string());
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl IdRows {
+    fn empty() -> IdRows {
+        IdRows {
+            batches: Vec::new(),
+            types: Vec::new(),
+            per_type: Vec::new(),
+        }
+    }
 }
 
 /// The profiles of the `profiles` table's current rows (checkpoint rows, then the delta's),
@@ -740,71 +1110,6 @@ fn load_profiles(mut batches: Vec<RecordBatch>) -> Result<Vec<Profile>> {
     Ok(out)
 }
 
-/// Id map, id type names and per-profile id counts of `n` profiles.
-type LoadedIds = (
-    hashbrown::HashMap<String, hashbrown::HashMap<String, IdInfo>>,
-    Vec<String>,
-    Vec<Vec<(u16, u32)>>,
-);
-
-/// The id map of the `identities` table's current rows.
-fn load_ids(batches: Vec<RecordBatch>, n: usize) -> Result<LoadedIds> {
-    let mut types: Vec<String> = Vec::new();
-    let mut per_type: Vec<usize> = Vec::new();
-    let mut type_of_rows: Vec<Vec<u16>> = Vec::with_capacity(batches.len());
-    for b in &batches {
-        let t = s(b, "id_type")?;
-        let mut v = Vec::with_capacity(b.num_rows());
-        for r in 0..b.num_rows() {
-            let name = t.value(r);
-            let i = match types.iter().position(|x| x == name) {
-                Some(i) => i,
-                None => {
-                    types.push(name.to_string());
-                    per_type.push(0);
-                    types.len() - 1
-                }
-            };
-            per_type[i] += 1;
-            v.push(i as u16);
-        }
-        type_of_rows.push(v);
-    }
-    let mut maps: Vec<hashbrown::HashMap<String, IdInfo>> = per_type
-        .iter()
-        .map(|c| hashbrown::HashMap::with_capacity(*c))
-        .collect();
-    let mut counts: Vec<Vec<(u16, u32)>> = vec![Vec::new(); n];
-    for (b, tys) in batches.iter().zip(type_of_rows) {
-        let (v, p, fs, fm) = (
-            s(b, "id_value")?,
-            i64s(b, "profile_idx")?,
-            tss(b, "first_seen")?,
-            s(b, "first_message_id")?,
-        );
-        for (r, t) in tys.into_iter().enumerate() {
-            let pi = p.value(r);
-            let Some(c) = usize::try_from(pi).ok().and_then(|i| counts.get_mut(i)) else {
-                return Err(Error::Usage(format!(
-                    "identity state corrupt: id {}:{} points at missing profile {pi}",
-                    types[t as usize],
-                    v.value(r)
-                )));
-            };
-            add_count(c, t);
-            maps[t as usize].insert(
-                v.value(r).to_string(),
-                IdInfo {
-                    profile: pi as ProfileIdx,
-                    first_seen: fs.value(r),
-                    first_message_id: fm.value(r).into(),
-                },
-            );
-        }
-    }
-    Ok((types.iter().cloned().zip(maps).collect(), types, counts))
-}
-
 /// One more id of type `t` in a profile's counts.
 fn add_count(counts: &mut Vec<(u16, u32)>, t: u16) {
     match counts.iter_mut().find(|c| c.0 == t) {
@@ -813,72 +1118,79 @@ fn add_count(counts: &mut Vec<(u16, u32)>, t: u16) {
     }
 }
 
-/// Profile traits, account traits and account links of `n` profiles.
+/// Profile traits, account traits and account links.
 type LoadedTraits = (
     hashbrown::HashMap<ProfileIdx, std::collections::BTreeMap<String, TraitValue>>,
     std::collections::BTreeMap<String, std::collections::BTreeMap<String, TraitValue>>,
     hashbrown::HashMap<ProfileIdx, std::collections::BTreeMap<String, i64>>,
 );
 
-/// The trait and link maps of the `traits` and `account_links` tables' current rows.
+/// The trait and link maps of the rows of the `traits` and `account_links` tables `sel`
+/// selects.
 fn load_traits(
-    traits: Vec<RecordBatch>,
-    links: Vec<RecordBatch>,
-    n: usize,
+    g: &Graph,
+    sel: &impl Select,
+    traits: &[RecordBatch],
+    links: &[RecordBatch],
 ) -> Result<LoadedTraits> {
+    let n = g.profiles.len();
     let mut out = LoadedTraits::default();
     for b in traits {
         let (e, pidx, acc, k, v, at, m) = (
-            s(&b, "entity")?,
-            i64s(&b, "profile_idx")?,
-            s(&b, "account_id")?,
-            s(&b, "key")?,
-            s(&b, "value")?,
-            tss(&b, "updated_at")?,
-            s(&b, "message_id")?,
+            s(b, "entity")?,
+            i64s(b, "profile_idx")?,
+            s(b, "account_id")?,
+            s(b, "key")?,
+            s(b, "value")?,
+            tss(b, "updated_at")?,
+            s(b, "message_id")?,
         );
         for r in 0..b.num_rows() {
-            let tv = TraitValue {
+            let tv = || TraitValue {
                 value: v.value(r).into(),
                 updated_at: at.value(r),
                 message_id: m.value(r).into(),
             };
             if e.value(r) == "profile" && pidx.is_valid(r) {
-                if pidx.value(r) as usize >= n {
+                let p = pidx.value(r);
+                if usize::try_from(p).map_or(true, |p| p >= n) {
                     return Err(Error::Usage(format!(
-                        "identity state corrupt: a trait points at missing profile {}",
-                        pidx.value(r)
+                        "identity state corrupt: a trait points at missing profile {p}"
                     )));
                 }
-                out.0
-                    .entry(pidx.value(r) as ProfileIdx)
-                    .or_default()
-                    .insert(k.value(r).into(), tv);
-            } else if acc.is_valid(r) {
+                if sel.profile(g, p as ProfileIdx) {
+                    out.0
+                        .entry(p as ProfileIdx)
+                        .or_default()
+                        .insert(k.value(r).into(), tv());
+                }
+            } else if acc.is_valid(r) && sel.account(acc.value(r)) {
                 out.1
                     .entry(acc.value(r).into())
                     .or_default()
-                    .insert(k.value(r).into(), tv);
+                    .insert(k.value(r).into(), tv());
             }
         }
     }
     for b in links {
         let (p, a, at) = (
-            i64s(&b, "profile_idx")?,
-            s(&b, "account_id")?,
-            tss(&b, "linked_at")?,
+            i64s(b, "profile_idx")?,
+            s(b, "account_id")?,
+            tss(b, "linked_at")?,
         );
         for r in 0..b.num_rows() {
-            if p.value(r) as usize >= n {
+            let pi = p.value(r);
+            if usize::try_from(pi).map_or(true, |p| p >= n) {
                 return Err(Error::Usage(format!(
-                    "identity state corrupt: an account link points at missing profile {}",
-                    p.value(r)
+                    "identity state corrupt: an account link points at missing profile {pi}"
                 )));
             }
-            out.2
-                .entry(p.value(r) as ProfileIdx)
-                .or_default()
-                .insert(a.value(r).into(), at.value(r));
+            if sel.profile(g, pi as ProfileIdx) {
+                out.2
+                    .entry(pi as ProfileIdx)
+                    .or_default()
+                    .insert(a.value(r).into(), at.value(r));
+            }
         }
     }
     Ok(out)
@@ -894,6 +1206,10 @@ pub async fn resolve(
 ) -> Result<IdentityReport> {
     resolve_cached(store, space, rules, full, None).await
 }
+
+/// Most new event rows an incremental run without a kept graph resolves over a partial load
+/// (it holds their identity events in memory first); beyond, it loads the whole graph.
+const PARTIAL_LOAD_MAX_EVENTS: u64 = 2_000_000;
 
 /// How many events ahead the graph's entries for an event's ids are touched, so their cache
 /// misses overlap with resolving the events before it.
@@ -950,23 +1266,6 @@ pub async fn resolve_cached(
             });
         }
     }
-    let cached = match cache {
-        Some(c) => c.lock().await.take(),
-        None => None,
-    };
-    let mut graph = if full || snap.version == 0 {
-        Graph::default()
-    } else {
-        match cached {
-            Some((v, g)) if v == snap.version => g,
-            _ => load(store, &snap).await?,
-        }
-    };
-    // Canonical profile and known flag of every profile before: what changed is recorded with
-    // the commit, so a refresh knows which profiles identity moved without diffing tables.
-    let before: Vec<(ProfileIdx, bool)> = graph.canonical_known();
-    graph.touched.clear();
-    graph.touched_accounts.clear();
     let new_files: Vec<FileAdd> = if watermark == 0 {
         events.files.clone()
     } else {
@@ -978,16 +1277,71 @@ pub async fn resolve_cached(
             .flat_map(|e| e.adds.iter().cloned())
             .collect()
     };
+    let events_read: u64 = new_files.iter().map(|f| f.rows).sum();
+    let cached = match cache {
+        Some(c) => c.lock().await.take(),
+        None => None,
+    };
     let started = std::time::Instant::now();
-    let resolved = super::source::read_identity_events(store, &new_files, rules, |chunk| {
-        for (i, e) in chunk.iter().enumerate() {
-            if let Some(ahead) = chunk.get(i + WARM_AHEAD) {
-                graph.warm(ahead);
+    // A graph loaded with only what the new events reach, completed before the write.
+    let mut partial: Option<Partial> = None;
+    let mut buffered: Option<(Vec<IdentityEvent>, u64)> = None;
+    let mut graph = if full || snap.version == 0 {
+        Graph::default()
+    } else {
+        match cached {
+            Some((v, g)) if v == snap.version => g,
+            // A process that does not keep the graph (no cache) and a batch of modest size:
+            // the events are read first, then only the ids they name, the traits and links of
+            // the profiles owning them and their accounts are built into the graph.
+            _ if cache.is_none() && events_read <= PARTIAL_LOAD_MAX_EVENTS => {
+                let tables = {
+                    let (store, snap) = (store.clone(), snap.clone());
+                    tokio::spawn(async move { read_committed(&store, &snap).await })
+                };
+                let mut evs: Vec<IdentityEvent> = Vec::new();
+                let n = super::source::read_identity_events(store, &new_files, rules, |chunk| {
+                    evs.extend_from_slice(chunk)
+                })
+                .await?;
+                let c = tables
+                    .await
+                    .map_err(|e| Error::Usage(format!("identity read failed: {e}")))??;
+                let (g, p) = Partial::load(c, &evs)?;
+                partial = Some(p);
+                buffered = Some((evs, n));
+                g
             }
-            graph.process(rules, e);
+            _ => load(store, &snap).await?,
         }
-    })
-    .await?;
+    };
+    // Canonical profile and known flag of every profile before: what changed is recorded with
+    // the commit, so a refresh knows which profiles identity moved without diffing tables.
+    let before: Vec<(ProfileIdx, bool)> = graph.canonical_known();
+    graph.touched.clear();
+    graph.touched_accounts.clear();
+    let resolved = match buffered {
+        Some((evs, n)) => {
+            for (i, e) in evs.iter().enumerate() {
+                if let Some(ahead) = evs.get(i + WARM_AHEAD) {
+                    graph.warm(ahead);
+                }
+                graph.process(rules, e);
+            }
+            n
+        }
+        None => {
+            super::source::read_identity_events(store, &new_files, rules, |chunk| {
+                for (i, e) in chunk.iter().enumerate() {
+                    if let Some(ahead) = chunk.get(i + WARM_AHEAD) {
+                        graph.warm(ahead);
+                    }
+                    graph.process(rules, e);
+                }
+            })
+            .await?
+        }
+    };
     tracing::debug!(
         files = new_files.len(),
         resolved,
@@ -995,7 +1349,6 @@ pub async fn resolve_cached(
         "identity events read and resolved"
     );
     let started = std::time::Instant::now();
-    let events_read: u64 = new_files.iter().map(|f| f.rows).sum();
     let mut adds = Vec::new();
     let incremental = !full && snap.version > 0;
     // The checkpoint's files and how many merges it holds (a delta adds the later ones).
@@ -1058,6 +1411,12 @@ pub async fn resolve_cached(
                 ))],
             )?,
         ));
+    }
+    // What a partial load left out and the write needs.
+    let (mut ids_total, mut committed_accounts) = (None, None);
+    if let Some(p) = partial.take() {
+        committed_accounts = Some(p.accounts()?);
+        ids_total = Some(p.complete(&mut graph, dirty.as_ref())?);
     }
     match &dirty {
         // a delta: the rows of the dirty profiles and accounts, the merges since the checkpoint
@@ -1130,11 +1489,12 @@ pub async fn resolve_cached(
     for l in graph.account_links.values() {
         accounts.extend(l.keys().map(String::as_str));
     }
+    accounts.extend(committed_accounts.iter().flatten().map(String::as_str));
     let mut report = IdentityReport {
         events_read,
         profiles: canonical.len() as u64,
         known: canonical.iter().filter(|(_, known)| *known).count() as u64,
-        ids: graph.ids.values().map(|m| m.len() as u64).sum(),
+        ids: ids_total.unwrap_or_else(|| graph.ids.values().map(|m| m.len() as u64).sum()),
         merges: graph.merges.len() as u64,
         accounts: accounts.len() as u64,
         version: snap.version + 1,

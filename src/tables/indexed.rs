@@ -104,6 +104,13 @@ impl KeyIndex {
         (flip(key) >> self.shift) as usize
     }
 
+    /// Every (identity_key, profile_idx) pair, in key order.
+    pub fn pairs(&self) -> impl Iterator<Item = (i64, i64)> + '_ {
+        self.entries
+            .iter()
+            .map(|(u, p)| ((u ^ (1 << 63)) as i64, *p))
+    }
+
     /// The number of keys.
     pub fn len(&self) -> usize {
         self.entries.len()

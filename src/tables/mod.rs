@@ -481,9 +481,7 @@ pub async fn compute_session(
     let schema = Arc::new(df.schema().as_arrow().clone());
     let state = ctx.state();
     let index = async {
-        let provider = ctx.table_provider("events_indexed").await?;
-        let any: &dyn std::any::Any = provider.as_ref();
-        match any.downcast_ref::<indexed::IndexedEvents>() {
+        match indexed_events(&ctx).await? {
             Some(events) if index_keys => events.index(&state).await.map(|_| ()),
             _ => Ok(()),
         }
@@ -506,6 +504,15 @@ pub async fn compute_session(
         )?),
     )?;
     Ok(ctx)
+}
+
+/// The session's `events_indexed` table (None when that name is not an [`indexed::IndexedEvents`]).
+pub async fn indexed_events(
+    ctx: &SessionContext,
+) -> datafusion::error::Result<Option<Arc<indexed::IndexedEvents>>> {
+    let provider: Arc<dyn std::any::Any + Send + Sync> =
+        ctx.table_provider("events_indexed").await?;
+    Ok(provider.downcast::<indexed::IndexedEvents>().ok())
 }
 
 /// [`session`] whose queries may use at most `memory_limit` bytes (beyond it, operators that
