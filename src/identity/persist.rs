@@ -671,8 +671,8 @@ async fn read_committed(store: &Store, snap: &Snapshot) -> Result<Committed> {
 
 /// Which committed rows are built into the graph's maps.
 trait Select: Sync {
-    /// An id row (type, value, owning profile).
-    fn id(&self, g: &Graph, t: &str, v: &str, p: ProfileIdx) -> bool;
+    /// An id row (type, value, its identity key, owning profile).
+    fn id(&self, g: &Graph, t: &str, v: &str, key: i64, p: ProfileIdx) -> bool;
     /// A trait or link row of a profile.
     fn profile(&self, g: &Graph, p: ProfileIdx) -> bool;
     /// A trait row of an account.
@@ -687,7 +687,7 @@ trait Select: Sync {
 struct Everything;
 
 impl Select for Everything {
-    fn id(&self, _: &Graph, _: &str, _: &str, _: ProfileIdx) -> bool {
+    fn id(&self, _: &Graph, _: &str, _: &str, _: i64, _: ProfileIdx) -> bool {
         true
     }
     fn profile(&self, _: &Graph, _: ProfileIdx) -> bool {
@@ -748,9 +748,8 @@ fn id_rows(g: &mut Graph, batches: Vec<RecordBatch>) -> Result<IdRows> {
     let n = g.profiles.len();
     let mut types: Vec<Vec<u16>> = Vec::with_capacity(batches.len());
     let mut per_type: Vec<usize> = Vec::new();
-    let mut counts: Vec<Vec<(u16, u32)>> = vec![Vec::new(); n];
     for b in &batches {
-        let (t, v, p) = (s(b, "id_type")?, s(b, "id_value")?, i64s(b, "profile_idx")?);
+        let t = s(b, "id_type")?;
         let mut of_rows = Vec::with_capacity(b.num_rows());
         for r in 0..b.num_rows() {
             let name = t.value(r);
@@ -764,19 +763,41 @@ fn id_rows(g: &mut Graph, batches: Vec<RecordBatch>) -> Result<IdRows> {
             };
             per_type[i] += 1;
             of_rows.push(i as u16);
-            let pi = p.value(r);
-            let Some(c) = usize::try_from(pi).ok().and_then(|i| counts.get_mut(i)) else {
-                return Err(Error::Usage(format!(
-                    "identity state corrupt: id {name}:{} points at missing profile {pi}",
-                    v.value(r)
-                )));
-            };
-            add_count(c, i as u16);
         }
         types.push(of_rows);
     }
-    for (p, c) in g.profiles.iter_mut().zip(counts) {
-        p.id_counts = c;
+    // Counts in one flat table (profile × type): the rows come in identity key order, so
+    // each is a cache miss, started 16 rows ahead.
+    const AHEAD: usize = 16;
+    let nt = g.id_types.len().max(1);
+    let mut flat = vec![0u32; n * nt];
+    for (b, tys) in batches.iter().zip(&types) {
+        let (v, p) = (s(b, "id_value")?, i64s(b, "profile_idx")?);
+        let ps = p.values();
+        for (r, t) in tys.iter().enumerate() {
+            if let Some(a) = ps.get(r + AHEAD).and_then(|a| usize::try_from(*a).ok())
+                && a < n
+            {
+                crate::identity::prefetch(flat.as_ptr().wrapping_add(a * nt));
+            }
+            let pi = ps[r];
+            let Some(i) = usize::try_from(pi).ok().filter(|i| *i < n) else {
+                return Err(Error::Usage(format!(
+                    "identity state corrupt: id {}:{} points at missing profile {pi}",
+                    g.id_types[*t as usize],
+                    v.value(r)
+                )));
+            };
+            flat[i * nt + *t as usize] += 1;
+        }
+    }
+    for (p, c) in g.profiles.iter_mut().zip(flat.chunks_exact(nt)) {
+        p.id_counts = c
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(t, n)| (t as u16, *n))
+            .collect();
     }
     Ok(IdRows {
         batches,
@@ -860,9 +881,10 @@ fn fill_ids(
     maps: &mut [hashbrown::HashMap<String, IdInfo>],
 ) -> Result<()> {
     for (b, tys) in ids.batches.iter().zip(&ids.types) {
-        let (v, p, fs, fm) = (
+        let (v, p, k, fs, fm) = (
             s(b, "id_value")?,
             i64s(b, "profile_idx")?,
+            i64s(b, "identity_key")?,
             tss(b, "first_seen")?,
             s(b, "first_message_id")?,
         );
@@ -870,7 +892,7 @@ fn fill_ids(
             // in range: checked by `id_rows`
             let pi = p.value(r) as ProfileIdx;
             let t = *t as usize;
-            if !sel.id(g, &g.id_types[t], v.value(r), pi) {
+            if !sel.id(g, &g.id_types[t], v.value(r), k.value(r), pi) {
                 continue;
             }
             if let hashbrown::hash_map::EntryRef::Vacant(slot) = maps[t].entry_ref(v.value(r)) {
@@ -904,8 +926,10 @@ pub async fn load(store: &Store, snap: &Snapshot) -> Result<Graph> {
 /// either type) and accounts, the traits and links of the profiles owning those ids.
 struct Reach {
     ids: hashbrown::HashMap<String, hashbrown::HashSet<String>>,
+    /// Their identity keys (a row's key is tested before its strings).
+    keys: hashbrown::HashSet<i64>,
     accounts: hashbrown::HashSet<String>,
-    /// By canonical profile (at load).
+    /// By profile: whether its canonical profile (at load) owns one of the ids.
     profiles: Vec<bool>,
 }
 
@@ -913,6 +937,7 @@ impl Reach {
     fn of(events: &[IdentityEvent]) -> Reach {
         let mut r = Reach {
             ids: hashbrown::HashMap::new(),
+            keys: hashbrown::HashSet::new(),
             accounts: hashbrown::HashSet::new(),
             profiles: Vec::new(),
         };
@@ -920,6 +945,7 @@ impl Reach {
             let set = r.ids.entry_ref(t).or_default();
             if !set.contains(v) {
                 set.insert(v.to_string());
+                r.keys.insert(identity_key(t, v));
             }
         };
         for e in events {
@@ -940,14 +966,11 @@ impl Reach {
 }
 
 impl Select for Reach {
-    fn id(&self, _: &Graph, t: &str, v: &str, _: ProfileIdx) -> bool {
-        self.ids.get(t).is_some_and(|s| s.contains(v))
+    fn id(&self, _: &Graph, t: &str, v: &str, key: i64, _: ProfileIdx) -> bool {
+        self.keys.contains(&key) && self.ids.get(t).is_some_and(|s| s.contains(v))
     }
-    fn profile(&self, g: &Graph, p: ProfileIdx) -> bool {
-        self.profiles
-            .get(g.canonical(p) as usize)
-            .copied()
-            .unwrap_or(false)
+    fn profile(&self, _: &Graph, p: ProfileIdx) -> bool {
+        self.profiles.get(p as usize).copied().unwrap_or(false)
     }
     fn account(&self, a: &str) -> bool {
         self.accounts.contains(a)
@@ -960,21 +983,19 @@ impl Select for Reach {
 struct Rest<'a> {
     reach: &'a Reach,
     dirty: Option<&'a Dirty>,
+    /// By profile: whether its canonical profile's rows are written.
+    written: Vec<bool>,
 }
 
 impl Select for Rest<'_> {
-    fn id(&self, g: &Graph, _: &str, _: &str, p: ProfileIdx) -> bool {
+    fn id(&self, _: &Graph, _: &str, _: &str, _: i64, p: ProfileIdx) -> bool {
         // an id the events reach is in the map already (fill keeps it)
-        self.dirty
-            .is_none_or(|d| d.profiles.contains(&i64::from(g.canonical(p))))
+        self.written.get(p as usize).copied().unwrap_or(false)
     }
     fn profile(&self, g: &Graph, p: ProfileIdx) -> bool {
         // A profile the events did not reach kept its canonical profile, and no profile
-        // reached was merged into one that was not.
-        !self.reach.profile(g, p)
-            && self
-                .dirty
-                .is_none_or(|d| d.profiles.contains(&i64::from(g.canonical(p))))
+        // reached was merged into one that was not: its rows are all still to be built.
+        !self.reach.profile(g, p) && self.written.get(p as usize).copied().unwrap_or(false)
     }
     fn account(&self, a: &str) -> bool {
         !self.reach.accounts.contains(a) && self.dirty.is_none_or(|d| d.accounts.contains(a))
@@ -1000,11 +1021,13 @@ impl Partial {
         let (mut g, ids, traits, links) = graph_base(c)?;
         let mut reach = Reach::of(events);
         fill(&mut g, &reach, &ids, &[], &[])?;
-        let mut profiles = vec![false; g.profiles.len()];
+        let mut reached = vec![false; g.profiles.len()];
         for i in g.ids.values().flat_map(|m| m.values()) {
-            profiles[g.canonical(i.profile) as usize] = true;
+            reached[g.canonical(i.profile) as usize] = true;
         }
-        reach.profiles = profiles;
+        reach.profiles = (0..g.profiles.len() as ProfileIdx)
+            .map(|p| reached[g.canonical(p) as usize])
+            .collect();
         fill(&mut g, &reach, &IdRows::empty(), &traits, &links)?;
         let loaded_ids = g.ids.values().map(|m| m.len() as u64).sum();
         tracing::debug!(
@@ -1029,9 +1052,13 @@ impl Partial {
     fn complete(self, g: &mut Graph, dirty: Option<&Dirty>) -> Result<u64> {
         let now: u64 = g.ids.values().map(|m| m.len() as u64).sum();
         let total = self.ids.rows() as u64 + now - self.loaded_ids;
+        let written = (0..g.profiles.len() as ProfileIdx)
+            .map(|p| dirty.is_none_or(|d| d.profiles.contains(&i64::from(g.canonical(p)))))
+            .collect();
         let rest = Rest {
             reach: &self.reach,
             dirty,
+            written,
         };
         fill(g, &rest, &self.ids, &self.traits, &self.links)?;
         Ok(total)
@@ -1063,44 +1090,44 @@ impl IdRows {
 
 /// The profiles of the `profiles` table's current rows (checkpoint rows, then the delta's),
 /// in index order.
-fn load_profiles(mut batches: Vec<RecordBatch>) -> Result<Vec<Profile>> {
-    let mut rows: Vec<(i64, usize, usize)> = Vec::new();
-    for (bi, b) in batches.iter().enumerate() {
-        let idx = i64s(b, "profile_idx")?;
-        rows.extend(idx.values().iter().enumerate().map(|(r, p)| (*p, bi, r)));
-    }
-    if rows.windows(2).any(|w| w[0].0 >= w[1].0) {
-        rows.sort_unstable();
-        let indices: Vec<(usize, usize)> = rows.iter().map(|r| (r.1, r.2)).collect();
-        let refs: Vec<&RecordBatch> = batches.iter().collect();
-        batches = vec![arrow::compute::interleave_record_batch(&refs, &indices)?];
-    }
-    for (r, (p, _, _)) in rows.iter().enumerate() {
-        if *p != r as i64 {
-            return Err(Error::Usage(format!(
-                "identity state corrupt: profile index {p} at row {r}"
-            )));
-        }
-    }
-    let mut out = Vec::with_capacity(rows.len());
-    for b in batches {
-        let (id, canon, created, first) = (
-            s(&b, "profile_id")?,
-            i64s(&b, "canonical_idx")?,
-            tss(&b, "created_at")?,
-            s(&b, "first_message_id")?,
+fn load_profiles(batches: Vec<RecordBatch>) -> Result<Vec<Profile>> {
+    // Each row goes to its index (a delta's rows follow the checkpoint's): the indexes must
+    // be exactly 0..n.
+    let n: usize = batches.iter().map(RecordBatch::num_rows).sum();
+    let mut out: Vec<Profile> = Vec::with_capacity(n);
+    out.resize_with(n, || Profile {
+        id: String::new(),
+        parent: 0,
+        created_at: 0,
+        first_message_id: String::new(),
+        id_counts: Vec::new(),
+    });
+    let mut seen = vec![false; n];
+    for b in &batches {
+        let (idx, id, canon, created, first) = (
+            i64s(b, "profile_idx")?,
+            s(b, "profile_id")?,
+            i64s(b, "canonical_idx")?,
+            tss(b, "created_at")?,
+            s(b, "first_message_id")?,
         );
         for r in 0..b.num_rows() {
-            out.push(Profile {
+            let p = idx.value(r);
+            let Some(i) = usize::try_from(p).ok().filter(|i| *i < n && !seen[*i]) else {
+                return Err(Error::Usage(format!(
+                    "identity state corrupt: profile index {p} out of range or repeated"
+                )));
+            };
+            seen[i] = true;
+            out[i] = Profile {
                 id: id.value(r).to_string(),
                 parent: canon.value(r) as ProfileIdx,
                 created_at: created.value(r),
                 first_message_id: first.value(r).to_string(),
                 id_counts: Vec::new(),
-            });
+            };
         }
     }
-    let n = out.len();
     if let Some(bad) = out.iter().find(|p| p.parent as usize >= n) {
         return Err(Error::Usage(format!(
             "identity state corrupt: profile {} points at missing profile {}",
@@ -1108,14 +1135,6 @@ fn load_profiles(mut batches: Vec<RecordBatch>) -> Result<Vec<Profile>> {
         )));
     }
     Ok(out)
-}
-
-/// One more id of type `t` in a profile's counts.
-fn add_count(counts: &mut Vec<(u16, u32)>, t: u16) {
-    match counts.iter_mut().find(|c| c.0 == t) {
-        Some(c) => c.1 += 1,
-        None => counts.push((t, 1)),
-    }
 }
 
 /// Profile traits, account traits and account links.
