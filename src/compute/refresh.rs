@@ -1343,6 +1343,7 @@ pub async fn refresh(
                 let batches = super::collect_traced(key, plan.frame).await.map_err(fail)?;
                 let fresh =
                     trait_batch(key, version, as_of, &batches, plan.level, plan.json_value)?;
+                let eval_ms = t.elapsed().as_millis() as u64;
                 let old: Vec<RecordBatch> = match prev {
                     Some(p) => read_file(store, &p.data)
                         .await?
@@ -1351,7 +1352,10 @@ pub async fn refresh(
                         .collect::<Result<_>>()?,
                     None => Vec::new(),
                 };
+                let old_ms = t.elapsed().as_millis() as u64;
                 let mut all = Vec::new();
+                // the old rows of the affected profiles (incremental, profile level)
+                let mut old_affected = Vec::new();
                 if incremental {
                     for b in &old {
                         let keep: arrow::array::BooleanArray = match &accounts {
@@ -1369,11 +1373,30 @@ pub async fn refresh(
                                 .collect(),
                         };
                         all.push(arrow::compute::filter_record_batch(b, &keep)?);
+                        if accounts.is_none() {
+                            let dropped = arrow::compute::not(&keep)?;
+                            old_affected.push(arrow::compute::filter_record_batch(b, &dropped)?);
+                        }
                     }
                 }
+                let fresh_only = incremental && accounts.is_none();
+                let (before, after) = if fresh_only {
+                    // Only the affected profiles' values can change (the others' rows are
+                    // kept as they were): compare their old rows with the fresh ones.
+                    (
+                        trait_map(&old_affected),
+                        trait_map(std::slice::from_ref(&fresh)),
+                    )
+                } else {
+                    (HashMap::new(), HashMap::new())
+                };
                 all.push(fresh);
                 let merged = stamp(&all, version, as_of)?;
-                let (before, after) = (trait_map(&old), trait_map(std::slice::from_ref(&merged)));
+                let (before, after) = if fresh_only {
+                    (before, after)
+                } else {
+                    (trait_map(&old), trait_map(std::slice::from_ref(&merged)))
+                };
                 let mut ch: HashSet<i64> = HashSet::new();
                 for (i, v) in &after {
                     if before.get(i) != Some(v) {
@@ -1391,9 +1414,11 @@ pub async fn refresh(
                 };
                 changed.insert(key.clone(), ch);
                 trait_values.insert(key.clone(), vec![merged.clone()]);
+                let diff_ms = t.elapsed().as_millis() as u64;
                 if has_changes || must_version {
                     files = vec![put_batch(store, space, "trait_values", &merged).await?];
                 }
+                tracing::debug!(key = %key, eval_ms, old_ms, diff_ms, written_ms = t.elapsed().as_millis() as u64, "trait phases (ms since the key started)");
             }
         }
         if !files.is_empty() {
