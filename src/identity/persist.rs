@@ -578,19 +578,69 @@ impl Dirty {
 }
 
 async fn read_files(store: &Store, files: &[FileAdd]) -> Result<Vec<RecordBatch>> {
+    read_columns(store, files, None).await
+}
+
+/// The rows of `files`, with only `columns` decoded (all when None).
+async fn read_columns(
+    store: &Store,
+    files: &[FileAdd],
+    columns: Option<&[&str]>,
+) -> Result<Vec<RecordBatch>> {
     let mut out = Vec::new();
     for f in files {
         let bytes = store.get(&Key::from_committed(&f.path)).await?;
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)?
-            .build()?;
-        for b in reader {
+        let mut builder =
+            parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)?;
+        if let Some(c) = columns {
+            let mask = parquet::arrow::ProjectionMask::columns(
+                builder.parquet_schema(),
+                c.iter().copied(),
+            );
+            builder = builder.with_projection(mask);
+        }
+        for b in builder.build()? {
             out.push(b?);
         }
     }
     Ok(out)
 }
 
-/// The current rows of one identity table: the checkpoint's still current, then the delta's.
+/// The columns of each identity table a graph load reads (not the profile ids, known flags
+/// and typed values the tables repeat for queries).
+fn load_columns(kind: &str) -> Option<&'static [&'static str]> {
+    match kind {
+        "identities" => Some(&[
+            "id_type",
+            "id_value",
+            "profile_idx",
+            "identity_key",
+            "first_seen",
+            "first_message_id",
+        ]),
+        "profiles" => Some(&[
+            "profile_idx",
+            "profile_id",
+            "canonical_idx",
+            "created_at",
+            "first_message_id",
+        ]),
+        "traits" => Some(&[
+            "entity",
+            "profile_idx",
+            "account_id",
+            "key",
+            "value",
+            "updated_at",
+            "message_id",
+        ]),
+        "account_links" => Some(&["profile_idx", "account_id", "linked_at"]),
+        _ => None,
+    }
+}
+
+/// The current rows of one identity table: the checkpoint's still current, then the delta's
+/// (the columns a graph load reads).
 pub(crate) async fn read_kind(
     store: &Store,
     snap: &Snapshot,
@@ -598,14 +648,15 @@ pub(crate) async fn read_kind(
     kind: &str,
 ) -> Result<Vec<RecordBatch>> {
     let (base, delta) = table_files(snap, kind);
+    let columns = load_columns(kind);
     let mut out = Vec::new();
-    for b in read_files(store, &base).await? {
+    for b in read_columns(store, &base, columns).await? {
         match dirty.current_rows(kind, &b)? {
             Some(keep) => out.push(arrow::compute::filter_record_batch(&b, &keep)?),
             None => out.push(b),
         }
     }
-    out.extend(read_files(store, &delta).await?);
+    out.extend(read_columns(store, &delta, columns).await?);
     Ok(out)
 }
 
