@@ -1279,7 +1279,7 @@ pub async fn resolve(
 
 /// Most new event rows an incremental run without a kept graph resolves over a partial load
 /// (it holds their identity events in memory first); beyond, it loads the whole graph.
-const PARTIAL_LOAD_MAX_EVENTS: u64 = 2_000_000;
+const PARTIAL_LOAD_MAX_EVENTS: u64 = 1_000_000;
 
 /// How many events ahead the graph's entries for an event's ids are touched, so their cache
 /// misses overlap with resolving the events before it.
