@@ -7,7 +7,7 @@ use std::ops::Not;
 use arrow::datatypes::{DataType, TimeUnit};
 use datafusion::common::{JoinType, ScalarValue};
 use datafusion::dataframe::DataFrame;
-use datafusion::functions_aggregate::expr_fn::{avg, count, first_value, max, min, sum};
+use datafusion::functions_aggregate::expr_fn::{count, first_value, max, min};
 use datafusion::logical_expr::expr::Like;
 use datafusion::logical_expr::{Expr, ExprFunctionExt, SortExpr, cast, try_cast};
 use datafusion::prelude::{SessionContext, col, ident, lit};
@@ -533,14 +533,19 @@ impl<'a> Compiler<'a> {
                 let c = push(self, e, "")?;
                 Typed::num(datafusion::functions::expr_fn::coalesce(vec![c, lit(0i64)]))
             }
-            Reducer::Sum { value }
-            | Reducer::Avg { value }
-            | Reducer::Min { value }
-            | Reducer::Max { value } => {
+            // Sums and averages are the same whatever the order of the rows (a refresh reads
+            // them in another order than a full compute): an exact sum, divided by the count.
+            Reducer::Avg { value } => {
+                let v = arg(self, value)?.n;
+                let s = audiences_udfs::exact_sum::exact_sum(v.clone());
+                let s = push(self, s.filter(pred.clone()).build()?, "_sum")?;
+                let n = push(self, count(v).filter(pred).build()?, "_count")?;
+                Typed::num(s / cast(n, DataType::Float64))
+            }
+            Reducer::Sum { value } | Reducer::Min { value } | Reducer::Max { value } => {
                 let v = arg(self, value)?.n;
                 let f = match r {
-                    Reducer::Sum { .. } => sum(v),
-                    Reducer::Avg { .. } => avg(v),
+                    Reducer::Sum { .. } => audiences_udfs::exact_sum::exact_sum(v),
                     Reducer::Min { .. } => min(v),
                     _ => max(v),
                 };

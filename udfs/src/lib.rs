@@ -4,10 +4,13 @@
 //! - [`nested_events`]: the per-profile evaluator of nested event queries (funnels, N-step
 //!   sequences, abandonment, parent-property references) that compiled audiences call;
 //!   its program format is [`program`].
+//! - [`exact_sum`]: a sum of floats that is the same whatever the order of the rows (what
+//!   `.sum()` compiles to, so that a refresh and a full compute agree to the bit).
 //! - [`json_array`]: a list of strings as JSON array text (the value of `unique(..)` traits).
 //! - [`window_funnel`]: ClickHouse-style `window_funnel(window, timestamp, step1, step2, ...)`
 //!   for SQL users, with each step measured from the previous one.
 
+pub mod exact_sum;
 pub mod json_array;
 pub mod nested_events;
 pub mod program;
@@ -25,6 +28,7 @@ pub fn scalar_functions() -> Vec<ScalarUDF> {
 /// Every aggregate function of this crate.
 pub fn aggregate_functions() -> Vec<AggregateUDF> {
     vec![
+        AggregateUDF::from(exact_sum::ExactSum::default()),
         AggregateUDF::from(nested_events::NestedEvents::default()),
         AggregateUDF::from(window_funnel::WindowFunnel::default()),
     ]
