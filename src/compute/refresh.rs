@@ -1379,21 +1379,15 @@ pub async fn refresh(
                         }
                     }
                 }
-                let fresh_only = incremental && accounts.is_none();
-                let (before, after) = if fresh_only {
+                all.push(fresh.clone());
+                let merged = stamp(&all, version, as_of)?;
+                let (before, after) = if incremental && accounts.is_none() {
                     // Only the affected profiles' values can change (the others' rows are
                     // kept as they were): compare their old rows with the fresh ones.
                     (
                         trait_map(&old_affected),
                         trait_map(std::slice::from_ref(&fresh)),
                     )
-                } else {
-                    (HashMap::new(), HashMap::new())
-                };
-                all.push(fresh);
-                let merged = stamp(&all, version, as_of)?;
-                let (before, after) = if fresh_only {
-                    (before, after)
                 } else {
                     (trait_map(&old), trait_map(std::slice::from_ref(&merged)))
                 };

@@ -761,6 +761,14 @@ struct IdRows {
 }
 
 impl IdRows {
+    fn empty() -> IdRows {
+        IdRows {
+            batches: Vec::new(),
+            types: Vec::new(),
+            per_type: Vec::new(),
+        }
+    }
+
     fn rows(&self) -> usize {
         self.batches.iter().map(RecordBatch::num_rows).sum()
     }
@@ -1126,16 +1134,6 @@ impl Partial {
             }
         }
         Ok(out)
-    }
-}
-
-impl IdRows {
-    fn empty() -> IdRows {
-        IdRows {
-            batches: Vec::new(),
-            types: Vec::new(),
-            per_type: Vec::new(),
-        }
     }
 }
 
