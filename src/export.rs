@@ -16,14 +16,13 @@
 
 use std::sync::Arc;
 
-use arrow::array::{
-    Array, ArrayRef, AsArray, RecordBatch, StringArray, StringBuilder, TimestampMicrosecondArray,
-};
+use arrow::array::{Array, ArrayRef, RecordBatch, StringArray, StringBuilder};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use sha2::{Digest, Sha256};
 
+use crate::compute::members::MemberSet;
 use crate::compute::{MEMBERSHIPS, VersionRef, versions};
 use crate::error::{Error, Result};
 use crate::store::{CommitLog, Space, Store};
@@ -111,79 +110,16 @@ pub async fn audience_version(
         .rfind(|v| version.is_none_or(|p| v.version == p)))
 }
 
-/// The members of one version sorted by member key.
-struct SortedMembers {
-    /// Whether the version is of an account audience (keys are account ids).
-    accounts: bool,
-    /// Profile ids, or account ids.
-    keys: StringArray,
-    /// Profile indexes (None for accounts).
-    idx: Vec<Option<i64>>,
-    entered: TimestampMicrosecondArray,
-}
-
-/// Read the members file of version `v` (written sorted by member key; sorted here if not).
-async fn sorted_members(store: &Store, v: &VersionRef) -> Result<SortedMembers> {
-    let started = std::time::Instant::now();
-    let batches: Vec<RecordBatch> = crate::compute::read_file_parallel(store, &v.data)
-        .await?
-        .iter()
-        .map(|b| crate::compute::conform(b, "members"))
-        .collect::<Result<_>>()?;
-    let schema = crate::compute::schema("members");
-    let all = arrow::compute::concat_batches(&schema, &batches)?;
-    let accounts = all.column(6).null_count() < all.num_rows();
-    let k = if accounts { 6 } else { 1 };
-    // members without a key of this kind (none in a well-formed file) are left out
-    let keep = arrow::compute::is_not_null(all.column(k))?;
-    let all = arrow::compute::filter_record_batch(&all, &keep)?;
-    let keys = all.column(k).as_string::<i32>();
-    let sorted = keys.iter().zip(keys.iter().skip(1)).all(|(a, b)| a <= b);
-    let all = if sorted {
-        all
-    } else {
-        let order = arrow::compute::sort_to_indices(keys, None, None)?;
-        arrow::compute::take_record_batch(&all, &order)?
-    };
-    let keys = all.column(k).as_string::<i32>().clone();
-    let idx = if accounts {
-        vec![None; keys.len()]
-    } else {
-        all.column(2)
-            .as_primitive::<arrow::datatypes::Int64Type>()
-            .iter()
-            .collect()
-    };
-    let entered = all
-        .column(3)
-        .as_primitive_opt::<arrow::datatypes::TimestampMicrosecondType>()
-        .ok_or_else(|| Error::Usage(format!("members file {} has no entered_at", v.data.path)))?
-        .clone()
-        .with_timezone("UTC");
-    tracing::debug!(
-        key = %v.key,
-        version = v.version,
-        members = keys.len(),
-        millis = started.elapsed().as_millis() as u64,
-        "members read"
-    );
-    Ok(SortedMembers {
-        accounts,
-        keys,
-        idx,
-        entered,
-    })
-}
-
 /// The sorted members of version `v` and, for a profile audience, the space's id index.
 async fn members_and_ids(
     store: &Store,
     space: &Space,
     v: &VersionRef,
     cache: &ServingCache,
-) -> Result<(SortedMembers, Option<Arc<IdIndex>>)> {
+) -> Result<(MemberSet, Option<Arc<IdIndex>>)> {
     // both at once: an account audience drops the index it did not need
-    let (members, index) = tokio::try_join!(sorted_members(store, v), cache.ids.get(store, space))?;
+    let (members, index) =
+        tokio::try_join!(MemberSet::read(store, v), cache.ids.get(store, space))?;
     let index = (!members.accounts).then_some(index);
     Ok((members, index))
 }
@@ -301,7 +237,7 @@ pub async fn membership_stream(
         return Ok((schema, futures::stream::iter(batches).boxed()));
     }
     let (
-        SortedMembers {
+        MemberSet {
             accounts,
             keys,
             idx,
@@ -434,7 +370,7 @@ async fn single_stream(
         DataType::Utf8,
         false,
     )]));
-    let SortedMembers { accounts, idx, .. } = sorted_members(store, v).await?;
+    let MemberSet { accounts, idx, .. } = MemberSet::read(store, v).await?;
     if accounts {
         // account audiences carry no external ids of their own
         return Ok((schema, futures::stream::empty().boxed()));
@@ -618,8 +554,7 @@ impl Rows {
         formatted: bool,
         cache: &ServingCache,
     ) -> Result<Rows> {
-        let (SortedMembers { keys, idx, .. }, index) =
-            members_and_ids(store, space, v, cache).await?;
+        let (MemberSet { keys, idx, .. }, index) = members_and_ids(store, space, v, cache).await?;
         Ok(Rows::with(keys, idx, index, formatted))
     }
 

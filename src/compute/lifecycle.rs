@@ -11,10 +11,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 
-use super::{
-    MEMBERSHIPS, Members, VersionRef, current_members, members_of, register_members,
-    register_trait_values, trait_batch, versions,
-};
+use super::members::{MemberSet, Replace};
+use super::{MEMBERSHIPS, VersionRef, register_trait_values, trait_batch, versions};
 use crate::definitions;
 use crate::error::{Error, Result};
 use crate::identity::IdentityRules;
@@ -207,9 +205,9 @@ pub(crate) async fn register_references(
                 }
             }
             Kind::Audience => {
-                let m = current_members(store, latest.get(k)).await?;
-                let m: Members = m.into_iter().map(|(k, (i, _))| (k, i)).collect();
-                register_members(ctx, k, &m, s.file.level)?;
+                MemberSet::read_opt(store, latest.get(k), s.file.level)
+                    .await?
+                    .register(ctx, k, s.file.level)?;
             }
         }
     }
@@ -283,12 +281,20 @@ pub async fn preview(
         Kind::Audience => {
             let plan = compile_audience(&inputs, file).await?;
             let batches = plan.frame.collect().await?;
-            let members = members_of(&batches, plan.level)?;
-            let old = current_members(store, prev).await?;
-            let enter = members.keys().filter(|k| !old.contains_key(*k)).count();
-            let exit = old.keys().filter(|k| !members.contains_key(*k)).count();
-            let sample = members.keys().take(10).cloned().collect();
-            (members.len(), sample, enter, exit)
+            let fresh = MemberSet::evaluated(&batches, plan.level)?;
+            let next = MemberSet::read_opt(store, prev, plan.level).await?.next(
+                &fresh,
+                &Replace::All,
+                as_of,
+            )?;
+            let sample = fresh
+                .keys
+                .iter()
+                .flatten()
+                .take(10)
+                .map(String::from)
+                .collect();
+            (fresh.len(), sample, next.entered.len(), next.exited.len())
         }
         Kind::ComputedTrait => {
             let plan = compile_trait(&inputs, file).await?;

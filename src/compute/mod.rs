@@ -7,13 +7,14 @@
 //! kept), `trait_values` (a computed trait version; replaced by the next).
 
 pub mod lifecycle;
+pub(crate) mod members;
 pub mod refresh;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, Int64Array, RecordBatch, StringArray};
-use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, TimestampMicrosecondType};
+use arrow::array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 use serde::Serialize;
@@ -29,6 +30,7 @@ use crate::plan::{Inputs, compile_audience, compile_trait};
 use crate::store::keys::{self, Key};
 use crate::store::log::{CommitDraft, CommitEntry, FileAdd, Snapshot};
 use crate::store::{CommitLog, Space, Store, TableName};
+use members::{MemberSet, Replace};
 
 /// The memberships log.
 pub const MEMBERSHIPS: TableName = TableName::Named("memberships");
@@ -95,31 +97,10 @@ pub fn conform(batch: &RecordBatch, kind: &str) -> Result<RecordBatch> {
     Ok(RecordBatch::try_new(target, cols)?)
 }
 
-/// The `profile_id` and `account_id` columns of member keys at `level`.
-pub(crate) fn member_columns<'a>(
-    keys: impl Iterator<Item = &'a str>,
-    level: Level,
-) -> (arrow::array::ArrayRef, arrow::array::ArrayRef) {
-    let keys: Vec<&str> = keys.collect();
-    let some = Arc::new(StringArray::from_iter_values(keys.iter().copied()));
+/// The `profile_id` and `account_id` columns of member keys (account ids when `accounts`).
+pub(crate) fn key_columns(keys: ArrayRef, accounts: bool) -> (ArrayRef, ArrayRef) {
     let none = arrow::array::new_null_array(&DataType::Utf8, keys.len());
-    match level {
-        Level::Users => (some, none),
-        Level::Accounts => (none, some),
-    }
-}
-
-/// Members of an audience version: member key (profile id or account id) → profile_idx.
-pub(crate) type Members = BTreeMap<String, Option<i64>>;
-
-fn member_key(
-    pid: Option<&arrow::array::StringArray>,
-    acc: Option<&arrow::array::StringArray>,
-    r: usize,
-) -> Option<String> {
-    pid.filter(|p| p.is_valid(r))
-        .or(acc.filter(|a| a.is_valid(r)))
-        .map(|a| a.value(r).to_string())
+    if accounts { (none, keys) } else { (keys, none) }
 }
 
 /// What happened to one definition.
@@ -338,36 +319,6 @@ pub async fn decode_parallel(
     Ok(out)
 }
 
-/// Current members of an audience: member key → (profile_idx, entered_at).
-/// Members of a committed version: member key → (profile_idx, entered_at).
-pub(crate) type OldMembers = hashbrown::HashMap<String, (Option<i64>, i64)>;
-
-pub(crate) async fn current_members(store: &Store, v: Option<&VersionRef>) -> Result<OldMembers> {
-    let mut out = OldMembers::new();
-    let Some(v) = v else { return Ok(out) };
-    for b in read_file(store, &v.data).await? {
-        let b = conform(&b, "members")?;
-        let idx = b.column(2).as_primitive::<Int64Type>();
-        let pid = b.column(1).as_string_opt::<i32>();
-        let acc = b.column(6).as_string_opt::<i32>();
-        let ent = b
-            .column(3)
-            .as_primitive_opt::<TimestampMicrosecondType>()
-            .ok_or_else(|| {
-                Error::Usage(format!(
-                    "members file {} has an unexpected schema",
-                    v.data.path
-                ))
-            })?;
-        for r in 0..b.num_rows() {
-            if let Some(k) = member_key(pid, acc, r) {
-                out.insert(k, (idx.is_valid(r).then(|| idx.value(r)), ent.value(r)));
-            }
-        }
-    }
-    Ok(out)
-}
-
 /// Writer settings of memberships files: no dictionary for the columns that hold a distinct
 /// value per row (ids, values), where building one only to abandon it is most of the encoding.
 fn memberships_writer_properties() -> parquet::file::properties::WriterProperties {
@@ -403,40 +354,6 @@ pub(crate) async fn put_batch(
     })
 }
 
-/// Members from a compiled audience's output (`profile_idx, profile_id` or `account_id`).
-pub(crate) fn members_of(batches: &[RecordBatch], level: Level) -> Result<Members> {
-    let mut out = BTreeMap::new();
-    for b in batches {
-        match level {
-            Level::Users => {
-                let idx = b
-                    .column(0)
-                    .as_primitive_opt::<Int64Type>()
-                    .ok_or_else(|| Error::Usage("plan returned no profile_idx".into()))?;
-                let pid = b
-                    .column(1)
-                    .as_string_opt::<i32>()
-                    .ok_or_else(|| Error::Usage("plan returned no profile_id".into()))?;
-                for r in 0..b.num_rows() {
-                    if idx.is_valid(r) && pid.is_valid(r) {
-                        out.insert(pid.value(r).to_string(), Some(idx.value(r)));
-                    }
-                }
-            }
-            Level::Accounts => {
-                let acc = arrow::compute::cast(b.column(0), &DataType::Utf8)?;
-                let acc = acc.as_string::<i32>();
-                for r in 0..b.num_rows() {
-                    if acc.is_valid(r) {
-                        out.insert(acc.value(r).to_string(), None);
-                    }
-                }
-            }
-        }
-    }
-    Ok(out)
-}
-
 /// Commit an entry to the memberships log, retrying only when the winner touched other keys.
 async fn commit_version(
     store: &Store,
@@ -464,39 +381,6 @@ async fn commit_version(
         draft.info["rebased"] = serde_json::json!(true);
     }
     Err(log.conflict_error())
-}
-
-/// Register the current members of `key` as `__members_<key>` (for audience references):
-/// a `profile_idx` column, or `account_id` for account audiences.
-pub(crate) fn register_members(
-    ctx: &SessionContext,
-    key: &str,
-    members: &Members,
-    level: Level,
-) -> Result<()> {
-    let (schema, col): (_, arrow::array::ArrayRef) = match level {
-        Level::Users => (
-            Schema::new(vec![Field::new("profile_idx", DataType::Int64, false)]),
-            Arc::new(Int64Array::from_iter_values(
-                members.values().flatten().copied(),
-            )),
-        ),
-        Level::Accounts => (
-            Schema::new(vec![Field::new("account_id", DataType::Utf8, false)]),
-            Arc::new(StringArray::from_iter_values(
-                members.keys().map(String::as_str),
-            )),
-        ),
-    };
-    let schema = Arc::new(schema);
-    let batch = RecordBatch::try_new(Arc::clone(&schema), vec![col])?;
-    let name = format!("__members_{key}");
-    let _ = ctx.deregister_table(name.as_str());
-    ctx.register_table(
-        name.as_str(),
-        Arc::new(MemTable::try_new(schema, vec![vec![batch]])?),
-    )?;
-    Ok(())
 }
 
 /// Compute `keys` (all live definitions when empty, plus whatever they depend on) at `as_of`.
@@ -586,9 +470,9 @@ pub async fn compute_with_progress(
     }
     for (k, s) in &defs {
         if s.file.kind == Kind::Audience && !wanted.contains(k) && referenced.contains(k) {
-            let m = current_members(store, latest.get(k)).await?;
-            let m: Members = m.into_iter().map(|(k, (i, _))| (k, i)).collect();
-            register_members(&ctx, k, &m, s.file.level)?;
+            MemberSet::read_opt(store, latest.get(k), s.file.level)
+                .await?
+                .register(&ctx, k, s.file.level)?;
         }
     }
     let mut reports = Vec::new();
@@ -606,9 +490,9 @@ pub async fn compute_with_progress(
             && prev.is_some_and(|p| p.inputs.as_deref() == Some(inputs_id.as_str()))
         {
             if stored.file.kind == Kind::Audience {
-                let m = current_members(store, prev).await?;
-                let m: Members = m.into_iter().map(|(k, (i, _))| (k, i)).collect();
-                register_members(&ctx, key, &m, stored.file.level)?;
+                MemberSet::read_opt(store, prev, stored.file.level)
+                    .await?
+                    .register(&ctx, key, stored.file.level)?;
             }
             tracing::debug!(key = %key, "dependency current: reused");
             continue;
@@ -636,20 +520,20 @@ pub async fn compute_with_progress(
                 let batches = collect_traced(key, plan.frame).await.map_err(fail)?;
                 tracing::debug!(key = %key, millis = t.elapsed().as_millis() as u64, "evaluated");
                 let level = plan.level;
-                let members = members_of(&batches, level)?;
-                let old = current_members(store, prev).await?;
-                let (adds, entered, exited) =
-                    audience_files(store, space, key, version, as_of, level, &members, &old)
-                        .await?;
-                let n = members.len();
-                register_members(&ctx, key, &members, level)?;
+                let fresh = MemberSet::evaluated(&batches, level)?;
+                let old = MemberSet::read_opt(store, prev, level).await?;
+                let next = old.next(&fresh, &Replace::All, as_of)?;
+                let adds = audience_files(store, space, key, version, as_of, &next).await?;
+                let (n, entered, exited) =
+                    (next.members.len(), next.entered.len(), next.exited.len());
+                next.members.register(&ctx, key, level)?;
                 let report = KeyReport {
                     key: key.clone(),
                     kind: "audience".into(),
                     version,
                     size: n as u64,
-                    entered: entered.len() as u64,
-                    exited: exited.len() as u64,
+                    entered: entered as u64,
+                    exited: exited as u64,
                     millis: 0,
                 };
                 (adds, report)
@@ -717,51 +601,25 @@ pub async fn compute_with_progress(
     Ok(reports)
 }
 
-/// Write the members and changes files of a new audience version; returns them with the
-/// entered and exited members.
-#[allow(clippy::too_many_arguments)]
+/// Write the members and changes files of audience version `next`.
 pub(crate) async fn audience_files(
     store: &Store,
     space: &Space,
     key: &str,
     version: u64,
     as_of: i64,
-    level: Level,
-    members: &Members,
-    old: &OldMembers,
-) -> Result<(
-    Vec<FileAdd>,
-    Vec<(String, Option<i64>)>,
-    Vec<(String, Option<i64>)>,
-)> {
-    let mut entered: Vec<(String, Option<i64>)> = Vec::new();
-    let mut exited: Vec<(String, Option<i64>)> = Vec::new();
-    for (k, idx) in members {
-        if !old.contains_key(k) {
-            entered.push((k.clone(), *idx));
-        }
-    }
-    let now: hashbrown::HashSet<&str> = members.keys().map(String::as_str).collect();
-    for (k, (idx, _)) in old {
-        if !now.contains(k.as_str()) {
-            exited.push((k.clone(), *idx));
-        }
-    }
-    exited.sort();
-    let n = members.len();
-    let (pids, accs) = member_columns(members.keys().map(String::as_str), level);
+    next: &members::Next,
+) -> Result<Vec<FileAdd>> {
+    let m = &next.members;
+    let n = m.len();
+    let (pids, accs) = m.key_columns();
     let mb = RecordBatch::try_new(
         schema("members"),
         vec![
             Arc::new(StringArray::from_iter_values(std::iter::repeat_n(key, n))),
             pids,
-            Arc::new(Int64Array::from_iter(members.values().copied())),
-            ts_array(
-                members
-                    .keys()
-                    .map(|k| old.get(k).map_or(as_of, |(_, t)| *t))
-                    .collect(),
-            ),
+            Arc::new(Int64Array::from(m.idx.clone())),
+            Arc::new(m.entered.clone()),
             ts_array(vec![as_of; n]),
             Arc::new(Int64Array::from_iter_values(std::iter::repeat_n(
                 version as i64,
@@ -770,32 +628,31 @@ pub(crate) async fn audience_files(
             accs,
         ],
     )?;
-    let changes: Vec<(&str, Option<i64>, &str)> = entered
-        .iter()
-        .map(|(k, i)| (k.as_str(), *i, "entered"))
-        .chain(exited.iter().map(|(k, i)| (k.as_str(), *i, "exited")))
-        .collect();
-    let c = changes.len();
-    let (pids, accs) = member_columns(changes.iter().map(|x| x.0), level);
+    let (e, x) = (&next.entered, &next.exited);
+    let c = e.len() + x.len();
+    let ((ep, ea), (xp, xa)) = (e.key_columns(), x.key_columns());
     let cb = RecordBatch::try_new(
         schema("changes"),
         vec![
             Arc::new(StringArray::from_iter_values(std::iter::repeat_n(key, c))),
-            pids,
-            Arc::new(Int64Array::from_iter(changes.iter().map(|x| x.1))),
-            Arc::new(StringArray::from_iter_values(changes.iter().map(|x| x.2))),
+            arrow::compute::concat(&[ep.as_ref(), xp.as_ref()])?,
+            Arc::new(Int64Array::from_iter(e.idx.iter().chain(&x.idx).copied())),
+            Arc::new(StringArray::from_iter_values(
+                std::iter::repeat_n("entered", e.len())
+                    .chain(std::iter::repeat_n("exited", x.len())),
+            )),
             Arc::new(Int64Array::from_iter_values(std::iter::repeat_n(
                 version as i64,
                 c,
             ))),
             ts_array(vec![as_of; c]),
-            accs,
+            arrow::compute::concat(&[ea.as_ref(), xa.as_ref()])?,
         ],
     )?;
     let members_file = put_batch(store, space, "members", &mb).await?;
     crate::fault::hit("during_changes");
     let changes_file = put_batch(store, space, "changes", &cb).await?;
-    Ok((vec![members_file, changes_file], entered, exited))
+    Ok(vec![members_file, changes_file])
 }
 
 /// Build a trait-values batch from a compiled trait's output (`profile_idx, profile_id` or
@@ -878,8 +735,7 @@ pub(crate) fn trait_batch(
         }
     }
     let n = idx.len();
-    let who = who.finish();
-    let (pids, accs) = member_columns(who.iter().flatten(), level);
+    let (pids, accs) = key_columns(Arc::new(who.finish()), level == Level::Accounts);
     Ok(RecordBatch::try_new(
         schema("trait_values"),
         vec![

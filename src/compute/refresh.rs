@@ -43,10 +43,10 @@ use datafusion::logical_expr::Expr;
 use datafusion::prelude::{SessionContext, col, lit};
 use serde::Serialize;
 
+use super::members::{MemberSet, Replace};
 use super::{
-    Basis, MEMBERSHIPS, Members, VersionRef, audience_files, bases, conform, current_members,
-    members_of, put_batch, read_file, register_members, register_trait_values, trait_batch,
-    versions,
+    Basis, MEMBERSHIPS, VersionRef, audience_files, bases, conform, put_batch, read_file,
+    register_trait_values, trait_batch, versions,
 };
 use crate::definitions::{self, Stored};
 use crate::error::{Error, Result};
@@ -1293,48 +1293,25 @@ pub async fn refresh(
                 let level = plan.level;
                 let batches = super::collect_traced(key, plan.frame).await.map_err(fail)?;
                 let eval_ms = t.elapsed().as_millis() as u64;
-                let fresh = members_of(&batches, level)?;
-                let old = current_members(store, prev).await?;
+                let fresh = MemberSet::evaluated(&batches, level)?;
+                let old = MemberSet::read_opt(store, prev, level).await?;
                 let old_ms = t.elapsed().as_millis() as u64;
-                let members: Members = if incremental {
-                    old.iter()
-                        .filter(|(k, (idx, _))| match &accounts {
-                            Some(a) => !a.contains(*k),
-                            None => idx.is_none_or(|i| !affected.contains(&i)),
-                        })
-                        .map(|(k, (i, _))| (k.clone(), *i))
-                        .chain(fresh)
-                        .collect()
-                } else {
-                    fresh
+                let replace = match (&accounts, incremental) {
+                    (_, false) => Replace::All,
+                    (Some(a), true) => Replace::Accounts(a),
+                    (None, true) => Replace::Profiles(&affected),
                 };
-                let (mut entered, mut exited) = (0, 0);
-                let mut ch = HashSet::new();
-                for (k, i) in &members {
-                    if !old.contains_key(k) {
-                        entered += 1;
-                        ch.extend(*i);
-                    }
-                }
-                let now: hashbrown::HashSet<&str> = members.keys().map(String::as_str).collect();
-                for (k, (i, _)) in &old {
-                    if !now.contains(k.as_str()) {
-                        exited += 1;
-                        ch.extend(*i);
-                    }
-                }
+                let next = old.next(&fresh, &replace, as_of)?;
+                let (entered, exited) = (next.entered.len(), next.exited.len());
                 has_changes = entered + exited > 0;
-                changed.insert(key.clone(), ch);
-                register_members(&ctx, key, &members, level)?;
-                report.size = members.len() as u64;
+                changed.insert(key.clone(), next.changed_profiles());
+                next.members.register(&ctx, key, level)?;
+                report.size = next.members.len() as u64;
                 report.entered = entered as u64;
                 report.exited = exited as u64;
                 let diff_ms = t.elapsed().as_millis() as u64;
                 if has_changes || must_version {
-                    let (f, _, _) =
-                        audience_files(store, space, key, version, as_of, level, &members, &old)
-                            .await?;
-                    files = f;
+                    files = audience_files(store, space, key, version, as_of, &next).await?;
                 }
                 tracing::debug!(key = %key, restrict_ms, eval_ms, old_ms, diff_ms, written_ms = t.elapsed().as_millis() as u64, "audience phases (ms since the key started)");
             }
