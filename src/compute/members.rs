@@ -18,6 +18,7 @@ use arrow::datatypes::{DataType, Field, Int64Type, Schema, TimestampMicrosecondT
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 
+use super::bits::Bits;
 use super::{VersionRef, conform, read_file_parallel, schema};
 use crate::error::{Error, Result};
 use crate::lang::definition::Level;
@@ -256,19 +257,10 @@ impl MemberSet {
         match replace {
             Replace::All => vec![true; self.len()],
             Replace::Profiles(set) => {
-                // a bitmap of the set: one probe per member instead of a hash lookup
-                let max = set.iter().copied().max().unwrap_or(-1);
-                let mut bits = vec![0u64; usize::try_from(max + 1).unwrap_or(0).div_ceil(64)];
-                for i in set.iter().filter_map(|i| usize::try_from(*i).ok()) {
-                    bits[i / 64] |= 1 << (i % 64);
-                }
+                let bits = Bits::of(set.iter().copied());
                 self.idx
                     .iter()
-                    .map(|i| {
-                        i.and_then(|i| usize::try_from(i).ok())
-                            .and_then(|i| bits.get(i / 64).map(|w| w >> (i % 64) & 1 == 1))
-                            .unwrap_or(false)
-                    })
+                    .map(|i| i.is_some_and(|i| bits.contains(i)))
                     .collect()
             }
             Replace::Accounts(set) => self

@@ -6,6 +6,7 @@
 //! audience version; replaced by the next version), `changes` (entered/exited of one version;
 //! kept), `trait_values` (a computed trait version; replaced by the next).
 
+pub(crate) mod bits;
 pub mod lifecycle;
 pub(crate) mod members;
 pub mod refresh;

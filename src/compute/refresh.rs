@@ -39,10 +39,13 @@ use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
 use datafusion::common::JoinType;
 use datafusion::dataframe::DataFrame;
 use datafusion::datasource::MemTable;
-use datafusion::logical_expr::Expr;
+use datafusion::logical_expr::{
+    ColumnarValue, Expr, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+};
 use datafusion::prelude::{SessionContext, col, lit};
 use serde::Serialize;
 
+use super::bits::Bits;
 use super::members::{MemberSet, Replace};
 use super::{
     Basis, MEMBERSHIPS, VersionRef, audience_files, bases, conform, put_batch, read_file,
@@ -284,24 +287,11 @@ impl KeyMap {
     /// The identity keys of `profiles` with their profile, in key order: one pass over the
     /// index with a bitmap of the profiles.
     fn keys_of(&self, profiles: &HashSet<i64>) -> (Vec<i64>, Vec<i64>) {
-        let n = self.profiles;
-        let mut bits = vec![0u64; n.div_ceil(64)];
-        for p in profiles.iter().filter_map(|p| usize::try_from(*p).ok()) {
-            if p < n {
-                bits[p / 64] |= 1 << (p % 64);
-            }
-        }
-        let (mut ks, mut out) = (Vec::new(), Vec::new());
-        for (k, p) in self.index.pairs() {
-            if let Ok(i) = usize::try_from(p)
-                && i < n
-                && bits[i / 64] & (1 << (i % 64)) != 0
-            {
-                ks.push(k);
-                out.push(p);
-            }
-        }
-        (ks, out)
+        let bits = Bits::of(profiles.iter().copied());
+        self.index
+            .pairs()
+            .filter(|(_, p)| bits.contains(*p))
+            .unzip()
     }
 }
 
@@ -754,6 +744,106 @@ fn kind_and_time(e: Expr) -> Expr {
     }
 }
 
+/// `__in_keys(identity_key)`: whether an identity key is in a fixed sorted set. Event files are
+/// sorted by kind and identity key, so the keys of a batch come in ascending runs: a key equal
+/// to the previous row's reuses its answer, a greater one is found by a galloping search
+/// forward from the last position. The shared read filters with it instead of joining with the
+/// keys (which had the scanned rows repartitioned by key hash and gathered again).
+#[derive(Debug)]
+struct InKeys {
+    /// Sorted, unique.
+    keys: Arc<Vec<i64>>,
+    signature: Signature,
+}
+
+impl InKeys {
+    fn new(keys: Vec<i64>) -> InKeys {
+        debug_assert!(keys.windows(2).all(|w| w[0] < w[1]));
+        InKeys {
+            keys: Arc::new(keys),
+            signature: Signature::exact(vec![DataType::Int64], Volatility::Immutable),
+        }
+    }
+
+    /// The first position of a key not below `k`, searching from `pos` (the answer for the
+    /// previous key) forward when `k` is greater than every key before `pos`, else from the
+    /// start.
+    fn seek(&self, pos: usize, k: i64) -> usize {
+        let keys = &self.keys[..];
+        if pos > 0 && keys[pos - 1] >= k {
+            return keys.partition_point(|x| *x < k);
+        }
+        let (mut lo, mut step) = (pos, 1);
+        let mut hi = lo + 1;
+        while hi <= keys.len() && keys[hi - 1] < k {
+            lo = hi;
+            step *= 2;
+            hi = lo + step;
+        }
+        let hi = hi.min(keys.len());
+        lo + keys[lo..hi].partition_point(|x| *x < k)
+    }
+
+    fn contains_all(&self, column: &Int64Array) -> arrow::buffer::BooleanBuffer {
+        let (mut pos, mut last): (usize, Option<(i64, bool)>) = (0, None);
+        arrow::buffer::BooleanBuffer::collect_bool(column.len(), |i| {
+            if column.is_null(i) {
+                return false;
+            }
+            let k = column.value(i);
+            match last {
+                Some((l, hit)) if l == k => hit,
+                _ => {
+                    pos = self.seek(pos, k);
+                    let hit = self.keys.get(pos) == Some(&k);
+                    last = Some((k, hit));
+                    hit
+                }
+            }
+        })
+    }
+}
+
+// One set per instance: equal when it is the same set.
+impl PartialEq for InKeys {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.keys, &other.keys)
+    }
+}
+
+impl Eq for InKeys {}
+
+impl std::hash::Hash for InKeys {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        Arc::as_ptr(&self.keys).hash(state);
+    }
+}
+
+impl ScalarUDFImpl for InKeys {
+    fn name(&self) -> &str {
+        "__in_keys"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _: &[DataType]) -> datafusion::error::Result<DataType> {
+        Ok(DataType::Boolean)
+    }
+
+    fn invoke_with_args(
+        &self,
+        args: ScalarFunctionArgs,
+    ) -> datafusion::error::Result<ColumnarValue> {
+        let keys = args.args[0].to_array(args.number_rows)?;
+        let found = self.contains_all(keys.as_primitive::<Int64Type>());
+        Ok(ColumnarValue::Array(Arc::new(
+            arrow::array::BooleanArray::new(found, None),
+        )))
+    }
+}
+
 /// A column of `n` rows standing in for one no shared plan reads (None: no stand-in for its
 /// type; the column is read).
 fn stand_in(field: &Field, n: usize) -> Option<arrow::array::ArrayRef> {
@@ -849,14 +939,9 @@ async fn share_events(
         "plans compiled to see the events they read"
     );
     columns.insert("identity_key".into());
-    let (ks, _) = keymap.keys_of(&profiles);
-    let kschema = Arc::new(Schema::new(vec![Field::new(
-        "__key",
-        DataType::Int64,
-        false,
-    )]));
-    let kbatch = RecordBatch::try_new(Arc::clone(&kschema), vec![Arc::new(Int64Array::from(ks))])?;
-    register_batch(ctx, "__shared_keys", kschema, kbatch)?;
+    // in key order: the index's order
+    let (identity_keys, _) = keymap.keys_of(&profiles);
+    let in_keys = ScalarUDF::new_from_impl(InKeys::new(identity_keys));
     let raw = ctx.table("events_raw").await?;
     let rows_filter = match rows.into_iter().reduce(Expr::or) {
         Some(any) => crate::tables::kind_in_lists(&any)
@@ -871,17 +956,10 @@ async fn share_events(
         .filter(|f| columns.contains(f.name()) || stand_in(f, 0).is_none())
         .map(|f| col(datafusion::common::Column::new_unqualified(f.name())))
         .collect();
-    let events = ctx
-        .table("__shared_keys")
-        .await?
-        .join(
-            raw.filter(rows_filter)?.select(read)?,
-            JoinType::Inner,
-            &["__key"],
-            &["identity_key"],
-            None,
-        )?
-        .drop_columns(&["__key"])?;
+    // the key test first: the kind and time conditions then see only the rows it keeps
+    let events = raw
+        .filter(in_keys.call(vec![col("identity_key")]).and(rows_filter))?
+        .select(read)?;
     let schema = Arc::new(schema);
     let parts = ctx.state().config().target_partitions().max(1);
     let mut partitions: Vec<Vec<RecordBatch>> = vec![Vec::new(); parts];
@@ -1484,6 +1562,42 @@ pub async fn refresh(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_set_agrees_with_a_hash_set_on_runs_of_keys() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        for round in 0..50 {
+            let mut keys: Vec<i64> = (0..rng.random_range(0..400))
+                .map(|_| rng.random_range(-500..5000i64) * 7919)
+                .collect();
+            keys.sort_unstable();
+            keys.dedup();
+            let set: HashSet<i64> = keys.iter().copied().collect();
+            let f = InKeys::new(keys.clone());
+            // a batch as event files hold them: ascending runs with repeats, a null, a restart
+            let mut col: Vec<Option<i64>> = Vec::new();
+            for _ in 0..rng.random_range(1..4) {
+                let mut run: Vec<i64> = (0..rng.random_range(0..300))
+                    .map(|_| match rng.random_bool(0.5) {
+                        true if !keys.is_empty() => keys[rng.random_range(0..keys.len())],
+                        _ => rng.random_range(-600..5100i64) * 7919 + rng.random_range(0..2),
+                    })
+                    .collect();
+                run.sort_unstable();
+                col.extend(run.into_iter().flat_map(|k| [Some(k); 2]));
+                col.push(None);
+            }
+            let got = f.contains_all(&Int64Array::from(col.clone()));
+            for (i, k) in col.iter().enumerate() {
+                assert_eq!(
+                    got.value(i),
+                    k.is_some_and(|k| set.contains(&k)),
+                    "round {round} row {i}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn keys_of_profiles_agree_with_a_scan_of_the_map() {
