@@ -195,7 +195,7 @@ pub(crate) async fn register_references(
         match s.file.kind {
             Kind::ComputedTrait => {
                 if let Some(v) = latest.get(k) {
-                    let b = super::read_file(store, &v.data).await?;
+                    let b = super::read_file_parallel(store, &v.data).await?;
                     values.insert(
                         k.clone(),
                         b.iter()

@@ -1399,13 +1399,16 @@ pub async fn refresh(
                 let fresh =
                     trait_batch(key, version, as_of, &batches, plan.level, plan.json_value)?;
                 let eval_ms = t.elapsed().as_millis() as u64;
-                let old: Vec<RecordBatch> = match prev {
-                    Some(p) => read_file(store, &p.data)
+                let old: Vec<RecordBatch> = match (prev, trait_values.get(key)) {
+                    // a trait other definitions read: its version `prev` was read with the
+                    // session (and is replaced only below)
+                    (Some(_), Some(current)) => current.clone(),
+                    (Some(p), None) => super::read_file_parallel(store, &p.data)
                         .await?
                         .iter()
                         .map(|b| conform(b, "trait_values"))
                         .collect::<Result<_>>()?,
-                    None => Vec::new(),
+                    (None, _) => Vec::new(),
                 };
                 let old_ms = t.elapsed().as_millis() as u64;
                 let mut all = Vec::new();
