@@ -1,5 +1,26 @@
-//! A set of small non-negative integers (profile indexes, identity keys: both dense) as a
-//! bitmap: one probe per lookup instead of a hash, for the per-row tests of a refresh.
+//! The per-row tests of a refresh: a set of small non-negative integers (dense profile
+//! indexes) as a bitmap, one probe per lookup instead of a hash; and a galloping search of a
+//! sorted sequence, cheap when the answer is near the last one.
+
+/// The first position at or after `from` (and at most `len`) whose element is not below the
+/// target, in a sequence of `len` elements sorted so that `below` holds for a prefix: probes
+/// 1, 2, 4, ... ahead of `from`, then a binary search of the last step.
+pub(crate) fn gallop(from: usize, len: usize, below: impl Fn(usize) -> bool) -> usize {
+    let mut bound = 1;
+    while from + bound <= len && below(from + bound - 1) {
+        bound *= 2;
+    }
+    let (mut lo, mut hi) = (from + bound / 2, (from + bound).min(len));
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if below(mid) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
 
 /// The set; negative values are never in it.
 #[derive(Debug, Clone, Default)]
@@ -34,7 +55,23 @@ impl Bits {
 
 #[cfg(test)]
 mod tests {
-    use super::Bits;
+    use super::{Bits, gallop};
+
+    #[test]
+    fn gallop_finds_the_first_element_not_below() {
+        let v: Vec<i64> = vec![1, 3, 3, 5, 8, 13, 21, 34, 55, 89];
+        for from in 0..=v.len() {
+            for t in 0..100 {
+                let want = from + v[from..].partition_point(|x| *x < t);
+                assert_eq!(
+                    gallop(from, v.len(), |i| v[i] < t),
+                    want,
+                    "from {from} target {t}"
+                );
+            }
+        }
+        assert_eq!(gallop(0, 0, |_| true), 0);
+    }
 
     #[test]
     fn holds_what_was_inserted() {

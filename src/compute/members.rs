@@ -18,7 +18,7 @@ use arrow::datatypes::{DataType, Field, Int64Type, Schema, TimestampMicrosecondT
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 
-use super::bits::Bits;
+use super::bits::{Bits, gallop};
 use super::{VersionRef, conform, read_file_parallel, schema};
 use crate::error::{Error, Result};
 use crate::lang::definition::Level;
@@ -274,21 +274,7 @@ impl MemberSet {
     /// The first row at or after `from` whose key is not below `target` (a galloping search:
     /// cheap when it is near, as for a fresh member among those of a full evaluation).
     fn seek(&self, from: usize, target: &str) -> usize {
-        let n = self.len();
-        let mut bound = 1;
-        while from + bound <= n && self.keys.value(from + bound - 1) < target {
-            bound *= 2;
-        }
-        let (mut lo, mut hi) = (from + bound / 2, (from + bound).min(n));
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            if self.keys.value(mid) < target {
-                lo = mid + 1;
-            } else {
-                hi = mid;
-            }
-        }
-        lo
+        gallop(from, self.len(), |r| self.keys.value(r) < target)
     }
 
     /// The next version: the previous members (`self`) that `replace` does not name, and the

@@ -45,7 +45,7 @@ use datafusion::logical_expr::{
 use datafusion::prelude::{SessionContext, col, lit};
 use serde::Serialize;
 
-use super::bits::Bits;
+use super::bits::{Bits, gallop};
 use super::members::{MemberSet, Replace};
 use super::{
     Basis, MEMBERSHIPS, VersionRef, audience_files, bases, conform, put_batch, read_file,
@@ -770,18 +770,12 @@ impl InKeys {
     /// start.
     fn seek(&self, pos: usize, k: i64) -> usize {
         let keys = &self.keys[..];
-        if pos > 0 && keys[pos - 1] >= k {
-            return keys.partition_point(|x| *x < k);
-        }
-        let (mut lo, mut step) = (pos, 1);
-        let mut hi = lo + 1;
-        while hi <= keys.len() && keys[hi - 1] < k {
-            lo = hi;
-            step *= 2;
-            hi = lo + step;
-        }
-        let hi = hi.min(keys.len());
-        lo + keys[lo..hi].partition_point(|x| *x < k)
+        let from = if pos > 0 && keys[pos - 1] >= k {
+            0
+        } else {
+            pos
+        };
+        gallop(from, keys.len(), |i| keys[i] < k)
     }
 
     fn contains_all(&self, column: &Int64Array) -> arrow::buffer::BooleanBuffer {
