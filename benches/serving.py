@@ -18,7 +18,7 @@ identities exported once to Parquet for the peers (`--members`, `--ids`).
 Usage: python3 benches/serving.py --store DIR --members m.parquet --ids ids.parquet [--key K]
        python3 benches/serving.py --events N   (sets up its own store first)
 """
-import argparse, json, os, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, random, statistics, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import audiences as suite  # noqa: E402  (starting the server)
@@ -48,31 +48,116 @@ def setup(a, work, env):
     rows = json.loads(subprocess.run([a.bin, "--store", a.store, "--json", "sql", "SELECT profile_id, id_type, id_value FROM identities"], check=True, capture_output=True, text=True, env=env).stdout)
     pq.write_table(pa.table({c: [r[c] for r in rows] for c in ("profile_id", "id_type", "id_value")}), a.ids)
 
+PROFILE_EVENT = ('{"type":"track","event":"Signed Up","userId":"user-%09d","messageId":"m-%09d",'
+                 '"timestamp":"2025-12-%02dT10:00:00Z","properties":{"plan":"free"}}\n')
+
+def setup_profiles(a, work, env):
+    """A fresh store of a.profiles known profiles with one track call each, and the audience of
+    all of them computed (a membership as long as the store has profiles)."""
+    a.store = os.path.join(work, "store")
+    src = os.path.join(work, "e.ndjson")
+    with open(src, "w", buffering=1 << 20) as f:
+        for i in range(a.profiles):
+            f.write(PROFILE_EVENT % (i, i, 1 + i % 28))
+    run = lambda *args: subprocess.run([a.bin, "--store", a.store] + list(args), check=True, env=env, stdout=subprocess.DEVNULL)
+    run("ingest", src, "--dead-letter", os.path.join(work, "dead"))
+    os.remove(src)
+    with open(os.path.join(work, "everyone.json"), "w") as f:
+        f.write(EVERYONE.replace("event(type: 'page').count() >= 0", "event('Signed Up').count() >= 1"))
+    run("audience", "create", os.path.join(work, "everyone.json"))
+    run("compute", "--as-of", "2026-01-01T00:00:00Z", a.key)
+
+def peer_main(path):
+    """`--peer FILE`: a pyarrow.flight server serving the batches of an Arrow IPC file."""
+    import pyarrow as pa, pyarrow.flight as fl
+    with pa.memory_map(path) as src:
+        table = pa.ipc.open_file(src).read_all()
+    class Peer(fl.FlightServerBase):
+        def get_flight_info(self, context, descriptor):
+            return fl.FlightInfo(table.schema, descriptor, [fl.FlightEndpoint(b"t", [])], table.num_rows, -1)
+        def do_get(self, context, ticket):
+            return fl.RecordBatchStream(table)
+    p = Peer("grpc://127.0.0.1:0")
+    print(p.port, flush=True)
+    p.serve()
+
+def cpu_seconds(pid):
+    """User plus system CPU time of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+def flight(a, work, env, members):
+    """Step 3: (ours median s, peer median s, cold s, ours CPU s/pull, peer CPU s/pull)."""
+    import pyarrow as pa, pyarrow.flight as fl
+    srv, loc = suite.serve(a.bin, a.store, env, "1h")
+    c = fl.FlightClient("grpc://" + loc)
+    desc = fl.FlightDescriptor.for_path("audiences", a.key)
+    def pull(client):
+        info = client.get_flight_info(desc)
+        return client.do_get(info.endpoints[0].ticket).read_all()
+    t = time.perf_counter(); table = pull(c); cold = time.perf_counter() - t
+    assert members is None or table.num_rows == members, (table.num_rows, members)
+    batches = os.path.join(work, "batches.arrow")
+    with pa.ipc.new_file(batches, table.schema) as w:
+        for b in table.to_batches():  # the very batches our server sent
+            w.write_batch(b)
+    rows = table.num_rows
+    del table
+    peer = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--peer", batches], stdout=subprocess.PIPE, text=True, env=env)
+    pc = fl.FlightClient(f"grpc://127.0.0.1:{peer.stdout.readline().strip()}")
+    servers = [(c, srv.pid, [], [0.0]), (pc, peer.pid, [], [0.0])]
+    for client, _, _, _ in servers:
+        pull(client)
+    order = random.Random(7)
+    for _ in range(a.runs):
+        for client, pid, times, cpu in order.sample(servers, len(servers)):  # neither always first
+            c0 = cpu_seconds(pid)
+            t = time.perf_counter(); n = pull(client).num_rows; times.append(time.perf_counter() - t)
+            cpu[0] += cpu_seconds(pid) - c0
+            assert n == rows, (n, rows)
+    peer.kill(); peer.wait()
+    srv.terminate(); srv.wait()
+    (_, _, ours, ours_cpu), (_, _, theirs, theirs_cpu) = servers
+    return rows, statistics.median(ours), statistics.median(theirs), cold, ours_cpu[0] / a.runs, theirs_cpu[0] / a.runs
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--store")
     ap.add_argument("--members")
     ap.add_argument("--ids")
     ap.add_argument("--events", type=int, help="set up a fresh store of N generated events instead of --store/--members/--ids")
+    ap.add_argument("--profiles", type=int, help="set up a fresh store of N one-event profiles (see the usage)")
+    ap.add_argument("--flight-only", action="store_true", help="only step 3 (no --members/--ids needed)")
+    ap.add_argument("--peer", help=argparse.SUPPRESS)
     ap.add_argument("--key", default="everyone")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--bin", default=os.path.expanduser("~/.cache/audiences-target/release/audiences"))
     a = ap.parse_args()
+    if a.peer:
+        return peer_main(a.peer)
     import duckdb, csv
     import pyarrow.flight as fl
     env = dict(os.environ, TOKIO_WORKER_THREADS="2", RAYON_NUM_THREADS="2")
     work = tempfile.mkdtemp(prefix="audiences-serving-bench-")
-    if a.events:
+    if a.profiles:
+        if not a.flight_only:
+            sys.exit("--profiles sets up a store for --flight-only")
+        setup_profiles(a, work, env)
+    elif a.events:
         setup(a, work, env)
-    elif not (a.store and a.members and a.ids):
-        sys.exit("give --events N, or --store, --members and --ids")
+    elif not (a.store and (a.flight_only or (a.members and a.ids))):
+        sys.exit("give --events N, --profiles N --flight-only, or --store with --members and --ids (or --flight-only)")
+    rows = []
+    if a.flight_only:
+        flight_rows(rows, *flight(a, work, env, None))
+        return report(rows)
     con = duckdb.connect()
     con.execute("SET threads TO 2")
     con.execute(f"CREATE VIEW m AS SELECT * FROM read_parquet('{a.members}')")
     con.execute(f"CREATE VIEW ids AS SELECT * FROM read_parquet('{a.ids}')")
     members = con.execute("SELECT count(*) FROM m").fetchone()[0]
     out = os.path.join(work, "ours.csv")
-    rows = []
     # 1. formatted CSV
     ours = [timed([a.bin, "--store", a.store, "export", a.key, "--format", "formatted", "-o", out], env) for _ in range(a.runs)]
     n_ours = sum(1 for _ in open(out)) - 1
@@ -96,36 +181,20 @@ def main():
     assert hashed == theirs, (len(hashed), len(theirs))
     rows.append(("SHA-256 single export (rows)", len(hashed), statistics.median(ours), statistics.median(duck)))
     # 3. Flight do_get
-    srv, loc = suite.serve(a.bin, a.store, env, "1h")
-    c = fl.FlightClient("grpc://" + loc)
-    def pull(client, desc):
-        info = client.get_flight_info(desc)
-        return client.do_get(info.endpoints[0].ticket).read_all()
-    desc = fl.FlightDescriptor.for_path("audiences", a.key)
-    t = time.perf_counter(); table = pull(c, desc); cold = time.perf_counter() - t
-    ours = []
-    for _ in range(a.runs):
-        t = time.perf_counter(); n = pull(c, desc).num_rows; ours.append(time.perf_counter() - t)
-    class Peer(fl.FlightServerBase):
-        def get_flight_info(self, context, descriptor):
-            return fl.FlightInfo(table.schema, descriptor, [fl.FlightEndpoint(b"t", [])], table.num_rows, -1)
-        def do_get(self, context, ticket):
-            return fl.RecordBatchStream(table)
-    peer = Peer("grpc://127.0.0.1:0")
-    pc = fl.FlightClient(f"grpc://127.0.0.1:{peer.port}")
-    theirs = []
-    for _ in range(a.runs):
-        t = time.perf_counter(); m = pull(pc, desc).num_rows; theirs.append(time.perf_counter() - t)
-    assert n == m == members, (n, m, members)
-    peer.shutdown()
-    srv.terminate(); srv.wait()
-    rows.append(("Flight do_get", members, statistics.median(ours), statistics.median(theirs)))
-    rows.append(("Flight do_get, first after start (id index cold)", members, cold, statistics.median(theirs)))
-    print(f"\n| measure | rows | audiences s | peer s | ratio (peer / ours) |")
+    flight_rows(rows, *flight(a, work, env, members))
+    report(rows)
+    print(f"SHA-256 rows/s: ours {rows[1][1] / rows[1][2]:,.0f}, DuckDB {rows[1][1] / rows[1][3]:,.0f}")
+
+def flight_rows(rows, n, ours, theirs, cold, ours_cpu, theirs_cpu):
+    rows.append(("Flight do_get (pulls alternating)", n, ours, theirs))
+    rows.append(("Flight do_get, first after start (id index cold)", n, cold, theirs))
+    rows.append(("Flight do_get, server CPU per pull", n, ours_cpu, theirs_cpu))
+
+def report(rows):
+    print("\n| measure | rows | audiences s | peer s | ratio (peer / ours) |")
     print("|---|---:|---:|---:|---:|")
     for name, n, o, p in rows:
-        print(f"| {name} | {n:,} | {o:.2f} | {p:.2f} | {p / o:.2f}x |")
-    print(f"\nSHA-256 rows/s: ours {rows[1][1] / rows[1][2]:,.0f}, DuckDB {rows[1][1] / rows[1][3]:,.0f}")
+        print(f"| {name} | {n:,} | {o:.3f} | {p:.3f} | {p / o:.2f}x |")
 
 if __name__ == "__main__":
     main()
