@@ -194,7 +194,8 @@ def report(rows):
     print("\n| measure | rows | audiences s | peer s | ratio (peer / ours) |")
     print("|---|---:|---:|---:|---:|")
     for name, n, o, p in rows:
-        print(f"| {name} | {n:,} | {o:.3f} | {p:.3f} | {p / o:.2f}x |")
+        ratio = f"{p / o:.2f}x" if o > 0 else "n/a"  # CPU time comes in clock ticks (10 ms)
+        print(f"| {name} | {n:,} | {o:.3f} | {p:.3f} | {ratio} |")
 
 if __name__ == "__main__":
     main()
