@@ -10,13 +10,20 @@ identities exported once to Parquet for the peers (`--members`, `--ids`).
   2. SHA-256 single-column export: `audiences export KEY --format single --id-type email` against
      DuckDB `COPY (SELECT DISTINCT profile, sha256(lower(trim(email))) ...)`, as rows per second;
   3. Flight `do_get` of the audience from `audiences serve` against a pyarrow.flight server
-     serving the very same record batches from memory (what a plain Flight server costs); the
-     first pull after the server starts is reported apart (it builds the space's id index).
+     serving the very same record batches from memory (what a plain Flight server costs), in a
+     process of its own; pulls alternate between the two servers in a random order per round
+     (this machine's load drifts by tens of percent within a minute), and each server's CPU
+     time per pull is read from /proc. The first pull after our server starts is reported
+     apart (it builds the space's id index).
 
 2 threads everywhere, median of --runs, rows checked equal before timing.
 
 Usage: python3 benches/serving.py --store DIR --members m.parquet --ids ids.parquet [--key K]
        python3 benches/serving.py --events N   (sets up its own store first)
+       python3 benches/serving.py --store DIR --flight-only   (step 3 only)
+       python3 benches/serving.py --profiles N --flight-only
+           (a store of N known profiles with one event each, all of them members: Flight at
+           10M members without generating 200M events)
 """
 import argparse, json, os, random, statistics, subprocess, sys, tempfile, time
 
@@ -137,7 +144,6 @@ def main():
     if a.peer:
         return peer_main(a.peer)
     import duckdb, csv
-    import pyarrow.flight as fl
     env = dict(os.environ, TOKIO_WORKER_THREADS="2", RAYON_NUM_THREADS="2")
     work = tempfile.mkdtemp(prefix="audiences-serving-bench-")
     if a.profiles:
