@@ -155,11 +155,12 @@ print(json.dumps(sorted(next(iter(json.loads(l).values())) for l in out.splitlin
 def num(v, fmt, suffix=""):
     return "nan".rjust(len(format(0.0, fmt)) + len(suffix)) if v != v else format(v, fmt) + suffix
 
-def serve(bin, store, env, refresh_interval):
-    """Start `audiences serve` (no auth, free ports) on `store`: (process, flight host:port)."""
+def serve(bin, store, env, refresh_interval, extra=()):
+    """Start `audiences serve` (no auth, free ports, `extra` options) on `store`: (process,
+    flight host:port)."""
     import threading
     srv = subprocess.Popen([bin, "--store", store, "serve", "--insecure-no-auth", "--flight", "127.0.0.1:0",
-                            "--http", "127.0.0.1:0", "--refresh-interval", refresh_interval], env=env,
+                            "--http", "127.0.0.1:0", "--refresh-interval", refresh_interval, *extra], env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     loc = None
     while loc is None:

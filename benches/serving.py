@@ -97,7 +97,7 @@ def cpu_seconds(pid):
 def flight(a, work, env, members):
     """Step 3: (ours median s, peer median s, cold s, ours CPU s/pull, peer CPU s/pull)."""
     import pyarrow as pa, pyarrow.flight as fl
-    srv, loc = suite.serve(a.bin, a.store, env, "1h")
+    srv, loc = suite.serve(a.bin, a.store, env, "1h", ["--serving-cache", a.serving_cache])
     c = fl.FlightClient("grpc://" + loc)
     desc = fl.FlightDescriptor.for_path("audiences", a.key)
     def pull(client):
@@ -137,6 +137,7 @@ def main():
     ap.add_argument("--profiles", type=int, help="set up a fresh store of N one-event profiles (see the usage)")
     ap.add_argument("--flight-only", action="store_true", help="only step 3 (no --members/--ids needed)")
     ap.add_argument("--peer", help=argparse.SUPPRESS)
+    ap.add_argument("--serving-cache", default="1GiB", help="the server's --serving-cache (it holds a pulled version's batches and its encoded messages: about twice the stream)")
     ap.add_argument("--key", default="everyone")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--bin", default=os.path.expanduser("~/.cache/audiences-target/release/audiences"))
