@@ -36,6 +36,8 @@ def timed(cmd, env):
     return time.perf_counter() - t
 
 EVERYONE = '{"key": "everyone", "kind": "audience", "include_anonymous": true, "definition": "event(type: \'page\').count() >= 0"}'
+# the same audience over stores of one-event profiles (setup_profiles)
+SIGNED_UP = '{"key": "everyone", "kind": "audience", "include_anonymous": true, "definition": "event(\'Signed Up\').count() >= 1"}'
 
 def setup(a, work, env):
     """A fresh store of a.events generated events with the audience of every profile computed,
@@ -70,7 +72,7 @@ def setup_profiles(a, work, env):
     run("ingest", src, "--dead-letter", os.path.join(work, "dead"))
     os.remove(src)
     with open(os.path.join(work, "everyone.json"), "w") as f:
-        f.write(EVERYONE.replace("event(type: 'page').count() >= 0", "event('Signed Up').count() >= 1"))
+        f.write(SIGNED_UP)
     run("audience", "create", os.path.join(work, "everyone.json"))
     run("compute", "--as-of", "2026-01-01T00:00:00Z", a.key)
 
@@ -94,8 +96,8 @@ def cpu_seconds(pid):
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-def flight(a, work, env, members):
-    """Step 3: (ours median s, peer median s, cold s, ours CPU s/pull, peer CPU s/pull)."""
+def flight(a, work, env, members, out):
+    """Step 3: appends its three rows (pull medians, the cold first pull, CPU per pull)."""
     import pyarrow as pa, pyarrow.flight as fl
     srv, loc = suite.serve(a.bin, a.store, env, "1h", ["--serving-cache", a.serving_cache])
     c = fl.FlightClient("grpc://" + loc)
@@ -109,7 +111,7 @@ def flight(a, work, env, members):
     with pa.ipc.new_file(batches, table.schema) as w:
         for b in table.to_batches():  # the very batches our server sent
             w.write_batch(b)
-    rows = table.num_rows
+    n_rows = table.num_rows
     del table
     peer = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--peer", batches], stdout=subprocess.PIPE, text=True, env=env)
     pc = fl.FlightClient(f"grpc://127.0.0.1:{peer.stdout.readline().strip()}")
@@ -122,11 +124,13 @@ def flight(a, work, env, members):
             c0 = cpu_seconds(pid)
             t = time.perf_counter(); n = pull(client).num_rows; times.append(time.perf_counter() - t)
             cpu[0] += cpu_seconds(pid) - c0
-            assert n == rows, (n, rows)
+            assert n == n_rows, (n, n_rows)
     peer.kill(); peer.wait()
     srv.terminate(); srv.wait()
     (_, _, ours, ours_cpu), (_, _, theirs, theirs_cpu) = servers
-    return rows, statistics.median(ours), statistics.median(theirs), cold, ours_cpu[0] / a.runs, theirs_cpu[0] / a.runs
+    out.append(("Flight do_get (pulls alternating)", n_rows, statistics.median(ours), statistics.median(theirs)))
+    out.append(("Flight do_get, first after start (id index cold)", n_rows, cold, statistics.median(theirs)))
+    out.append(("Flight do_get, server CPU per pull", n_rows, ours_cpu[0] / a.runs, theirs_cpu[0] / a.runs))
 
 def main():
     ap = argparse.ArgumentParser()
@@ -157,7 +161,7 @@ def main():
         sys.exit("give --events N, --profiles N --flight-only, or --store with --members and --ids (or --flight-only)")
     rows = []
     if a.flight_only:
-        flight_rows(rows, *flight(a, work, env, None))
+        flight(a, work, env, a.profiles, rows)  # every one-event profile is a member
         return report(rows)
     con = duckdb.connect()
     con.execute("SET threads TO 2")
@@ -188,14 +192,9 @@ def main():
     assert hashed == theirs, (len(hashed), len(theirs))
     rows.append(("SHA-256 single export (rows)", len(hashed), statistics.median(ours), statistics.median(duck)))
     # 3. Flight do_get
-    flight_rows(rows, *flight(a, work, env, members))
+    flight(a, work, env, members, rows)
     report(rows)
     print(f"SHA-256 rows/s: ours {rows[1][1] / rows[1][2]:,.0f}, DuckDB {rows[1][1] / rows[1][3]:,.0f}")
-
-def flight_rows(rows, n, ours, theirs, cold, ours_cpu, theirs_cpu):
-    rows.append(("Flight do_get (pulls alternating)", n, ours, theirs))
-    rows.append(("Flight do_get, first after start (id index cold)", n, cold, theirs))
-    rows.append(("Flight do_get, server CPU per pull", n, ours_cpu, theirs_cpu))
 
 def report(rows):
     print("\n| measure | rows | audiences s | peer s | ratio (peer / ours) |")
