@@ -135,7 +135,7 @@ pub async fn cached_membership_schema(
         return Ok(None);
     }
     let key = stream_key(store, space, v, cache).await?;
-    Ok(cache.stream(&key).map(|(schema, _)| schema))
+    Ok(cache.schema(&key))
 }
 
 /// The Flight messages of version `v`'s membership stream, as gRPC frames, when the server

@@ -31,17 +31,31 @@ struct Streams {
     held: HashMap<StreamKey, Held>,
 }
 
-/// One finished stream: its batches, and once a Flight client pulled it, the same batches as
-/// encoded Flight messages (so later pulls only send them); bytes held by both.
+/// One finished stream: its batches, or once a Flight client pulled it, the same rows as
+/// encoded Flight messages (so later pulls only send them) in their place: never both, a
+/// 10M-member stream is ~0.5 GB either way.
 #[derive(Debug)]
 struct Held {
     schema: SchemaRef,
-    batches: Arc<Vec<RecordBatch>>,
-    encoded: Option<Arc<Vec<bytes::Bytes>>>,
+    rows: Rows,
+    /// Bytes held by `rows`.
     size: usize,
 }
 
+/// The rows of a finished stream, in the form the server last needed.
+#[derive(Debug)]
+enum Rows {
+    Batches(Arc<Vec<RecordBatch>>),
+    Encoded(Arc<Vec<bytes::Bytes>>),
+}
+
 impl Streams {
+    /// Mark `key` as the most recently used.
+    fn touch(&mut self, key: &StreamKey) {
+        self.order.retain(|k| k != key);
+        self.order.push_back(key.clone());
+    }
+
     /// Evict the least recently used streams other than `keep` until `size` more bytes fit;
     /// false when they cannot.
     fn make_room(&mut self, size: usize, keep: &StreamKey) -> bool {
@@ -92,15 +106,20 @@ impl ServingCache {
         self.streams.lock().is_ok_and(|s| s.budget > 0)
     }
 
-    /// A finished stream, marked as recently used.
+    /// The schema of a finished stream, in whichever form it is kept.
+    pub(crate) fn schema(&self, key: &StreamKey) -> Option<SchemaRef> {
+        let s = self.streams.lock().ok()?;
+        s.held.get(key).map(|h| h.schema.clone())
+    }
+
+    /// A finished stream kept as batches (not yet encoded), marked as recently used.
     pub(crate) fn stream(&self, key: &StreamKey) -> Option<(SchemaRef, Arc<Vec<RecordBatch>>)> {
         let mut s = self.streams.lock().ok()?;
-        let hit = s
-            .held
-            .get(key)
-            .map(|h| (h.schema.clone(), Arc::clone(&h.batches)))?;
-        s.order.retain(|k| k != key);
-        s.order.push_back(key.clone());
+        let hit = s.held.get(key).and_then(|h| match &h.rows {
+            Rows::Batches(b) => Some((h.schema.clone(), Arc::clone(b))),
+            Rows::Encoded(_) => None,
+        })?;
+        s.touch(key);
         Some(hit)
     }
 
@@ -120,31 +139,47 @@ impl ServingCache {
             key,
             Held {
                 schema,
-                batches: Arc::new(batches),
-                encoded: None,
+                rows: Rows::Batches(Arc::new(batches)),
                 size,
             },
         );
     }
 
-    /// The Flight messages of a finished stream as gRPC frames, once encoded.
+    /// The Flight messages of a finished stream as gRPC frames, once encoded; marked as
+    /// recently used.
     pub(crate) fn encoded(&self, key: &StreamKey) -> Option<Arc<Vec<bytes::Bytes>>> {
-        let s = self.streams.lock().ok()?;
-        s.held.get(key).and_then(|h| h.encoded.clone())
+        let mut s = self.streams.lock().ok()?;
+        let hit = s.held.get(key).and_then(|h| match &h.rows {
+            Rows::Encoded(d) => Some(Arc::clone(d)),
+            Rows::Batches(_) => None,
+        })?;
+        s.touch(key);
+        Some(hit)
     }
 
-    /// Keep the Flight messages of a kept stream (when they fit the budget).
+    /// Keep the Flight messages of a stream kept as batches in place of its batches (when
+    /// they fit the budget; otherwise the batches stay).
     pub(crate) fn keep_encoded(&self, key: &StreamKey, data: Arc<Vec<bytes::Bytes>>) {
         let size: usize = data.iter().map(|d| d.len()).sum();
         let Ok(mut s) = self.streams.lock() else {
             return;
         };
-        if s.held.get(key).is_none_or(|h| h.encoded.is_some()) || !s.make_room(size, key) {
+        let old = match s.held.get(key) {
+            Some(Held {
+                rows: Rows::Batches(_),
+                size,
+                ..
+            }) => *size,
+            _ => return,
+        };
+        s.used -= old;
+        if !s.make_room(size, key) {
+            s.used += old;
             return;
         }
         if let Some(h) = s.held.get_mut(key) {
-            h.encoded = Some(data);
-            h.size += size;
+            h.rows = Rows::Encoded(data);
+            h.size = size;
             s.used += size;
         }
     }
@@ -213,14 +248,30 @@ mod tests {
         c.keep(key(4), s, b);
         assert!(c.stream(&key(4)).is_none() && c.stream(&key(1)).is_some());
         assert!(!ServingCache::default().keeps_streams());
-        // encoded messages count against the budget too, evicting others but not their stream
+        // encoded messages replace the batches, evicting others to fit but not their stream
         let msg = |n: usize| Arc::new(vec![bytes::Bytes::from(vec![0u8; n])]);
-        c.keep_encoded(&key(3), msg(one));
-        assert!(c.encoded(&key(3)).is_some());
+        let used = |c: &ServingCache| {
+            let s = c.streams.lock().unwrap();
+            assert_eq!(s.used, s.held.values().map(|h| h.size).sum::<usize>());
+            s.used
+        };
+        assert_eq!(used(&c), 2 * one);
+        c.keep_encoded(&key(3), msg(2 * one));
+        assert_eq!(c.encoded(&key(3)).unwrap()[0].len(), 2 * one);
+        assert!(c.stream(&key(3)).is_none(), "batches dropped once encoded");
+        assert!(c.schema(&key(3)).is_some());
         assert!(c.stream(&key(1)).is_none(), "evicted to make room");
+        assert_eq!(used(&c), 2 * one);
         c.keep_encoded(&key(3), msg(1)); // already encoded: kept as is
-        assert_eq!(c.encoded(&key(3)).unwrap()[0].len(), one);
+        assert_eq!(c.encoded(&key(3)).unwrap()[0].len(), 2 * one);
         c.keep_encoded(&key(9), msg(1)); // no such stream
         assert!(c.encoded(&key(9)).is_none());
+        // messages larger than the budget: the batches stay
+        let (s, b) = batch(1000);
+        c.keep(key(5), s, b);
+        assert!(c.stream(&key(5)).is_some());
+        c.keep_encoded(&key(5), msg(3 * one));
+        assert!(c.stream(&key(5)).is_some() && c.encoded(&key(5)).is_none());
+        assert!(used(&c) <= 2 * one + one / 2);
     }
 }
