@@ -141,7 +141,7 @@ def main():
     ap.add_argument("--profiles", type=int, help="set up a fresh store of N one-event profiles (see the usage)")
     ap.add_argument("--flight-only", action="store_true", help="only step 3 (no --members/--ids needed)")
     ap.add_argument("--peer", help=argparse.SUPPRESS)
-    ap.add_argument("--serving-cache", default="1GiB", help="the server's --serving-cache (it holds a pulled version's batches and its encoded messages: about twice the stream)")
+    ap.add_argument("--serving-cache", default="1GiB", help="the server's --serving-cache (it must hold the pulled version: ~0.5 GB at 10M members)")
     ap.add_argument("--key", default="everyone")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--bin", default=os.path.expanduser("~/.cache/audiences-target/release/audiences"))

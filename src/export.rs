@@ -131,50 +131,87 @@ pub async fn cached_membership_schema(
     v: &VersionRef,
     cache: &ServingCache,
 ) -> Result<Option<SchemaRef>> {
-    if !cache.keeps_streams() {
+    if cache.budget() == 0 {
         return Ok(None);
     }
     let key = stream_key(store, space, v, cache).await?;
     Ok(cache.schema(&key))
 }
 
-/// The Flight messages of version `v`'s membership stream, as gRPC frames, when the server
-/// keeps it finished: encoded on the first pull that finds the batches kept, then written as
-/// they are (None: the stream is not kept; build it with [`membership_stream`]).
+/// Version `v`'s membership stream as the gRPC frames of a `DoGet` response (each the 5-byte
+/// prefix and the protobuf encoding of one Flight message).
+pub enum MembershipFrames {
+    /// Kept by the server from an earlier pull: written as they are.
+    Kept(Arc<Vec<bytes::Bytes>>),
+    /// Built and encoded as the client reads; kept once read to the end when the server keeps
+    /// streams and the whole stream fits its budget.
+    Streamed(BoxStream<'static, Result<bytes::Bytes>>),
+}
+
+/// Version `v`'s membership stream as gRPC frames (see [`MembershipFrames`]): what the
+/// server's `DoGet` of an audience writes. Encoding the messages here rather than through
+/// tonic's codec saves copying each into the codec's buffer, and lets the server keep the
+/// frames of the first pull for the next ones.
 pub async fn membership_frames(
     store: &Store,
     space: &Space,
     v: &VersionRef,
-    cache: &ServingCache,
-) -> Result<Option<Arc<Vec<bytes::Bytes>>>> {
-    use futures::TryStreamExt;
-    if !cache.keeps_streams() {
-        return Ok(None);
-    }
+    cache: &Arc<ServingCache>,
+) -> Result<MembershipFrames> {
+    use arrow_flight::error::FlightError;
     let key = stream_key(store, space, v, cache).await?;
-    if let Some(d) = cache.encoded(&key) {
-        return Ok(Some(d));
+    if let Some(d) = cache.frames(&key) {
+        return Ok(MembershipFrames::Kept(d));
     }
-    let Some((schema, batches)) = cache.stream(&key) else {
-        return Ok(None);
-    };
-    // Each batch in buffers of its own: the encoder sizes a batch by the buffers its arrays
-    // reference, and slices of shared buffers made it cut every batch into ~8 small messages.
-    let batches: Vec<std::result::Result<RecordBatch, arrow_flight::error::FlightError>> = batches
-        .iter()
-        .map(|b| for_flight(b.clone()).map_err(arrow_flight::error::FlightError::Arrow))
-        .collect();
-    let batches = futures::stream::iter(batches);
-    let data: Vec<arrow_flight::FlightData> = arrow_flight::encode::FlightDataEncoderBuilder::new()
-        .with_schema(schema)
+    let (schema, batches, key) = build_membership(store, space, v, cache, key).await?;
+    let batches = batches.map(|b| {
+        b.and_then(|b| Ok(for_flight(b)?))
+            .map_err(|e| FlightError::ExternalError(Box::new(e)))
+    });
+    let frames = arrow_flight::encode::FlightDataEncoderBuilder::new()
+        .with_schema(Arc::clone(&schema))
         .build(batches)
-        .try_collect()
-        .await
-        .map_err(|e| Error::Usage(format!("encoding the membership stream: {e}")))?;
-    let frames = crate::server::frames::grpc_frames(&data).map_err(Error::Usage)?;
-    let frames = Arc::new(frames);
-    cache.keep_encoded(&key, Arc::clone(&frames));
-    Ok(Some(frames))
+        .map(|d| {
+            let d = d.map_err(|e| Error::Usage(format!("encoding the membership stream: {e}")))?;
+            crate::server::frames::grpc_frame(&d).map_err(Error::Usage)
+        });
+    let budget = cache.budget();
+    if budget == 0 {
+        return Ok(MembershipFrames::Streamed(frames.boxed()));
+    }
+    // keep the frames once a client has read all of them (and while they fit the budget)
+    let cache = Arc::clone(cache);
+    let mut kept = Some((Vec::new(), 0usize));
+    let frames = frames
+        .map(Some)
+        .chain(futures::stream::iter([None]))
+        .filter_map(move |f| {
+            let out = match f {
+                Some(Ok(f)) => {
+                    if let Some((k, size)) = kept.as_mut() {
+                        *size += f.len();
+                        if *size > budget {
+                            kept = None;
+                        } else {
+                            k.push(f.clone());
+                        }
+                    }
+                    Some(Ok(f))
+                }
+                Some(Err(e)) => {
+                    kept = None;
+                    Some(Err(e))
+                }
+                None => {
+                    if let Some((k, _)) = kept.take() {
+                        cache.keep(key.clone(), Arc::clone(&schema), k);
+                    }
+                    None
+                }
+            };
+            futures::future::ready(out)
+        });
+    Ok(MembershipFrames::Streamed(frames.boxed()))
 }
 
 /// The size above which arrow-flight's encoder cuts a batch into several messages (its
@@ -223,19 +260,27 @@ async fn stream_key(
 }
 
 /// The membership of one committed version as a stream (see the module docs); external ids
-/// from the space's current identity version through `cache`, which also keeps the finished
-/// stream when it keeps streams.
+/// from the space's current identity version through `cache`.
 pub async fn membership_stream(
     store: &Store,
     space: &Space,
     v: &VersionRef,
-    cache: &Arc<ServingCache>,
+    cache: &ServingCache,
 ) -> Result<(SchemaRef, Batches)> {
     let key = stream_key(store, space, v, cache).await?;
-    if let Some((schema, batches)) = cache.stream(&key) {
-        let batches: Vec<Result<RecordBatch>> = batches.iter().cloned().map(Ok).collect();
-        return Ok((schema, futures::stream::iter(batches).boxed()));
-    }
+    let (schema, batches, _) = build_membership(store, space, v, cache, key).await?;
+    Ok((schema, batches))
+}
+
+/// Version `v`'s membership stream, and its key in the serving cache: `key` with the identity
+/// version of the index used (it may be newer than the one `key` was made with).
+async fn build_membership(
+    store: &Store,
+    space: &Space,
+    v: &VersionRef,
+    cache: &ServingCache,
+    key: cache::StreamKey,
+) -> Result<(SchemaRef, Batches, cache::StreamKey)> {
     let (
         MemberSet {
             accounts,
@@ -253,7 +298,6 @@ pub async fn membership_stream(
         key.0,
         key.1,
         key.2,
-        // the index may be of a newer identity version than the one looked up
         index.as_ref().map_or(key.3, |i| i.version),
     );
     let stream = blocking_batches(n, move |start, len| {
@@ -266,37 +310,7 @@ pub async fn membership_stream(
         }
         Ok(RecordBatch::try_new(Arc::clone(&out_schema), cols)?)
     });
-    if !cache.keeps_streams() {
-        return Ok((schema, stream));
-    }
-    // keep the stream once a client has read all of it
-    let (cache, kept_schema) = (Arc::clone(cache), Arc::clone(&schema));
-    let mut kept = Some(Vec::new());
-    let stream = stream
-        .map(Some)
-        .chain(futures::stream::iter([None]))
-        .filter_map(move |b| {
-            let out = match b {
-                Some(Ok(b)) => {
-                    if let Some(k) = kept.as_mut() {
-                        k.push(b.clone());
-                    }
-                    Some(Ok(b))
-                }
-                Some(Err(e)) => {
-                    kept = None;
-                    Some(Err(e))
-                }
-                None => {
-                    if let Some(k) = kept.take() {
-                        cache.keep(key.clone(), Arc::clone(&kept_schema), k);
-                    }
-                    None
-                }
-            };
-            futures::future::ready(out)
-        });
-    Ok((schema, stream.boxed()))
+    Ok((schema, stream, key))
 }
 
 /// An export format.

@@ -130,13 +130,14 @@ impl Flight {
             .ok_or_else(|| Status::unauthenticated("invalid or expired bearer token"))
     }
 
-    /// The gRPC frames of a `DoGet` of a membership version the server keeps, when the
-    /// request may read it. `None` for anything else (another ticket, a version not kept, a
-    /// bad token, an error): the generated service's `do_get` then answers the request.
-    pub(crate) async fn kept_frames(
+    /// The gRPC frames of a `DoGet` of a membership version (kept from an earlier pull, or
+    /// encoded as the client reads), when the request may read it. `None` for anything else
+    /// (another ticket, a bad token, an error before the first message): the generated
+    /// service's `do_get` then answers the request.
+    pub(crate) async fn membership_frames(
         &self,
         req: &Request<Ticket>,
-    ) -> Option<Arc<Vec<bytes::Bytes>>> {
+    ) -> Option<crate::export::MembershipFrames> {
         let g = self.grant(req).ok()?;
         self.need(&g, Scope::Read).ok()?;
         let t: TicketBody = serde_json::from_slice(&req.get_ref().ticket).ok()?;
@@ -149,9 +150,8 @@ impl Flight {
         let v = self.version(&g.space, key, Some(t.version)).await.ok()?;
         crate::export::membership_frames(&self.store, &g.space, &v, &self.serving)
             .await
-            .inspect_err(|e| tracing::warn!(error = %e, "encoding a kept membership stream"))
+            .inspect_err(|e| tracing::warn!(error = %e, "building a membership stream"))
             .ok()
-            .flatten()
     }
 
     fn need(&self, g: &Grant, scope: Scope) -> Result<(), Status> {
@@ -716,7 +716,8 @@ impl FlightService for Flight {
         };
         let (schema, batches): (SchemaRef, _) = match t.path.as_slice() {
             [a, key] if a == "audiences" => {
-                // (a kept version is answered by `frames::FlightWithFrames` before this)
+                // (answered by `frames::FlightWithFrames` before this, but for a compressed
+                // request or an error before the stream starts, which this path reports)
                 let v = self.version(&g.space, key, Some(t.version)).await?;
                 let (schema, batches) =
                     crate::export::membership_stream(&self.store, &g.space, &v, &self.serving)

@@ -1,12 +1,14 @@
-//! `DoGet` of a membership version whose Flight messages the server already holds.
+//! `DoGet` of a membership version, written as gRPC frames.
 //!
-//! The messages are kept as complete gRPC frames (the 5-byte length prefix and the protobuf
-//! encoding of each `FlightData`) and handed to the HTTP/2 stream as they are. Through tonic's
-//! generated service every pull would copy each message body into the codec's buffer, which
-//! grows by reallocation: about two copies of the whole membership per pull, a fifth of the
-//! server's time in a profile. Every other call, and a `DoGet` this path does not serve (not a
-//! kept version, no valid token, an error), goes to the generated service unchanged, which
-//! answers it as before.
+//! Each Flight message is encoded once into a complete gRPC frame (the 5-byte length prefix and
+//! the protobuf encoding of the `FlightData`) and handed to the HTTP/2 stream as it is. Through
+//! tonic's generated service every pull would copy each message body into the codec's buffer,
+//! which grows by reallocation: about two copies of the whole membership per pull, a fifth of
+//! the server's time in a profile. The frames of a pull read to its end are kept (within
+//! `--serving-cache`), and later pulls of that version only write them. Every other call, and
+//! a `DoGet` this path does not serve (another ticket, no valid token, an error before the
+//! first message), goes to the generated service unchanged, which answers it as before; an
+//! error after the first message ends the stream with its `grpc-status` trailer.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -24,6 +26,9 @@ use tonic::codegen::{BoxFuture, Service, http};
 use tonic::server::NamedService;
 
 use super::flight::Flight;
+use crate::export::MembershipFrames;
+use futures::StreamExt;
+use futures::stream::BoxStream;
 
 const DO_GET: &str = "/arrow.flight.protocol.FlightService/DoGet";
 
@@ -85,7 +90,7 @@ impl Service<http::Request<Body>> for FlightWithFrames {
             if let Some(ticket) = ticket(&bytes) {
                 let metadata = tonic::metadata::MetadataMap::from_headers(parts.headers.clone());
                 let r = tonic::Request::from_parts(metadata, Default::default(), ticket);
-                if let Some(frames) = flight.kept_frames(&r).await {
+                if let Some(frames) = flight.membership_frames(&r).await {
                     return Ok(response(frames));
                 }
             }
@@ -106,26 +111,27 @@ fn ticket(body: &[u8]) -> Option<Ticket> {
     Ticket::decode(message).ok()
 }
 
-/// Flight messages as gRPC frames of one response.
-pub(crate) fn grpc_frames(
-    data: &[arrow_flight::FlightData],
-) -> std::result::Result<Vec<Bytes>, String> {
-    data.iter()
-        .map(|d| {
-            let len = d.encoded_len();
-            let prefix = u32::try_from(len)
-                .map_err(|_| format!("a Flight message of {len} bytes exceeds gRPC's limit"))?;
-            let mut b = Vec::with_capacity(5 + len);
-            b.push(0);
-            b.extend_from_slice(&prefix.to_be_bytes());
-            d.encode(&mut b).map_err(|e| e.to_string())?;
-            Ok(Bytes::from(b))
-        })
-        .collect()
+/// A Flight message as a gRPC frame: the uncompressed flag, the length, the protobuf encoding.
+pub(crate) fn grpc_frame(d: &arrow_flight::FlightData) -> std::result::Result<Bytes, String> {
+    let len = d.encoded_len();
+    let prefix = u32::try_from(len)
+        .map_err(|_| format!("a Flight message of {len} bytes exceeds gRPC's limit"))?;
+    let mut b = Vec::with_capacity(5 + len);
+    b.push(0);
+    b.extend_from_slice(&prefix.to_be_bytes());
+    d.encode(&mut b).map_err(|e| e.to_string())?;
+    Ok(Bytes::from(b))
 }
 
-fn response(frames: Arc<Vec<Bytes>>) -> http::Response<Body> {
-    let mut r = http::Response::new(Body::new(Frames { frames, next: 0 }));
+fn response(frames: MembershipFrames) -> http::Response<Body> {
+    let body = match frames {
+        MembershipFrames::Kept(frames) => Body::new(Frames { frames, next: 0 }),
+        MembershipFrames::Streamed(frames) => Body::new(Streamed {
+            frames,
+            done: false,
+        }),
+    };
+    let mut r = http::Response::new(body);
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/grpc"),
@@ -165,6 +171,45 @@ impl http_body::Body for Frames {
     }
 }
 
+/// A response body: the frames as they are encoded, then the `grpc-status` trailer (0, or the
+/// error that ended the stream).
+struct Streamed {
+    frames: BoxStream<'static, crate::Result<Bytes>>,
+    done: bool,
+}
+
+impl http_body::Body for Streamed {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let status = match std::task::ready!(self.frames.poll_next_unpin(cx)) {
+            Some(Ok(b)) => return Poll::Ready(Some(Ok(Frame::data(b)))),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "membership stream failed");
+                tonic::Status::internal(e.to_string())
+            }
+            None => tonic::Status::ok(""),
+        };
+        self.done = true;
+        let mut t = http::HeaderMap::new();
+        if status.add_header(&mut t).is_err() {
+            t.insert("grpc-status", http::HeaderValue::from_static("13"));
+        }
+        Poll::Ready(Some(Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,7 +224,7 @@ mod tests {
             },
             arrow_flight::FlightData::default(),
         ];
-        let frames = grpc_frames(&data).unwrap();
+        let frames: Vec<Bytes> = data.iter().map(|d| grpc_frame(d).unwrap()).collect();
         for (f, d) in frames.iter().zip(&data) {
             assert_eq!(f[0], 0, "uncompressed");
             let len = u32::from_be_bytes(f[1..5].try_into().unwrap()) as usize;

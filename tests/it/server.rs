@@ -1144,7 +1144,55 @@ fn concurrent_pulls_while_refreshes_commit_read_one_version_each() {
         "refreshes committed during the pulls: {:?}",
         by_version.keys()
     );
+    drop(server);
+    // Streams the server does not keep (no cache; a cache smaller than the stream) are built
+    // and encoded for each pull: three pulls of one version each equal that version.
+    for cache in ["0", "1KiB"] {
+        let server = start_with(
+            store,
+            &["--config", cfg.to_str().unwrap()],
+            &["--serving-cache", cache],
+            &mut Vec::new(),
+        );
+        let out: serde_json::Value =
+            serde_json::from_str(&python(PULL_THRICE, &[&server.flight])).unwrap();
+        let v = out["version"].as_u64().unwrap();
+        let want = by_version.get(&v).cloned().unwrap_or_else(|| {
+            let m: Vec<serde_json::Value> = serde_json::from_str(&run_ok(
+                store,
+                &[
+                    "members",
+                    "buyers",
+                    "--version",
+                    &v.to_string(),
+                    "--format",
+                    "json",
+                ],
+            ))
+            .unwrap();
+            let mut ids: Vec<String> = m
+                .iter()
+                .map(|r| r["profile_id"].as_str().unwrap().to_string())
+                .collect();
+            ids.sort();
+            ids
+        });
+        assert!(want.len() > 10, "{}", want.len()); // (and its frames over 1 KiB)
+        let pulls: Vec<Vec<String>> = serde_json::from_value(out["pulls"].clone()).unwrap();
+        assert_eq!(pulls, vec![want; 3], "--serving-cache {cache}");
+    }
 }
+
+/// Three pulls of one pinned version.
+const PULL_THRICE: &str = r#"
+import json, sys
+import pyarrow.flight as fl
+c = fl.FlightClient('grpc://' + sys.argv[1])
+opts = fl.FlightCallOptions(headers=[c.authenticate_basic_token('', 'read-token-1')])
+t = c.get_flight_info(fl.FlightDescriptor.for_path('audiences', 'buyers'), opts).endpoints[0].ticket
+pulls = [sorted(c.do_get(t, opts).read_all().column('profile_id').to_pylist()) for _ in range(3)]
+print(json.dumps({'version': json.loads(t.ticket)['version'], 'pulls': pulls}))
+"#;
 
 /// 32 pulling threads and one writer posting new buyers.
 const CONCURRENT: &str = r#"
