@@ -19,7 +19,7 @@ use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 
 use super::bits::{Bits, gallop};
-use super::{VersionRef, conform, read_file_parallel, schema};
+use super::{VersionRef, schema};
 use crate::error::{Error, Result};
 use crate::lang::definition::Level;
 use crate::store::Store;
@@ -131,31 +131,66 @@ impl MemberSet {
     /// The members of committed version `v` (its file is written sorted by member key; sorted
     /// here if not).
     pub async fn read(store: &Store, v: &VersionRef) -> Result<MemberSet> {
+        // only the columns a member set holds (the others repeat one value per row)
+        const COLUMNS: &[&str] = &["profile_id", "profile_idx", "entered_at", "account_id"];
         let started = std::time::Instant::now();
-        let batches: Vec<RecordBatch> = read_file_parallel(store, &v.data)
-            .await?
-            .iter()
-            .map(|b| conform(b, "members"))
-            .collect::<Result<_>>()?;
-        let all = arrow::compute::concat_batches(&schema("members"), &batches)?;
-        let accounts = all.column(6).null_count() < all.num_rows();
-        let k = if accounts { 6 } else { 1 };
+        let bytes = store
+            .get(&crate::store::keys::Key::from_committed(&v.data.path))
+            .await?;
+        let batches = super::decode_parallel(bytes, Some(COLUMNS), &v.data.path).await?;
+        let target = schema("members");
+        let mut cols = Vec::with_capacity(COLUMNS.len());
+        for name in COLUMNS {
+            let f = target.field_with_name(name)?;
+            let parts = batches
+                .iter()
+                .map(|b| match b.column_by_name(name) {
+                    Some(c) if c.data_type() == f.data_type() => Ok(Arc::clone(c)),
+                    Some(c) => Err(Error::Usage(format!(
+                        "members file {}: column {name} is {}, not {}",
+                        v.data.path,
+                        c.data_type(),
+                        f.data_type()
+                    ))),
+                    None if f.is_nullable() => {
+                        Ok(arrow::array::new_null_array(f.data_type(), b.num_rows()))
+                    }
+                    None => Err(Error::Usage(format!(
+                        "members file {} has no column {name}",
+                        v.data.path
+                    ))),
+                })
+                .collect::<Result<Vec<ArrayRef>>>()?;
+            cols.push(match parts.as_slice() {
+                [] => arrow::array::new_empty_array(f.data_type()),
+                [one] => Arc::clone(one),
+                _ => {
+                    let refs: Vec<&dyn Array> = parts.iter().map(|c| c.as_ref()).collect();
+                    arrow::compute::concat(&refs)?
+                }
+            });
+        }
+        let [profile_id, profile_idx, entered, account_id] =
+            <[ArrayRef; 4]>::try_from(cols).expect("one array per column");
+        let accounts = account_id.null_count() < account_id.len();
+        let mut key = if accounts { account_id } else { profile_id };
+        let (mut profile_idx, mut entered) = (profile_idx, entered);
         // members without a key of this kind (none in a well-formed file) are left out
-        let keep = arrow::compute::is_not_null(all.column(k))?;
-        let all = arrow::compute::filter_record_batch(&all, &keep)?;
+        if key.null_count() > 0 {
+            let keep = arrow::compute::is_not_null(&key)?;
+            key = arrow::compute::filter(&key, &keep)?;
+            profile_idx = arrow::compute::filter(&profile_idx, &keep)?;
+            entered = arrow::compute::filter(&entered, &keep)?;
+        }
         let idx: Vec<Option<i64>> = if accounts {
-            vec![None; all.num_rows()]
+            vec![None; key.len()]
         } else {
-            all.column(2).as_primitive::<Int64Type>().iter().collect()
+            profile_idx.as_primitive::<Int64Type>().iter().collect()
         };
-        let entered = all
-            .column(3)
-            .as_primitive_opt::<TimestampMicrosecondType>()
-            .ok_or_else(|| Error::Usage(format!("members file {} has no entered_at", v.data.path)))?
-            .clone();
+        let entered = entered.as_primitive::<TimestampMicrosecondType>().clone();
         let set = MemberSet {
             accounts,
-            keys: all.column(k).as_string::<i32>().clone(),
+            keys: key.as_string::<i32>().clone(),
             idx,
             entered: utc(entered),
         }

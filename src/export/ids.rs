@@ -201,31 +201,46 @@ impl IdIndex {
     /// One list column per id type (in `types` order) for `profiles`, in their order.
     pub fn lists(&self, profiles: &[Option<i64>]) -> Result<Vec<ArrayRef>> {
         let k = self.types.len();
-        let mut take: Vec<Vec<u32>> = vec![Vec::new(); k];
-        let mut offsets: Vec<Vec<i32>> = vec![vec![0i32]; k];
-        for p in profiles {
-            for e in self.range(*p) {
-                take[self.type_of[e] as usize].push(e as u32);
+        let item = Arc::new(Field::new("item", DataType::Utf8, true));
+        let list = |off: Vec<i32>, values: ArrayRef| -> Result<ArrayRef> {
+            Ok(Arc::new(ListArray::try_new(
+                Arc::clone(&item),
+                OffsetBuffer::new(off.into()),
+                values,
+                None,
+            )?))
+        };
+        let too_many = || Error::Usage("too many external ids in one batch".to_string());
+        // the entries gathered column by column (see `gather`), then split by type: the split
+        // reads the gathered entries in order, not the index
+        let (ends, types, values) = self.gather(profiles)?;
+        if i32::try_from(types.len()).is_err() {
+            return Err(too_many());
+        }
+        if k == 1 {
+            let mut off = Vec::with_capacity(ends.len() + 1);
+            off.push(0);
+            off.extend(ends.iter().map(|e| *e as i32));
+            return Ok(vec![list(off, Arc::new(values))?]);
+        }
+        let mut take: Vec<Vec<u32>> = vec![Vec::with_capacity(profiles.len()); k];
+        let mut offsets: Vec<Vec<i32>> = vec![Vec::with_capacity(profiles.len() + 1); k];
+        offsets.iter_mut().for_each(|o| o.push(0));
+        let mut e = 0usize;
+        for end in &ends {
+            for (i, t) in types[e..*end as usize].iter().enumerate() {
+                take[*t as usize].push((e + i) as u32);
             }
-            for t in 0..k {
-                offsets[t].push(
-                    i32::try_from(take[t].len()).map_err(|_| {
-                        Error::Usage("too many external ids in one batch".to_string())
-                    })?,
-                );
+            e = *end as usize;
+            for (o, t) in offsets.iter_mut().zip(&take) {
+                o.push(t.len() as i32);
             }
         }
-        let item = Arc::new(Field::new("item", DataType::Utf8, true));
         take.into_iter()
             .zip(offsets)
             .map(|(idx, off)| {
-                let values = arrow::compute::take(&self.values, &UInt32Array::from(idx), None)?;
-                Ok(Arc::new(ListArray::try_new(
-                    Arc::clone(&item),
-                    OffsetBuffer::new(off.into()),
-                    values,
-                    None,
-                )?) as ArrayRef)
+                let values = arrow::compute::take(&values, &UInt32Array::from(idx), None)?;
+                list(off, values)
             })
             .collect()
     }
@@ -367,8 +382,12 @@ fn decode_persisted(bytes: bytes::Bytes, version: u64) -> Result<IdIndex> {
     if *schema != *persisted_schema(&types)? {
         return Err(bad("unexpected columns"));
     }
-    let batches = reader.collect::<std::result::Result<Vec<_>, _>>()?;
-    let batch = arrow::compute::concat_batches(&schema, &batches)?;
+    let mut batches = reader.collect::<std::result::Result<Vec<_>, _>>()?;
+    // (one batch as written: a concat would copy it)
+    let batch = match batches.len() {
+        1 => batches.remove(0),
+        _ => arrow::compute::concat_batches(&schema, &batches)?,
+    };
     let profile = batch.column(0).as_primitive::<UInt32Type>().values();
     let type_of: Vec<u16> = batch
         .column(1)
@@ -667,6 +686,42 @@ mod tests {
             }
             assert_eq!(max[ti], m);
         }
+        // one id type (its list is the gathered entries as they are)
+        let one = build(
+            4,
+            vec![(
+                StringArray::from(vec!["email"; 4]),
+                StringArray::from(vec!["c@x", "a@x", "d@x", "b@x"]),
+                vec![3, 0, 3, 3],
+            )],
+        )
+        .unwrap();
+        let l = one
+            .lists(&[Some(3), None, Some(1), Some(0), Some(9)])
+            .unwrap();
+        assert_eq!(l.len(), 1);
+        let l = l[0].as_list::<i32>();
+        let rows: Vec<Vec<String>> = (0..l.len())
+            .map(|r| {
+                let v = l.value(r);
+                v.as_string::<i32>()
+                    .iter()
+                    .flatten()
+                    .map(String::from)
+                    .collect()
+            })
+            .collect();
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            rows,
+            vec![
+                s(&["b@x", "c@x", "d@x"]),
+                s(&[]),
+                s(&[]),
+                s(&["a@x"]),
+                s(&[])
+            ]
+        );
     }
 
     /// A kept index reads back as the one built; a kept one of an earlier version is deleted;
