@@ -1114,26 +1114,9 @@ fn concurrent_pulls_while_refreshes_commit_read_one_version_each() {
     for p in pulls {
         let v = p[0].as_u64().unwrap();
         let ids: Vec<String> = serde_json::from_value(p[1].clone()).unwrap();
-        let want = by_version.entry(v).or_insert_with(|| {
-            let m: Vec<serde_json::Value> = serde_json::from_str(&run_ok(
-                store,
-                &[
-                    "members",
-                    "buyers",
-                    "--version",
-                    &v.to_string(),
-                    "--format",
-                    "json",
-                ],
-            ))
-            .unwrap();
-            let mut ids: Vec<String> = m
-                .iter()
-                .map(|r| r["profile_id"].as_str().unwrap().to_string())
-                .collect();
-            ids.sort();
-            ids
-        });
+        let want = by_version
+            .entry(v)
+            .or_insert_with(|| sorted_members(store, "buyers", v));
         assert_eq!(
             &ids, want,
             "a stream of version {v} differs from that version"
@@ -1157,26 +1140,10 @@ fn concurrent_pulls_while_refreshes_commit_read_one_version_each() {
         let out: serde_json::Value =
             serde_json::from_str(&python(PULL_THRICE, &[&server.flight])).unwrap();
         let v = out["version"].as_u64().unwrap();
-        let want = by_version.get(&v).cloned().unwrap_or_else(|| {
-            let m: Vec<serde_json::Value> = serde_json::from_str(&run_ok(
-                store,
-                &[
-                    "members",
-                    "buyers",
-                    "--version",
-                    &v.to_string(),
-                    "--format",
-                    "json",
-                ],
-            ))
-            .unwrap();
-            let mut ids: Vec<String> = m
-                .iter()
-                .map(|r| r["profile_id"].as_str().unwrap().to_string())
-                .collect();
-            ids.sort();
-            ids
-        });
+        let want = by_version
+            .get(&v)
+            .cloned()
+            .unwrap_or_else(|| sorted_members(store, "buyers", v));
         assert!(want.len() > 10, "{}", want.len()); // (and its frames over 1 KiB)
         let pulls: Vec<Vec<String>> = serde_json::from_value(out["pulls"].clone()).unwrap();
         assert_eq!(pulls, vec![want; 3], "--serving-cache {cache}");
@@ -1193,6 +1160,28 @@ t = c.get_flight_info(fl.FlightDescriptor.for_path('audiences', 'buyers'), opts)
 pulls = [sorted(c.do_get(t, opts).read_all().column('profile_id').to_pylist()) for _ in range(3)]
 print(json.dumps({'version': json.loads(t.ticket)['version'], 'pulls': pulls}))
 "#;
+
+/// The profile ids of version `v` of audience `key`, sorted, as `audiences members` lists them.
+fn sorted_members(store: &str, key: &str, v: u64) -> Vec<String> {
+    let m: Vec<serde_json::Value> = serde_json::from_str(&run_ok(
+        store,
+        &[
+            "members",
+            key,
+            "--version",
+            &v.to_string(),
+            "--format",
+            "json",
+        ],
+    ))
+    .unwrap();
+    let mut ids: Vec<String> = m
+        .iter()
+        .map(|r| r["profile_id"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids
+}
 
 /// 32 pulling threads and one writer posting new buyers.
 const CONCURRENT: &str = r#"
