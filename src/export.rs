@@ -138,32 +138,31 @@ pub async fn cached_membership_schema(
     Ok(cache.schema(&key))
 }
 
-/// Version `v`'s membership stream as the gRPC frames of a `DoGet` response (each the 5-byte
-/// prefix and the protobuf encoding of one Flight message).
-pub enum MembershipFrames {
-    /// Kept by the server from an earlier pull: written as they are.
-    Kept(Arc<Vec<bytes::Bytes>>),
-    /// Built and encoded as the client reads; kept once read to the end when the server keeps
-    /// streams and the whole stream fits its budget.
-    Streamed(BoxStream<'static, Result<bytes::Bytes>>),
-}
+/// The gRPC frames of a `DoGet` response, each the 5-byte prefix and the protobuf encoding of
+/// one Flight message.
+pub type FrameStream = BoxStream<'static, Result<bytes::Bytes>>;
 
-/// Version `v`'s membership stream as gRPC frames (see [`MembershipFrames`]): what the
-/// server's `DoGet` of an audience writes. Encoding the messages here rather than through
-/// tonic's codec saves copying each into the codec's buffer, and lets the server keep the
-/// frames of the first pull for the next ones.
+/// Version `v`'s membership stream as gRPC frames: what the server's `DoGet` of an audience
+/// writes. The frames kept from an earlier pull, or else built and encoded as the client
+/// reads, and kept once read to the end when the server keeps streams and the whole stream
+/// fits its budget. Encoding the messages here rather than through tonic's codec saves
+/// copying each into the codec's buffer, and lets the server keep the frames of the first
+/// pull for the next ones.
 pub async fn membership_frames(
     store: &Store,
     space: &Space,
     v: &VersionRef,
     cache: &Arc<ServingCache>,
-) -> Result<MembershipFrames> {
+) -> Result<FrameStream> {
     use arrow_flight::error::FlightError;
     let key = stream_key(store, space, v, cache).await?;
     if let Some(d) = cache.frames(&key) {
-        return Ok(MembershipFrames::Kept(d));
+        let n = d.len();
+        return Ok(futures::stream::iter((0..n).map(move |i| Ok(d[i].clone()))).boxed());
     }
-    let (schema, batches, key) = build_membership(store, space, v, cache, key).await?;
+    let (schema, batches, identity) = build_membership(store, space, v, cache).await?;
+    // the index may be of a newer identity version than the one `key` was made with
+    let key = (key.0, key.1, key.2, identity.unwrap_or(key.3));
     let batches = batches.map(|b| {
         b.and_then(|b| Ok(for_flight(b)?))
             .map_err(|e| FlightError::ExternalError(Box::new(e)))
@@ -177,7 +176,7 @@ pub async fn membership_frames(
         });
     let budget = cache.budget();
     if budget == 0 {
-        return Ok(MembershipFrames::Streamed(frames.boxed()));
+        return Ok(frames.boxed());
     }
     // keep the frames once a client has read all of them (and while they fit the budget)
     let cache = Arc::clone(cache);
@@ -211,7 +210,7 @@ pub async fn membership_frames(
             };
             futures::future::ready(out)
         });
-    Ok(MembershipFrames::Streamed(frames.boxed()))
+    Ok(frames.boxed())
 }
 
 /// The size above which arrow-flight's encoder cuts a batch into several messages (its
@@ -267,20 +266,18 @@ pub async fn membership_stream(
     v: &VersionRef,
     cache: &ServingCache,
 ) -> Result<(SchemaRef, Batches)> {
-    let key = stream_key(store, space, v, cache).await?;
-    let (schema, batches, _) = build_membership(store, space, v, cache, key).await?;
+    let (schema, batches, _) = build_membership(store, space, v, cache).await?;
     Ok((schema, batches))
 }
 
-/// Version `v`'s membership stream, and its key in the serving cache: `key` with the identity
-/// version of the index used (it may be newer than the one `key` was made with).
+/// Version `v`'s membership stream, and the identity version of the id index it uses (none
+/// for an account audience).
 async fn build_membership(
     store: &Store,
     space: &Space,
     v: &VersionRef,
     cache: &ServingCache,
-    key: cache::StreamKey,
-) -> Result<(SchemaRef, Batches, cache::StreamKey)> {
+) -> Result<(SchemaRef, Batches, Option<u64>)> {
     let (
         MemberSet {
             accounts,
@@ -294,12 +291,7 @@ async fn build_membership(
     let schema = membership_schema(accounts, &types);
     let out_schema = Arc::clone(&schema);
     let n = keys.len();
-    let key = (
-        key.0,
-        key.1,
-        key.2,
-        index.as_ref().map_or(key.3, |i| i.version),
-    );
+    let identity = index.as_ref().map(|i| i.version);
     let stream = blocking_batches(n, move |start, len| {
         let mut cols: Vec<ArrayRef> = vec![
             Arc::new(keys.slice(start, len)),
@@ -310,7 +302,7 @@ async fn build_membership(
         }
         Ok(RecordBatch::try_new(Arc::clone(&out_schema), cols)?)
     });
-    Ok((schema, stream, key))
+    Ok((schema, stream, identity))
 }
 
 /// An export format.

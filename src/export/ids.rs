@@ -210,12 +210,11 @@ impl IdIndex {
                 None,
             )?))
         };
-        let too_many = || Error::Usage("too many external ids in one batch".to_string());
         // the entries gathered column by column (see `gather`), then split by type: the split
         // reads the gathered entries in order, not the index
         let (ends, types, values) = self.gather(profiles)?;
         if i32::try_from(types.len()).is_err() {
-            return Err(too_many());
+            return Err(Error::Usage("too many external ids in one batch".into()));
         }
         if k == 1 {
             let mut off = Vec::with_capacity(ends.len() + 1);

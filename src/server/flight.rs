@@ -137,7 +137,7 @@ impl Flight {
     pub(crate) async fn membership_frames(
         &self,
         req: &Request<Ticket>,
-    ) -> Option<crate::export::MembershipFrames> {
+    ) -> Option<crate::export::FrameStream> {
         let g = self.grant(req).ok()?;
         self.need(&g, Scope::Read).ok()?;
         let t: TicketBody = serde_json::from_slice(&req.get_ref().ticket).ok()?;

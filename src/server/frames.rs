@@ -26,9 +26,8 @@ use tonic::codegen::{BoxFuture, Service, http};
 use tonic::server::NamedService;
 
 use super::flight::Flight;
-use crate::export::MembershipFrames;
+use crate::export::FrameStream;
 use futures::StreamExt;
-use futures::stream::BoxStream;
 
 const DO_GET: &str = "/arrow.flight.protocol.FlightService/DoGet";
 
@@ -123,15 +122,11 @@ pub(crate) fn grpc_frame(d: &arrow_flight::FlightData) -> std::result::Result<By
     Ok(Bytes::from(b))
 }
 
-fn response(frames: MembershipFrames) -> http::Response<Body> {
-    let body = match frames {
-        MembershipFrames::Kept(frames) => Body::new(Frames { frames, next: 0 }),
-        MembershipFrames::Streamed(frames) => Body::new(Streamed {
-            frames,
-            done: false,
-        }),
-    };
-    let mut r = http::Response::new(body);
+fn response(frames: FrameStream) -> http::Response<Body> {
+    let mut r = http::Response::new(Body::new(Streamed {
+        frames,
+        done: false,
+    }));
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/grpc"),
@@ -139,42 +134,10 @@ fn response(frames: MembershipFrames) -> http::Response<Body> {
     r
 }
 
-/// A response body: the frames, then the `grpc-status: 0` trailer.
-struct Frames {
-    frames: Arc<Vec<Bytes>>,
-    next: usize,
-}
-
-impl http_body::Body for Frames {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        let i = self.next;
-        self.next += 1;
-        Poll::Ready(match i.cmp(&self.frames.len()) {
-            std::cmp::Ordering::Less => Some(Ok(Frame::data(self.frames[i].clone()))),
-            std::cmp::Ordering::Equal => {
-                let mut t = http::HeaderMap::new();
-                t.insert("grpc-status", http::HeaderValue::from_static("0"));
-                Some(Ok(Frame::trailers(t)))
-            }
-            std::cmp::Ordering::Greater => None,
-        })
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.next > self.frames.len()
-    }
-}
-
-/// A response body: the frames as they are encoded, then the `grpc-status` trailer (0, or the
-/// error that ended the stream).
+/// A response body: the frames (kept, or as they are encoded), then the `grpc-status` trailer
+/// (0, or the error that ended the stream).
 struct Streamed {
-    frames: BoxStream<'static, crate::Result<Bytes>>,
+    frames: FrameStream,
     done: bool,
 }
 
