@@ -166,7 +166,8 @@ fn table_writer_properties(kind: &str) -> parquet::file::properties::WriterPrope
     };
     let mut b = writer_properties(None)
         .into_builder()
-        .set_dictionary_enabled(false);
+        .set_dictionary_enabled(false)
+        .set_compression(parquet::basic::Compression::LZ4_RAW);
     if kind == "identity_keys" {
         // Two integer columns of hashes and indexes read whole by every session that
         // evaluates a definition: zstd saves nothing on the hashes and costs most of the read.
