@@ -27,7 +27,7 @@ scans shared where the plans allow) against one DuckDB process running the queri
 `--check` runs one untimed pass (every membership compared) and exits non-zero on a difference:
 the reduced mode's correctness gate, which CI runs.
 
-Usage: python3 benches/audiences.py [--events 1000000] [--runs 5] [--bin PATH]
+Usage: python3 benches/audiences.py [--events 1000000 | --store DIR] [--runs 5] [--bin PATH]
                                     [--queries q1,...] [--datafusion-python] [--no-chdb]
                                     [--suite] [--check]
 """
@@ -233,6 +233,7 @@ def suite(a, store, env, queries, tables, sizes):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--events", type=int, default=1_000_000)
+    ap.add_argument("--store", help="an existing store of generated events (`audiences generate --seed 42 --events N --ingest --store DIR`) instead of generating and ingesting N events")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--bin", default=os.path.expanduser("~/.cache/audiences-target/release/audiences"))
     ap.add_argument("--queries", default="q1,q2,q3,q4,q5,q6,q7,q8", help="comma list of labels (q8 = q8all,q8any,q8none)")
@@ -255,16 +256,25 @@ def main():
             print("chdb not importable (pip install chdb): chDB column skipped", file=sys.stderr)
     work = tempfile.mkdtemp(prefix="audiences-aud-bench-")
     env = dict(os.environ, TOKIO_WORKER_THREADS="2", RAYON_NUM_THREADS="2")
-    store = os.path.join(work, "store")
-    src = os.path.join(work, "events.ndjson")
-    subprocess.run([a.bin, "generate", "--events", str(a.events), "--seed", "42", "-o", src], check=True)
-    subprocess.run([a.bin, "--store", store, "ingest", src, "--dead-letter", os.path.join(work, "dead")], check=True, env=env, stdout=subprocess.DEVNULL)
-    os.remove(src)
+    if a.store:
+        # generated and ingested beforehand (`audiences generate --seed 42 --ingest`): at L the
+        # NDJSON alone would be 38 GB
+        store = a.store
+    else:
+        store = os.path.join(work, "store")
+        src = os.path.join(work, "events.ndjson")
+        subprocess.run([a.bin, "generate", "--events", str(a.events), "--seed", "42", "-o", src], check=True)
+        subprocess.run([a.bin, "--store", store, "ingest", src, "--dead-letter", os.path.join(work, "dead")], check=True, env=env, stdout=subprocess.DEVNULL)
+        os.remove(src)
     defs = os.path.join(ROOT, "data", "definitions")
     files = (["revenue_180d.json"] if any(q[1] == "high_value" for q in queries) else []) + list(dict.fromkeys(q[3] for q in queries))
     for f in files:
         kind = "trait" if "revenue" in f else "audience"
-        subprocess.run([a.bin, "--store", store, kind, "create", os.path.join(defs, f)], check=True, stdout=subprocess.DEVNULL)
+        with open(os.path.join(defs, f)) as d:
+            key = json.load(d)["key"]
+        have = subprocess.run([a.bin, "--store", store, kind, "show", key], capture_output=True).returncode == 0
+        if not have:  # a reused --store may hold them already
+            subprocess.run([a.bin, "--store", store, kind, "create", os.path.join(defs, f)], check=True, stdout=subprocess.DEVNULL)
     # Identities once (and the trait, if q7 runs); every timed compute finds the identity state
     # up to date.
     subprocess.run([a.bin, "--store", store, "identity"], check=True, env=env, stdout=subprocess.DEVNULL)
