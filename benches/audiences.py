@@ -101,7 +101,7 @@ SELECT DISTINCT a.profile_id FROM a JOIN b ON a.profile_id = b.profile_id AND a.
 # The DuckDB session both runners share: `ev` = events with resolved profile ids, plus views
 # of the other exported tables (`root` and `tables` are set by the runner).
 DUCK_SETUP = r'''
-con = duckdb.connect(); con.execute("SET threads TO 2")
+con = duckdb.connect(); con.execute("SET threads TO 2"); con.execute("SET enable_progress_bar = false")
 src = f"read_parquet('{root}/spaces/default/events/*/*.parquet', hive_partitioning = true, union_by_name = true)"
 con.execute(f"CREATE VIEW ev AS SELECT e.*, k.profile_id FROM {src} e JOIN read_parquet('{tables['keys']}') k USING (identity_key) WHERE k.known")
 for name, path in tables.items():
@@ -299,7 +299,7 @@ def main():
             got = json.loads(subprocess.run([a.bin, "--store", store, "members", key, "--format", "json"], check=True, capture_output=True, text=True).stdout)
             return sorted(r[id_col] for r in got)
         def check(name, ours_set, out):
-            peer = json.loads(out)
+            peer = json.loads(out.strip().splitlines()[-1])  # the result is the last line
             if peer == ours_set:
                 return None
             only_ours, only_peer = sorted(set(ours_set) - set(peer)), sorted(set(peer) - set(ours_set))
