@@ -533,11 +533,19 @@ impl CommitLog {
     }
 
     /// Delete data files of this table that the latest snapshot does not name and that are
-    /// older than `grace`. Returns the deleted keys.
+    /// older than `grace`: a file a commit removed counts from that commit (a reader of an
+    /// earlier snapshot may still be reading it, however old the file is), a file no commit
+    /// named (a crashed writer's) from its modification time. Returns the deleted keys.
     pub async fn vacuum(&self, grace: std::time::Duration) -> Result<Vec<String>> {
         let snapshot = self.snapshot().await?;
         let live: std::collections::HashSet<&str> =
             snapshot.files.iter().map(|f| f.path.as_str()).collect();
+        let mut removed_at: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
+        for e in snapshot.entries.iter() {
+            for r in &e.removes {
+                removed_at.insert(r.as_str(), e.committed_at);
+            }
+        }
         let dir = keys::table_dir(&self.space, self.table);
         let store = self.store.object_store();
         let metas: Vec<_> = store.list(Some(dir.path())).try_collect().await?;
@@ -549,7 +557,11 @@ impl CommitLog {
                 continue;
             }
             let key = meta.location.to_string();
-            if live.contains(key.as_str()) || meta.last_modified > cutoff {
+            let young = match removed_at.get(key.as_str()) {
+                Some(at) => *at > cutoff.timestamp_micros(),
+                None => meta.last_modified > cutoff,
+            };
+            if live.contains(key.as_str()) || young {
                 continue;
             }
             store.delete(&meta.location).await?;

@@ -136,6 +136,78 @@ async fn uncommitted_files_are_invisible_and_vacuumed() {
     );
 }
 
+/// A file a commit removed is vacuumed only once the grace period has passed since that commit,
+/// however old the file itself is (a reader of the earlier snapshot may still read it); a file
+/// no commit named goes by its own age.
+#[tokio::test(flavor = "multi_thread")]
+async fn vacuum_counts_a_removed_file_from_its_removal() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().to_str().unwrap(), &S3Options::default()).unwrap();
+    let space = Space::default();
+    let log = CommitLog::new(&store, &space, TableName::Named("t"));
+    let put = |name: &str| {
+        let key = format!("spaces/default/t/{name}");
+        let file = dir.path().join(&key);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(&file, b"x").unwrap();
+        (key, file)
+    };
+    let age = |file: &std::path::Path| {
+        let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        std::fs::File::options()
+            .write(true)
+            .open(file)
+            .unwrap()
+            .set_modified(two_hours_ago)
+            .unwrap();
+    };
+    let (old_key, old_file) = put("old.parquet");
+    let (new_key, new_file) = put("new.parquet");
+    let (orphan_key, orphan_file) = put("orphan.parquet");
+    let commit = |adds: Vec<&str>, removes: Vec<&str>| {
+        let (log, adds, removes) = (
+            log.clone(),
+            adds.into_iter().map(String::from).collect::<Vec<_>>(),
+            removes.into_iter().map(String::from).collect::<Vec<_>>(),
+        );
+        async move {
+            log.commit(|_| {
+                Ok(CommitDraft {
+                    operation: "test".into(),
+                    adds: adds
+                        .iter()
+                        .map(|p| FileAdd {
+                            path: p.clone(),
+                            size: 1,
+                            rows: 1,
+                            ..Default::default()
+                        })
+                        .collect(),
+                    removes: removes.clone(),
+                    info: json!({}),
+                })
+            })
+            .await
+            .unwrap();
+        }
+    };
+    commit(vec![&old_key], vec![]).await;
+    // A compaction-like commit replaces the old file, which was written two hours ago.
+    commit(vec![&new_key], vec![&old_key]).await;
+    for f in [&old_file, &new_file, &orphan_file] {
+        age(f);
+    }
+    let deleted = log
+        .vacuum(std::time::Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(deleted, vec![orphan_key.clone()]);
+    assert!(old_file.exists() && new_file.exists() && !orphan_file.exists());
+    let deleted = log.vacuum(std::time::Duration::ZERO).await.unwrap();
+    assert_eq!(deleted, vec![old_key.clone()]);
+    assert!(!old_file.exists() && new_file.exists());
+}
+
 /// Every 64th commit writes a checkpoint of all entries so far; a fresh reader replays it plus
 /// the later entries and sees exactly the log the entries themselves give; a broken
 /// checkpoint falls back to the entries.

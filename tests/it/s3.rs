@@ -10,6 +10,19 @@ use audiences::store::{S3Options, Store};
 
 use crate::common::*;
 
+/// moto's WSGI application behind a lock (see [`Moto::start`]); argv: host, port.
+const MOTO_SERIALIZED: &str = r#"
+import sys, threading
+from werkzeug.serving import run_simple
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+app = DomainDispatcherApplication(create_backend_app)
+lock = threading.Lock()
+def serialized(environ, start_response):
+    with lock:
+        return list(app(environ, start_response))
+run_simple(sys.argv[1], int(sys.argv[2]), serialized, threaded=True)
+"#;
+
 /// A moto_server on a free loopback port, killed on drop.
 pub struct Moto {
     child: Child,
@@ -32,16 +45,14 @@ impl Moto {
             .local_addr()
             .unwrap()
             .port();
-        // `python3 -m moto.server` is moto_server without depending on PATH shims.
+        // moto's server, started the way `moto_server` starts it (no PATH shims), except that
+        // requests are served one at a time: moto checks `If-None-Match: *` and then stores the
+        // object without a lock, so two concurrent put-if-absent of one key could both succeed
+        // on its threaded server (seen as a lost commit in the concurrent-commit test). S3 makes
+        // that check atomically; serializing requests gives moto the same guarantee.
         let child = Command::new("python3")
-            .args([
-                "-m",
-                "moto.server",
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
+            .args(["-c", MOTO_SERIALIZED, "127.0.0.1", &port.to_string()])
+            .env("MOTO_PORT", port.to_string())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
