@@ -164,15 +164,18 @@ fn table_writer_properties(kind: &str) -> parquet::file::properties::WriterPrope
         "account_links" => &["account_id"],
         _ => &[],
     };
+    // LZ4, not the events' zstd: every one-shot run reads these tables whole and a checkpoint
+    // rewrites them, so decompression speed matters more than size (BENCHMARKS.md, session 18).
+    // `identity_keys` (hashes and indexes, read by every session that evaluates a definition)
+    // does not compress at all.
+    let codec = match kind {
+        "identity_keys" => parquet::basic::Compression::UNCOMPRESSED,
+        _ => parquet::basic::Compression::LZ4_RAW,
+    };
     let mut b = writer_properties(None)
         .into_builder()
         .set_dictionary_enabled(false)
-        .set_compression(parquet::basic::Compression::LZ4_RAW);
-    if kind == "identity_keys" {
-        // Two integer columns of hashes and indexes read whole by every session that
-        // evaluates a definition: zstd saves nothing on the hashes and costs most of the read.
-        b = b.set_compression(parquet::basic::Compression::UNCOMPRESSED);
-    }
+        .set_compression(codec);
     for c in repeating {
         b = b.set_column_dictionary_enabled(parquet::schema::types::ColumnPath::from(*c), true);
     }

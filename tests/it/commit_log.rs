@@ -164,36 +164,29 @@ async fn vacuum_counts_a_removed_file_from_its_removal() {
     let (old_key, old_file) = put("old.parquet");
     let (new_key, new_file) = put("new.parquet");
     let (orphan_key, orphan_file) = put("orphan.parquet");
-    let commit = |adds: Vec<&str>, removes: Vec<&str>| {
-        let (log, adds, removes) = (
-            log.clone(),
-            adds.into_iter().map(String::from).collect::<Vec<_>>(),
-            removes.into_iter().map(String::from).collect::<Vec<_>>(),
-        );
-        async move {
-            log.commit(|_| {
-                Ok(CommitDraft {
-                    operation: "test".into(),
-                    adds: adds
-                        .iter()
-                        .map(|p| FileAdd {
-                            path: p.clone(),
-                            size: 1,
-                            rows: 1,
-                            ..Default::default()
-                        })
-                        .collect(),
-                    removes: removes.clone(),
-                    info: json!({}),
-                })
+    let commit = |adds: &[&str], removes: &[&str]| {
+        let adds: Vec<FileAdd> = adds
+            .iter()
+            .map(|p| FileAdd {
+                path: p.to_string(),
+                size: 1,
+                rows: 1,
+                ..Default::default()
             })
-            .await
-            .unwrap();
-        }
+            .collect();
+        let removes: Vec<String> = removes.iter().map(|r| r.to_string()).collect();
+        log.commit(move |_| {
+            Ok(CommitDraft {
+                operation: "test".into(),
+                adds: adds.clone(),
+                removes: removes.clone(),
+                info: json!({}),
+            })
+        })
     };
-    commit(vec![&old_key], vec![]).await;
+    commit(&[&old_key], &[]).await.unwrap();
     // A compaction-like commit replaces the old file, which was written two hours ago.
-    commit(vec![&new_key], vec![&old_key]).await;
+    commit(&[&new_key], &[&old_key]).await.unwrap();
     for f in [&old_file, &new_file, &orphan_file] {
         age(f);
     }
